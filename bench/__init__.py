@@ -1,0 +1,1 @@
+"""cfgengine.bench"""

@@ -1,0 +1,1 @@
+"""cfgengine: fast sampling for classifier-free guided diffusion models (Ho & Salimans 2022)."""
