@@ -1,5 +1,6 @@
 """cfgengine: fast sampling for classifier-free guided diffusion models (Ho & Salimans 2022)."""
 from cfgengine.checkpoint import load
 from cfgengine.guidance import GuidedDenoiser, guided_eps
+from cfgengine.sampler import Sampler, sample
 
-__all__ = ["load", "GuidedDenoiser", "guided_eps"]
+__all__ = ["load", "sample", "Sampler", "GuidedDenoiser", "guided_eps"]

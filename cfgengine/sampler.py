@@ -1,0 +1,195 @@
+"""The sampling loop: backend call → fused step, nothing else (Algorithm 2 and DDIM via the table).
+
+The coefficient table and the λ grid live on the device before the loop; the loop makes no host
+sync (no `.item()`, no branch on a device value), so it can run ahead of the GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cfgengine import rng
+from cfgengine.guidance import GuidedDenoiser
+from cfgengine.kernels import guided_step
+from cfgengine.schedule import logsnr_grid
+from cfgengine.solvers import check_solver_args, coefficient_table
+
+PRECISIONS = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = (None, "torch")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One call's validated settings (shared by every chunk)."""
+
+    steps: int
+    sampler: str
+    v: float
+    eta: float
+    clip: float | None
+    seed: int
+    shape: tuple[int, ...]
+
+
+class Sampler:
+    """Stateful sampler: built once for a model/backend, device and precision; caches tables."""
+
+    def __init__(self, model, *, device: torch.device | str | None = None,
+                 backend: str | None = None, precision: str | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of fp32, bf16, fp16, got {precision!r}")
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.num_classes = model.num_classes
+        self.sample_shape = tuple(model.sample_shape)
+        self.clip = getattr(model, "clip", None)
+        self.autocast_dtype = PRECISIONS[precision]
+        self.precision = precision or "fp32"
+        self.guided_net, self.net = _split_model(model)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
+               steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
+               clip: float | str | None = "auto", seed: int = 0,
+               shape: tuple[int, ...] | None = None, batch_size: int | None = None,
+               n: int | None = None, progress: bool = False) -> torch.Tensor:
+        """Samples x̂ [N, *S]; sample i depends only on (seed, i, labels[i], w[i], settings)."""
+        plan = self._plan(steps, sampler, v, eta, clip, seed, shape)
+        labels, count = self._check_labels(labels, n)
+        w = self._check_w(w, count)
+        size = _check_batch_size(batch_size, count)
+        chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
+        guided = labels is not None and bool((w != 0).any())  # once, before any loop
+        bar = _progress_bar(progress, len(chunks) * plan.steps)
+        parts = [self._sample_chunk(plan, _rows(labels, a, b), _rows(w, a, b),
+                                    torch.arange(a, b, device=self.device), guided, bar)
+                 for a, b in chunks]
+        if bar is not None:
+            bar.close()
+        x_hat = torch.cat(parts)
+        self._check_finite(x_hat)
+        return x_hat
+
+    def _sample_chunk(self, plan: Plan, labels, w, sample_ids, guided: bool, bar) -> torch.Tensor:
+        """The loop over T steps for one chunk of rows; no host sync inside."""
+        table, logsnr = self._table(plan)
+        batch = sample_ids.shape[0]
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, device=self.device)
+        z = rng.randn_like_rows(plan.seed, sample_ids, 0, plan.shape)  # z_0 ~ N(0, I)
+        for t in range(plan.steps):
+            eps2 = self._eps(z, logsnr[t].expand(batch), labels, guided)  # (2B|B, *S)
+            z = guided_step(eps2, z, w, table, t, clip=plan.clip, seed=plan.seed,
+                            sample_ids=sample_ids)
+            if bar is not None:
+                bar.update(1)
+        return z
+
+    def _eps(self, z, logsnr, labels, guided: bool) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            if guided:
+                return self.guided_net(z, logsnr, labels)
+            if self.net is not None:
+                return self.net(z, logsnr, labels)
+            return self.guided_net(z, logsnr, labels)[: z.shape[0]]
+
+    def _table(self, plan: Plan):
+        key = (plan.steps, plan.sampler, plan.v, plan.eta)
+        if key not in self._tables:
+            table = coefficient_table(plan.steps, plan.sampler, v=plan.v, eta=plan.eta,
+                                      device=self.device)
+            logsnr = logsnr_grid(plan.steps, dtype=torch.float32).to(self.device)
+            self._tables[key] = (table, logsnr)
+        return self._tables[key]
+
+    def _plan(self, steps, sampler, v, eta, clip, seed, shape) -> Plan:
+        check_solver_args(steps, sampler, v, eta)
+        clip = self.clip if clip == "auto" else clip
+        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+            raise ValueError(f"clip must be 'auto', None or a positive number, got {clip!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        shape = tuple(shape) if shape is not None else self.sample_shape
+        if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
+        return Plan(steps, sampler, float(v), float(eta), clip, seed, shape)
+
+    def _check_labels(self, labels, n):
+        if labels is None:
+            if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError("unconditional sampling (labels=None) needs n ≥ 1 samples")
+            return None, n
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError("labels must be a 1-D integer tensor (LongTensor[N])")
+        if labels.numel() == 0:
+            raise ValueError("labels is empty: nothing to sample")
+        if bool((labels == self.num_classes).any()):
+            raise ValueError(f"label {self.num_classes} is the null label; pass labels=None for "
+                             "unconditional samples")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got {bad[0].item()}")
+        return labels.to(self.device, torch.int64), labels.numel()
+
+    def _check_w(self, w, count: int) -> torch.Tensor:
+        w = torch.as_tensor(w, dtype=torch.float32)
+        if w.dim() > 1 or (w.dim() == 1 and w.numel() != count):
+            raise ValueError(f"w must be a float or a Tensor[{count}], got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("w must be finite")
+        return w.expand(count).to(self.device)
+
+    def _check_finite(self, x_hat: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x_hat).all()):  # one check after the loop, never per step
+            raise FloatingPointError(f"sampling produced NaN/inf at precision {self.precision}")
+
+
+def _split_model(model):
+    """(doubled-batch backend, plain B-row net or None) for a Denoiser or a backend."""
+    if getattr(model, "returns_doubled", False):
+        return model, getattr(model, "denoiser", None)
+    return GuidedDenoiser(model), model
+
+
+def _rows(t: torch.Tensor | None, start: int, stop: int):
+    return None if t is None else t[start:stop]
+
+
+def _check_batch_size(batch_size: int | None, count: int) -> int:
+    if batch_size is None:
+        return count
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", leave=False)
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter or buffer, else the CPU."""
+    tensors = []
+    if isinstance(model, torch.nn.Module):
+        tensors = list(model.parameters()) or list(model.buffers())
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
+           steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
+           clip: float | str | None = "auto", seed: int = 0, shape: tuple[int, ...] | None = None,
+           batch_size: int | None = None, n: int | None = None,
+           device: torch.device | str | None = None, backend: str | None = None,
+           precision: str | None = None, progress: bool = False) -> torch.Tensor:
+    """Guided samples x̂ [N, *S] from a Denoiser or backend (DESIGN.md §3); one-shot `Sampler`."""
+    engine = Sampler(model, device=device, backend=backend, precision=precision)
+    return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, clip=clip,
+                         seed=seed, shape=shape, batch_size=batch_size, n=n, progress=progress)
