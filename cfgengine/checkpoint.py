@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from cfgengine import toy
+from cfgengine.figures import atomic_path
 from cfgengine.unet import UNet, UNetConfig
 
 FORMAT = "cfgengine-ckpt"
@@ -24,19 +24,13 @@ VERSION = 1
 ASSETS = Path(__file__).parent / "assets"
 
 
-def save_atomic(write: Callable[[Path], Any], path: str | Path) -> Path:
-    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`: a crash
-    mid-write leaves the previous file intact (os.replace is atomic on one filesystem)."""
+def save_atomic(write: Callable[[str], Any], path: str | Path) -> Path:
+    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`: a kill
+    mid-write leaves the previous file intact (os.replace is atomic within one filesystem)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path, ".tmp") as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:  # the bytes must be on disk before the rename makes them live
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -99,12 +99,6 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float NCHW in [−1, 1] → uint8 NHWC (values outside are clipped)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 class Shapes(ImageDataset):
     """Procedural shapes, one class per shape, rendered anti-aliased on the fly. Within a class the
     colour, size, position, rotation and background (colour and gradient) vary, so a guided model can
