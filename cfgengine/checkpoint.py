@@ -68,40 +68,48 @@ def _check_format(contents: Any, path: Path, expected: str) -> None:
                          f"version {VERSION}")
 
 
-def export_safetensors(ema: dict[str, torch.Tensor], model_config: dict, dataset: dict,
-                       path: str | Path) -> Path:
-    """Write EMA weights + JSON metadata (UNet config, dataset) to a .safetensors file, atomically."""
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, file_format: str,
+                      **metadata: Any) -> Path:
+    """Write tensors + JSON-encoded `metadata` (with format and version) atomically."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in ema.items()}
-    metadata = {"format": EXPORT_FORMAT, "version": str(VERSION),
-                "model_config": json.dumps(model_config), "dataset": json.dumps(dataset)}
-    return save_atomic(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": file_format, "version": str(VERSION),
+              **{k: json.dumps(v) for k, v in metadata.items()}}
+    return save_atomic(lambda tmp: save_file(tensors, tmp, metadata=header), path)
+
+
+def read_safetensors(path: str | Path, file_format: str,
+                     keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, decoded metadata `keys`) of a file written by `write_safetensors`; ValueError
+    naming the path if it is truncated, foreign, of another version or lacks a key."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors' own error types for a damaged header or body
+        raise ValueError(f"{path}: not a readable .safetensors file (truncated or corrupt?): "
+                         f"{type(err).__name__}") from err
+    _check_format(header, path, file_format)
+    try:
+        return tensors, {k: json.loads(header[k]) for k in keys}
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: metadata lacks a valid {err}") from err
+
+
+def export_safetensors(ema: dict[str, torch.Tensor], model_config: dict, dataset: dict,
+                       path: str | Path) -> Path:
+    """EMA weights + the UNet config and dataset as metadata: the shipping format."""
+    return write_safetensors(ema, path, EXPORT_FORMAT, model_config=model_config, dataset=dataset)
 
 
 def export_checkpoint(ckpt: str | Path, path: str | Path) -> Path:
     """A ckpt.pt's EMA weights → a .safetensors file."""
     contents = read_checkpoint(ckpt)
     return export_safetensors(contents["ema"], contents["model_config"], contents["dataset"], path)
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights, model_config, dataset) of an exported model; ValueError naming the path if bad."""
-    from safetensors import safe_open
-
-    path = _existing(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors' own error types for a damaged header or body
-        raise ValueError(f"{path}: not a readable .safetensors file (truncated or corrupt?): "
-                         f"{type(err).__name__}") from err
-    _check_format(metadata, path, EXPORT_FORMAT)
-    try:
-        return weights, json.loads(metadata["model_config"]), json.loads(metadata["dataset"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: metadata lacks a valid {err}") from err
 
 
 def build_unet(model_config: dict, dataset: dict, weights: dict[str, torch.Tensor],
@@ -138,8 +146,8 @@ def _load_pt(path: Path) -> UNet:
 
 
 def _load_safetensors(path: Path) -> UNet:
-    weights, model_config, dataset = read_safetensors(path)
-    return build_unet(model_config, dataset, weights, path)
+    weights, meta = read_safetensors(path, EXPORT_FORMAT, ("model_config", "dataset"))
+    return build_unet(meta["model_config"], meta["dataset"], weights, path)
 
 
 BUILTINS: dict[str, Callable[[], Any]] = {

@@ -51,8 +51,14 @@ class ImageDataset:
     def shape(self) -> tuple[int, int, int]:
         return self.info.shape
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def examples(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Images [N, C, H, W] of the given classes, drawn at random."""
         raise NotImplementedError
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n random (image, label) pairs, classes uniform."""
+        y = torch.randint(self.num_classes, (n,), generator=generator)
+        return self.examples(y, generator), y
 
 
 class ArrayDataset(ImageDataset):
@@ -66,8 +72,18 @@ class ArrayDataset(ImageDataset):
         return len(self.y)
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n random (image, label) pairs, classes as frequent as in the data."""
         index = torch.randint(len(self.y), (n,), generator=generator)
         return self.x[index], self.y[index]
+
+    def examples(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        order = torch.argsort(self.y, stable=True)  # indices grouped by class
+        counts = torch.bincount(self.y, minlength=self.num_classes)
+        if bool((counts[labels] == 0).any()):
+            raise ValueError(f"{self.info.name}: no images of a requested class")
+        starts = torch.cumsum(counts, 0) - counts
+        offset = (torch.rand(labels.shape, generator=generator) * counts[labels]).long()
+        return self.x[order[starts[labels] + offset]]
 
     def split(self, holdout: float, seed: int = 0) -> tuple["ArrayDataset", "ArrayDataset"]:
         """(train, held-out) by a seeded permutation; `holdout` is the held-out fraction."""
@@ -109,9 +125,8 @@ class Shapes(ImageDataset):
             raise ValueError(f"shapes: image size must be at least 8, got {image_size}")
         self.info = DatasetInfo("shapes", SHAPE_NAMES, (3, image_size, image_size))
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(len(SHAPE_NAMES), (n,), generator=generator)
-        return render_shapes(y, self.info.shape[1], generator), y
+    def examples(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return render_shapes(labels, self.info.shape[1], generator)
 
 
 def render_shapes(labels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -193,9 +208,8 @@ class Mixture(ImageDataset):
         names = tuple(f"mode{k}" for k in range(self.mixture.num_classes))
         self.info = DatasetInfo("gmm", names, tuple(self.mixture.sample_shape))
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(self.mixture.num_classes, (n,), generator=generator)
-        return self.mixture.sample_data(y, generator), y
+    def examples(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.mixture.sample_data(labels, generator)
 
 
 def digits() -> ArrayDataset:
