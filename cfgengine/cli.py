@@ -148,7 +148,8 @@ def _add_config_flags(parser, config_class) -> None:
     for field in dataclasses.fields(config_class):
         kind = _FLAG_TYPES[field.type.split(" | ")[0]]
         parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
-                            default=None, help=f"(default: {field.default})")
+                            default=None,
+                            help=f"{field.metadata.get('help', '')} (default: {field.default})")
 
 
 def _given(args, config_class) -> dict:

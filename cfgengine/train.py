@@ -9,7 +9,7 @@ whose states are checkpointed with the step, model, EMA and optimizer.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,30 +25,35 @@ from cfgengine.unet import UNet, preset
 RESUMABLE = ("steps", "out", "ckpt_every", "sample_every", "device", "export")
 
 
+def _flag(default, help_text: str):
+    """A config field whose help text the CLI shows."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. The learning rate warms up linearly then stays constant, so a run's
     trajectory does not depend on `steps` and a resumed run may extend it."""
 
-    data: str = "shapes"
-    image_size: int | None = None
-    preset: str = "default"
-    steps: int = 6000
+    data: str = _flag("shapes", "shapes, digits, gmm, a folder of class folders, or an .npz")
+    image_size: int | None = _flag(None, "image side for shapes/folder (shapes: 16)")
+    preset: str = _flag("default", "UNet preset: tiny, small, default, base")
+    steps: int = _flag(3500, "total optimizer steps")
     batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 200
+    lr: float = _flag(1e-3, "AdamW learning rate after warm-up")
+    warmup: int = _flag(200, "linear learning-rate warm-up steps")
     weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    p_uncond: float = 0.1
-    seed: int = 0
-    out: str = "runs/default"
-    ckpt_every: int = 500
-    sample_every: int = 1000
-    sample_steps: int = 64
-    sample_w: float = 1.0
-    device: str = "auto"
-    export: str | None = None
+    ema_decay: float = _flag(0.999, "EMA decay of the exported weights")
+    grad_clip: float = _flag(1.0, "gradient-norm clipping threshold")
+    p_uncond: float = _flag(0.1, "probability of replacing the label by the null label")
+    seed: int = _flag(0, "seeds initialisation, data and noise")
+    out: str = _flag("runs/default", "run folder: ckpt.pt, samples/, model.safetensors")
+    ckpt_every: int = _flag(500, "checkpoint period in steps")
+    sample_every: int = _flag(1000, "sample-grid period in steps")
+    sample_steps: int = _flag(64, "sampling steps T of the grids")
+    sample_w: float = _flag(1.0, "guidance weight w of the grids")
+    device: str = _flag("auto", "auto, cpu, cuda, cuda:1 … (bf16 autocast on CUDA)")
+    export: str | None = _flag(None, "EMA weights file (default: OUT/model.safetensors)")
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond <= 1.0:
