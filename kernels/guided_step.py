@@ -54,7 +54,14 @@ def guided_step(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Tensor, ta
 
 
 def _use_triton(impl: str, z: torch.Tensor) -> bool:
-    """"auto" takes the kernel on CUDA when Triton is installed; "triton" insists on it."""
+    """impl "auto" takes the kernel on CUDA when Triton is installed; "triton" insists on it.
+
+    On CPU "auto" stays the eager reference, measured against torch.compile of it
+    (bench/results/step-cpu-*.json): compiled, a step runs 6–30× faster, but each dtype, shape
+    and flag set compiles for 20–40 s, which a CPU run earns back only after hundreds of steps
+    of megabytes each — and every short run and test would pay it. A caller holding state across
+    runs (the Sampler) is the place to opt into compiling.
+    """
     if impl == "auto":
         return z.device.type == "cuda" and triton is not None
     if impl == "triton":
