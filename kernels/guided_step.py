@@ -58,7 +58,7 @@ def _use_triton(impl: str, z: torch.Tensor) -> bool:
 
     On CPU "auto" stays the eager reference, measured against torch.compile of it
     (bench/results/step-cpu-*.json): compiled, a step runs 6–30× faster, but each dtype, shape
-    and flag set compiles for 20–40 s, which a CPU run earns back only after hundreds of steps
+    and flag set compiles for 20–40 s (cold cache), which a CPU run earns back only after hundreds of steps
     of megabytes each — and every short run and test would pay it. A caller holding state across
     runs (the Sampler) is the place to opt into compiling.
     """
