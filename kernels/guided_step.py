@@ -343,7 +343,7 @@ def guided_step_triton(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Ten
         out = out2[:batch] if out2 is not None else torch.empty_like(z)
     dests = _destinations(out, out2)
     config = config or launch_config(batch, numel)
-    eps2, z = eps2.contiguous(), z.contiguous()
+    eps2, z, table = eps2.contiguous(), z.contiguous(), table.contiguous()  # rows of 5 floats
     w_mode, w_ptr, w_value = _row_operand(w, z, float)
     step_mode, step_ptr, step_value = _row_operand(step, table, int)
     seed_mode, seed_ptr, seed_value = _row_operand(seed, table, int)

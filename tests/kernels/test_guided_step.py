@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -265,6 +267,25 @@ def test_triton_impl_without_triton_says_so(monkeypatch):
     eps2, z, _, w = make_inputs(seed=20)
     with pytest.raises(RuntimeError, match="needs the `triton` package"):
         guided_step(eps2, z, w, coefficient_table(4, "ancestral"), 1, impl="triton")
+
+
+def test_module_imports_and_runs_torch_without_triton():
+    """Where Triton cannot be installed, the torch path works and impl="triton" says why not."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch\n"
+        "from cfgengine.kernels import guided_step\n"
+        "from cfgengine.solvers import coefficient_table\n"
+        "args = (torch.zeros(4, 3), torch.zeros(2, 3), 0.3, coefficient_table(3), 1)\n"
+        "guided_step(*args)\n"
+        "try:\n"
+        "    guided_step(*args, impl='triton')\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "needs the `triton` package" in done.stdout
 
 
 @pytest.mark.parametrize("bad", ["strided out", "int32 ids", "float step", "double eps"])
