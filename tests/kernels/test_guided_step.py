@@ -1,6 +1,7 @@
 """The fused Triton step kernel against its torch reference and the rng.py noise definition.
 
-Runs on CPU under TRITON_INTERPRET=1 (tests/conftest.py) with impl="triton"; GPU-only checks skip.
+Runs on CPU under TRITON_INTERPRET=1 (tests/conftest.py) with impl="triton"; on a machine with a GPU
+the same tests run the compiled kernel on it, and the GPU-only checks run too (they skip on CPU).
 Every test seeds its own inputs; comparisons are ‖Δ‖/‖ref‖ against the reference, never sums.
 """
 from __future__ import annotations
@@ -26,24 +27,30 @@ BATCH = 3
 FP32_TOL = 2e-6
 needs_triton = pytest.mark.skipif(gs.triton is None, reason="triton is not installed (non-Linux)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = needs_triton
+
+
+@pytest.fixture(autouse=True)
+def on_test_device():
+    """Tensor factories in these tests allocate on DEVICE: the kernel under test lives there."""
+    with torch.device(DEVICE):
+        yield
 
 
 def make_inputs(seed: int, batch: int = BATCH, shape=SHAPE, dtype=torch.float32, guided=True):
     """Random eps2 [2B|B, *S], z [B, *S], given noise, per-row w, from a seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = 2 * batch if guided else batch
-    eps2 = torch.randn(rows, *shape, generator=gen).to(dtype)
-    z = torch.randn(batch, *shape, generator=gen).to(dtype)
-    noise = torch.randn(batch, *shape, generator=gen).to(dtype)
-    w = torch.rand(batch, generator=gen) * 4.0  # the paper's range, w ∈ [0, 4]
+    gen = torch.Generator().manual_seed(seed)  # on CPU, so every device sees the same inputs
+    randn = lambda rows: torch.randn(rows, *shape, generator=gen, device="cpu").to(DEVICE, dtype)
+    eps2, z, noise = randn(2 * batch if guided else batch), randn(batch), randn(batch)
+    w = torch.rand(batch, generator=gen, device="cpu").to(DEVICE) * 4.0  # the paper's w ∈ [0, 4]
     return eps2, z, noise, w
 
 
 def poisoned(like: torch.Tensor, rows: int | None = None, dtype=None) -> torch.Tensor:
     """A NaN-filled output buffer, so a value the kernel fails to write shows up."""
     shape = (like.shape[0] if rows is None else rows,) + tuple(like.shape[1:])
-    return torch.full(shape, float("nan"), dtype=dtype or like.dtype)
+    return torch.full(shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -90,6 +97,7 @@ def test_kernel_matches_reference(step_case, clip, given_noise):
 def test_guidance_weight_forms(w):
     eps2, z, _, _ = make_inputs(seed=12)
     table = coefficient_table(6, "ddim", eta=0.5)
+    w = w.to(DEVICE) if isinstance(w, torch.Tensor) else w
     got = guided_step(eps2, z, w, table, 2, seed=5, impl="triton")
     want = guided_step(eps2, z, w, table, 2, seed=5, impl="torch")
     assert rel_err(got, want) <= FP32_TOL
@@ -183,6 +191,7 @@ def kernel_noise(seed, sample_ids, steps, numel: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, torch.tensor(2**33 + 1)])
 def test_in_kernel_noise_is_rng_noise(seed):
+    seed = seed.to(DEVICE) if isinstance(seed, torch.Tensor) else seed
     ids = torch.tensor([0, 1, 2**32 + 5, 123456789012])  # high words exercised
     steps = torch.tensor([0, 3, 1, 2])
     got = kernel_noise(seed, ids, steps, 1001)
@@ -200,6 +209,7 @@ def test_noise_of_a_row_does_not_depend_on_its_batch():
 
 def test_noise_moments_are_standard_normal():
     samples = kernel_noise(2024, torch.arange(8), torch.full((8,), 3), 4096).flatten().double()
+    samples = samples.cpu()
     n, checks = samples.numel(), 5
     z_crit = stats.norm.isf(1e-4 / (2 * checks))  # two-sided, Bonferroni over the checks
     assert abs(samples.mean().item()) * math.sqrt(n) <= z_crit
@@ -258,8 +268,8 @@ def test_auto_takes_torch_on_cpu(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the kernel ran on CPU under impl='auto'")
     monkeypatch.setattr(gs, "guided_step_triton", fail)
-    eps2, z, _, w = make_inputs(seed=19)
-    guided_step(eps2, z, w, coefficient_table(4, "ancestral"), 1, impl="auto")
+    eps2, z, _, w = (t.cpu() for t in make_inputs(seed=19))
+    guided_step(eps2, z, w, coefficient_table(4, "ancestral", device="cpu"), 1, impl="auto")
 
 
 def test_triton_impl_without_triton_says_so(monkeypatch):
