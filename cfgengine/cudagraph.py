@@ -41,8 +41,9 @@ class CudaGraphLoop:
                             enabled=self.autocast_dtype is not None):
             eps2 = self.net(self.z2, self.logsnr2, self.labels2)  # (2B|B, *S)
         z = self.z2[: self.batch]
+        out, out2 = (None, self.z2) if self.guided else (z, None)  # z' lands in z2 either way
         guided_step(eps2, z, self.w, self.table, self.step, clip=self.clip, seed=self.seed,
-                    sample_ids=self.sample_ids, out=z, out2=self.z2 if self.guided else None)
+                    sample_ids=self.sample_ids, out=out, out2=out2)
         self.step.add_(1)
 
     def _capture(self) -> torch.cuda.CUDAGraph:

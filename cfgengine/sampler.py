@@ -89,10 +89,12 @@ class Sampler:
             if bar is not None:
                 bar.update(plan.steps)
             return x_hat
+        quiet = self._quiet_steps(plan)
+        silence = torch.zeros_like(z) if any(quiet) else None
         for t in range(plan.steps):
             eps2 = self._eps(z, logsnr[t].expand(batch), labels, guided)  # (2B|B, *S)
             z = guided_step(eps2, z, w, table, t, clip=plan.clip, seed=plan.seed,
-                            sample_ids=sample_ids)
+                            sample_ids=sample_ids, noise=silence if quiet[t] else None)
             if bar is not None:
                 bar.update(1)
         return z
@@ -117,6 +119,13 @@ class Sampler:
                 guided=guided, table=table, logsnr=logsnr, clip=plan.clip,
                 autocast_dtype=self.autocast_dtype)
         return self._graphs[key]
+
+    def _quiet_steps(self, plan: Plan) -> list[bool]:
+        """Per step, whether the CPU reference may skip its noise draw (s = 0: DDIM η = 0 and the
+        last step). Known on the host from the table; the GPU kernel tests s on the device."""
+        deterministic = plan.sampler == "ddim" and plan.eta == 0
+        on_cpu = self.device.type == "cpu"
+        return [on_cpu and (deterministic or t == plan.steps - 1) for t in range(plan.steps)]
 
     def _table(self, plan: Plan):
         key = (plan.steps, plan.sampler, plan.v, plan.eta)

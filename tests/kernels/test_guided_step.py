@@ -342,3 +342,20 @@ def test_cuda_graph_replays_with_an_advancing_step():
         graph.replay()
         want = guided_step(eps2, z, w, table, t, clip=1.0, impl="torch")
         assert rel_err(out, want) <= 1e-5
+
+
+def test_full_sample_through_the_kernel_equals_the_reference(monkeypatch):
+    """cfgengine.sample with every step run by the Triton kernel (interpreter on CPU)."""
+    import functools
+
+    import cfgengine
+    import cfgengine.sampler as sampler_module
+
+    model = cfgengine.load("gmm")
+    labels = torch.tensor([0, 3, 1, 4, 2, 2, 0])
+    w = torch.tensor([0.0, 0.3, 1.0, 4.0, 0.5, 2.0, 1.5])
+    reference = cfgengine.sample(model, labels, w=w, steps=12, seed=3)
+    step_fn = importlib.import_module("cfgengine.kernels.guided_step").guided_step
+    monkeypatch.setattr(sampler_module, "guided_step", functools.partial(step_fn, impl="triton"))
+    fused = cfgengine.sample(model, labels, w=w, steps=12, seed=3)
+    assert ((fused - reference).norm() / reference.norm()) < 1e-5
