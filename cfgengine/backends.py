@@ -35,6 +35,25 @@ def check_backend(name: str | None, model, device: torch.device) -> str:
     return name
 
 
+def check_device(device: torch.device | str | None, model) -> torch.device:
+    """The device to sample on (default: the model's); ValueError when it is not usable here."""
+    if device is None:
+        return model_device(model)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"not a device: {device!r} (try cpu or cuda)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested, but this torch has no usable CUDA")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} requested, but there are only "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"device {device} is not supported (cpu or cuda)")
+    return device
+
+
 def check_precision(precision: str | None) -> str:
     precision = precision or "fp32"
     if precision not in PRECISIONS:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfgengine.backends import BACKENDS, PRECISIONS
 from cfgengine.checkpoint import load
 from cfgengine.figures import atomic_path, save_panels, to_uint8_images
 from cfgengine.sampler import Sampler
@@ -82,7 +83,10 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto = cudagraph on CUDA, torch on CPU; exported files use their own")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="network precision (the step is always fp32)")
     p.add_argument("--out", default="samples.png", help="the figure (PNG)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=_run_sample)
@@ -108,7 +112,7 @@ def _run_sample(args) -> int:
             raise UserError(f"--{flag}: directory of {path} does not exist")
     model = load(args.ckpt)
     labels = _sample_labels(model, args.classes, args.n)
-    engine = Sampler(model, device=args.device, precision=args.precision)
+    engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = engine.sample(labels.repeat(len(args.w)), w=w, steps=args.steps, sampler=args.sampler,
@@ -117,7 +121,7 @@ def _run_sample(args) -> int:
     seconds = time.perf_counter() - start
     _write_outputs(args, model, x.cpu(), labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
-          f"samples/s, backend torch, device {engine.device}, precision {args.precision}"
+          f"samples/s, backend {engine.backend}, device {engine.device}, precision {args.precision}"
           f" -> {args.out}")
     return 0
 

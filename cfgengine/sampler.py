@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from cfgengine import rng
-from cfgengine.backends import (PRECISIONS, check_backend, check_precision, model_device,
+from cfgengine.backends import (PRECISIONS, check_backend, check_device, check_precision,
                                 move_model, split_model)
 from cfgengine.kernels import guided_step
 from cfgengine.schedule import logsnr_grid
@@ -42,7 +42,7 @@ class Sampler:
 
     def __init__(self, model, *, device: torch.device | str | None = None,
                  backend: str | None = None, precision: str | None = None):
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = check_device(device, model)
         self.backend = check_backend(backend, model, self.device)
         self.precision = check_precision(precision)
         self.autocast_dtype = PRECISIONS[self.precision]
