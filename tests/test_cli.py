@@ -93,9 +93,10 @@ def test_sweep_npz_has_samples_labels_and_w_in_order(sweep):
 
 def test_flags_reach_the_sampler_and_rows_follow_w_then_class(tmp_path, capsys):
     npz = tmp_path / "c.npz"
-    code, _, err = run_cli(capsys, "sample", "--classes", "3,1", "--n", "3", "--w", "2,0.3",
-                           "--steps", "4", "--batch", "5", "--seed", "9", "--sampler", "ddim",
-                           "--eta", "0.5", "--out", str(tmp_path / "c.png"), "--npz", str(npz))
+    code, _, err = run_cli(capsys, "sample", "--ckpt", "gmm", "--classes", "3,1", "--n", "3",
+                           "--w", "2,0.3", "--steps", "4", "--batch", "5", "--seed", "9",
+                           "--sampler", "ddim", "--eta", "0.5",
+                           "--out", str(tmp_path / "c.png"), "--npz", str(npz))
     assert code == 0 and err == ""
     labels = torch.tensor([3, 3, 3, 1, 1, 1] * 2)
     w = torch.tensor([2.0] * 6 + [0.3] * 6)
@@ -182,7 +183,7 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags,
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     outputs = ["--out", str(tmp_path / "x.png"), "--npz", str(tmp_path / "x.npz")]
     try:
-        code = cli.main(["sample", "--steps", "4", "--n", "3", *outputs, *flags])
+        code = cli.main(["sample", "--ckpt", "gmm", "--steps", "4", "--n", "3", *outputs, *flags])
     except BaseException as err:  # noqa: BLE001 — any escape is the failure being tested
         pytest.fail(f"cli.main raised {type(err).__name__}: {err}")
     captured = capsys.readouterr()

@@ -259,7 +259,7 @@ def test_sync_patch_is_effective():
 # --------------------------------------------------------------------------------------------
 # Bad input: ValueError naming the problem, raised before any sampling.
 
-@pytest.mark.parametrize("labels, kwargs, match", [
+BAD_INPUTS = [
     (torch.tensor([0, 5]), {}, "null label"),
     (torch.tensor([0, 6]), {}, r"\[0, 5\)"),
     (torch.tensor([-1, 2]), {}, r"\[0, 5\)"),
@@ -292,7 +292,23 @@ def test_sync_patch_is_effective():
     (LABELS, {"clip": "yes"}, "clip"),
     (LABELS, {"clip": math.nan}, "clip"),
     (LABELS, {"shape": (0,)}, "shape"),
-])
+]
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        nan = "-with-nan" if value.is_floating_point() and bool(value.isnan().any()) else ""
+        return f"Tensor{list(value.shape)}{nan}" if value.numel() > 4 else f"{value.tolist()}"
+    return f"list{value}" if isinstance(value, list) else repr(value)
+
+
+def _describe(labels, kwargs) -> str:
+    parts = [] if labels is LABELS else [f"labels={_short(labels)}"]
+    return ",".join(parts + [f"{k}={_short(v)}" for k, v in kwargs.items()])
+
+
+@pytest.mark.parametrize("labels, kwargs, match", BAD_INPUTS,
+                         ids=[_describe(labels, kwargs) for labels, kwargs, _ in BAD_INPUTS])
 def test_bad_input_raises_value_error_naming_it(gmm, recorder, labels, kwargs, match):
     plain = recorder(gmm)
     with pytest.raises(ValueError, match=match):
@@ -358,6 +374,20 @@ def test_guided_step_with_given_noise_equals_direct_computation(step, w_kind, cl
     ref, _ = direct_step(eps2, z, w_arg, TABLE[step], noise, clip)
     assert z_next.shape == z.shape and z_next.dtype == torch.float32
     assert rel_err(z_next, ref) < STEP_TOL
+
+
+# fp32 arithmetic on the stored values, one rounding to the storage dtype at the end: the error
+# against float64 of the same (rounded) inputs is the dtype's half-ulp, with margin.
+STORAGE_TOL = {torch.float32: STEP_TOL, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", list(STORAGE_TOL))
+def test_guided_step_low_precision_storage_rounds_once(dtype):
+    eps2, z, w, noise = (t.to(dtype) for t in step_inputs(11))
+    z_next = reference_step(eps2, z, w.float(), TABLE, 3, noise=noise)
+    ref, _ = direct_step(eps2, z, w.float(), TABLE[3], noise)
+    assert z_next.dtype == dtype
+    assert rel_err(z_next, ref) < STORAGE_TOL[dtype]
 
 
 def test_guided_step_b_row_eps_means_no_guidance():

@@ -33,7 +33,8 @@ def design_alpha_sigma(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def design_ancestral(steps: int, v: float) -> np.ndarray:
-    """Rows (α, σ, c_z, c_x, s) from μ = r·(α'/α)·z + (1−r)·α'·x̂, var = ((1−r)σ'²)^(1−v)((1−r)σ²)^v."""
+    """Rows (α, σ, c_z, c_x, s) from μ = r·(α'/α)·z + (1−r)·α'·x̂,
+    var = ((1−r)σ'²)^(1−v)·((1−r)σ²)^v."""
     lam = design_grid(steps)
     alpha, sigma = design_alpha_sigma(lam)
     rows = []
