@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from cfgengine import toy
-from cfgengine.figures import atomic_path
+from cfgengine.atomic import atomic_path
 from cfgengine.unet import UNet, UNetConfig
 
 FORMAT = "cfgengine-ckpt"

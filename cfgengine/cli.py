@@ -14,7 +14,8 @@ import torch
 
 from cfgengine.backends import BACKENDS, PRECISIONS
 from cfgengine.checkpoint import load
-from cfgengine.figures import atomic_path, save_panels, to_uint8_images
+from cfgengine.atomic import atomic_paths, check_writable
+from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.sampler import Sampler
 from cfgengine.solvers import SAMPLERS
 
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args) or 0
-    except (UserError, ValueError, FileNotFoundError) as err:
-        print(f"cfgengine: error: {err}", file=sys.stderr)
+    except (UserError, ValueError, FloatingPointError, OSError) as err:
+        print(f"cfgengine: error: {err}", file=sys.stderr)  # one line: no traceback for these
         return 2
     except KeyboardInterrupt:
         print("cfgengine: interrupted", file=sys.stderr)
@@ -96,6 +97,8 @@ def _add_sample(sub) -> None:
 def _sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tensor:
     """One block of n rows per class, in class order."""
     classes = list(range(model.num_classes)) if classes is None else classes
+    if not classes:
+        raise UserError("--classes: give at least one class id")
     bad = [k for k in classes if not 0 <= k < model.num_classes]
     if bad:
         raise UserError(f"--classes: class {bad[0]} is outside [0, {model.num_classes})")
@@ -108,9 +111,8 @@ def _sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Ten
 
 def _run_sample(args) -> int:
     for flag in ("out", "npz"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"--{flag}: directory of {path} does not exist")
+        if getattr(args, flag) is not None:
+            check_writable(getattr(args, flag), f"--{flag}")
     model = load(args.ckpt)
     labels = _sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
@@ -131,16 +133,16 @@ def _write_outputs(args, model, x: torch.Tensor, labels: torch.Tensor) -> None:
     names = getattr(model, "class_names", None) or [f"class {k}" for k in
                                                     range(model.num_classes)]
     chunks = x.split(len(labels))
-    if args.npz is not None:
-        _write_npz(args.npz, x, labels.repeat(len(args.w)), np.asarray(args.w))
-    save_panels(args.out, [(w, xs, labels) for w, xs in zip(args.w, chunks)], names)
+    with atomic_paths(args.out, args.npz) as (png, npz):  # both appear, or neither
+        if npz is not None:
+            _write_npz(npz, x, labels.repeat(len(args.w)), np.asarray(args.w))
+        save_panels(png, [(w, xs, labels) for w, xs in zip(args.w, chunks)], names)
 
 
 def _write_npz(path: str, x: torch.Tensor, labels: torch.Tensor, w: np.ndarray) -> None:
     arr = to_uint8_images(x) if x.dim() == 4 else x.numpy()
-    with atomic_path(path, ".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=arr, labels=labels.numpy(), w=w)
+    with open(path, "wb") as f:
+        np.savez(f, arr_0=arr, labels=labels.numpy(), w=w)
 
 
 _FLAG_TYPES = {"int": int, "float": float, "str": str}

@@ -139,7 +139,8 @@ class Sampler:
     def _plan(self, steps, sampler, v, eta, clip, seed, shape) -> Plan:
         check_solver_args(steps, sampler, v, eta)
         clip = self.clip if clip == "auto" else clip
-        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not clip > 0):
             raise ValueError(f"clip must be 'auto', None or a positive number, got {clip!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
@@ -153,7 +154,10 @@ class Sampler:
             if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError("unconditional sampling (labels=None) needs n ≥ 1 samples")
             return None, n
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        if n is not None:
+            raise ValueError("n is only for unconditional sampling (labels=None)")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
+                or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError("labels must be a 1-D integer tensor (LongTensor[N])")
         if labels.numel() == 0:
             raise ValueError("labels is empty: nothing to sample")

@@ -151,34 +151,20 @@ if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "cuda"))
     BAD_FLAGS.append((["--backend", "cudagraph"], "cudagraph"))
 BAD_FLAGS += [(["--device", "foo"], "foo"), (["--backend", "foo"], "--backend")]
-_NPZ_FIRST = ("cli._write_outputs writes the --npz file before the PNG and does not remove it "
-              "when the PNG fails")
-BUGS = [
-    pytest.param(["--out", "{tmp}"], "--out", id="out-is-a-directory", marks=pytest.mark.xfail(
-        strict=True, reason="bug: --out naming an existing directory passes cli._run_sample's "
-        "parent-directory check; os.replace in figures.atomic_path then raises "
-        "IsADirectoryError (traceback, exit 1), and " + _NPZ_FIRST)),
-    pytest.param(["--npz", "{tmp}"], "--npz", id="npz-is-a-directory", marks=pytest.mark.xfail(
-        strict=True, reason="bug: --npz naming an existing directory: IsADirectoryError from "
-        "os.replace in figures.atomic_path escapes cli.main (traceback, exit 1)")),
-    pytest.param(["--classes", ","], "--classes", id="classes-empty", marks=pytest.mark.xfail(
-        strict=True, reason="minor bug: an empty --classes list is not rejected by "
-        "cli._sample_labels; torch.tensor([]) is float, so the error is the Sampler's 'labels "
-        "must be a 1-D integer tensor (LongTensor[N])', which does not name the flag")),
-]
+# Fixed bugs, kept as regressions: outputs that are directories, an empty class list, and a
+# failing PNG write that must not leave the already-rendered --npz behind.
+BAD_FLAGS += [(["--out", "{tmp}"], "--out"), (["--npz", "{tmp}"], "--npz"),
+              (["--classes", ","], "--classes")]
 if Path("/proc").is_dir():
-    BUGS.append(pytest.param(["--out", "/proc/x.png"], "x.png", id="out-unwritable",
-                             marks=pytest.mark.xfail(strict=True, reason=(
-                                 "bug: exit 2 and one line, but " + _NPZ_FIRST +
-                                 ": a half-written output set is left behind"))))
+    BAD_FLAGS.append((["--out", "/proc/x.png"], "x.png"))
 
 
 def _ids(cases):
     return [case if isinstance(case, str) else " ".join(case[0]) for case in cases]
 
 
-@pytest.mark.parametrize("flags, mentions", BAD_FLAGS + BUGS,
-                         ids=_ids([c for c in BAD_FLAGS]) + [None] * len(BUGS))
+@pytest.mark.parametrize("flags, mentions", BAD_FLAGS,
+                         ids=_ids(BAD_FLAGS))
 def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags, mentions):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     outputs = ["--out", str(tmp_path / "x.png"), "--npz", str(tmp_path / "x.npz")]

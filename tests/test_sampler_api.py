@@ -292,6 +292,9 @@ BAD_INPUTS = [
     (LABELS, {"clip": "yes"}, "clip"),
     (LABELS, {"clip": math.nan}, "clip"),
     (LABELS, {"shape": (0,)}, "shape"),
+    (LABELS, {"clip": True}, "clip"),
+    (LABELS, {"n": 3}, "n is only"),
+    (LABELS > 2, {}, "labels"),
 ]
 
 
