@@ -74,13 +74,14 @@ def check_precision(precision: str, allowed: tuple[str, ...], what: str) -> torc
     return PRECISIONS[precision]
 
 
-def check_exportable(model) -> None:
+def check_exportable(model, source: str | None = None) -> None:
     """ValueError unless `model` is a torch nn.Module Denoiser (num_classes, sample_shape)."""
+    name = f"{source} ({type(model).__name__})" if source else type(model).__name__
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"{type(model).__name__} is not a torch nn.Module denoiser; only torch "
-                         "models (e.g. a UNet checkpoint) can be exported")
+        raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
+                         "(e.g. a UNet checkpoint) can be exported")
     if not hasattr(model, "num_classes") or not hasattr(model, "sample_shape"):
-        raise ValueError(f"{type(model).__name__} lacks num_classes / sample_shape: not a Denoiser")
+        raise ValueError(f"{name} lacks num_classes / sample_shape: not a Denoiser")
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -71,7 +71,7 @@ def check_batch_range(min_batch: int, max_batch: int) -> None:
 def trace(model: nn.Module, *, precision: str = "fp32", max_batch: int = 64,
           device: torch.device | str = "cpu", source: str | None = None) -> Traced:
     """torch.export of GuidedDenoiser(model) at `precision`, batch symbolic in [1, max_batch]."""
-    check_exportable(model)
+    check_exportable(model, source)
     check_batch_range(1, max_batch)
     meta = describe(model, precision, max_batch, source)
     guided = GuidedDenoiser(cast_for_export(model, precision)).to(device).eval()
