@@ -106,8 +106,10 @@ def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, thread
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
     provider = _provider(ort, device)
+    # CPU EP after CUDA: ORT places the few nodes CUDA lacks kernels for (shape arithmetic) there
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(path), options, providers=[provider, "CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail / NotImplemented types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: ONNX Runtime cannot run this {meta.precision} model on "
