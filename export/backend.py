@@ -48,7 +48,7 @@ class Backend:
         return t.detach().to(self.device, dtype).contiguous()
 
     def check_inputs(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> None:
-        """ValueError for shapes the artifact was not built for (host-side metadata only: no sync)."""
+        """ValueError for shapes the artifact was not built for (shape metadata only: no sync)."""
         batch, meta = z.shape[0], self.meta
         if tuple(z.shape[1:]) != meta.sample_shape:
             raise ValueError(f"{self.path}: z has sample shape {tuple(z.shape[1:])}, the model "

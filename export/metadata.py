@@ -60,7 +60,8 @@ def parse(text: str | None, path: str | Path) -> ExportMeta:
 def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
     names = {f.name for f in fields(ExportMeta)}
     if set(stored) != names:
-        raise ValueError(f"{path}: metadata fields {sorted(set(stored) ^ names)} missing or unknown")
+        raise ValueError(f"{path}: metadata fields {sorted(set(stored) ^ names)} missing or "
+                         "unknown")
     stored = dict(stored, sample_shape=tuple(stored["sample_shape"]),
                   class_names=tuple(stored["class_names"]))
     return ExportMeta(**stored)
@@ -91,7 +92,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-d tensor (BatchNorm's step counter) cannot be viewed as bytes
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -1,6 +1,6 @@
 """ONNX export of the GuidedDenoiser and its ONNX Runtime backend.
 
-The graph is made by the dynamo exporter (`torch.onnx.export(ExportedProgram, dynamo=True)`) from the
+The graph is made by the dynamo exporter (`torch.onnx.export(program, dynamo=True)`) from the
 program `cfgengine.export.program.trace` captures, so the batch dimension stays symbolic; fp16 keeps
 normalisations in fp32. bf16 is refused: ONNX Runtime has no bf16 kernels for Conv on CPU or CUDA.
 """
@@ -107,7 +107,8 @@ def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, thread
     options.inter_op_num_threads = 1
     provider = _provider(ort, device)
     # CPU EP after CUDA: ORT places the few nodes CUDA lacks kernels for (shape arithmetic) there
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    cpu = "CPUExecutionProvider"
+    providers = [provider] if provider == cpu else [provider, cpu]
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail / NotImplemented types

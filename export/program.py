@@ -62,10 +62,14 @@ def example_inputs(meta: ExportMeta, batch: int, device: torch.device | str = "c
 
 def check_batch_range(min_batch: int, max_batch: int) -> None:
     """ValueError unless 1 ≤ min_batch ≤ max_batch and max_batch ≥ the example batch."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < EXAMPLE_BATCH:
+    if not _is_int(max_batch) or max_batch < EXAMPLE_BATCH:
         raise ValueError(f"max batch must be an integer ≥ {EXAMPLE_BATCH}, got {max_batch!r}")
-    if isinstance(min_batch, bool) or not isinstance(min_batch, int) or not 1 <= min_batch <= max_batch:
+    if not _is_int(min_batch) or not 1 <= min_batch <= max_batch:
         raise ValueError(f"min batch must be an integer in [1, {max_batch}], got {min_batch!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def trace(model: nn.Module, *, precision: str = "fp32", max_batch: int = 64,

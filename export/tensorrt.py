@@ -2,7 +2,8 @@
 in CI, which has no GPU) built from the ONNX export, and a runtime backend on the torch stream.
 
 - Build: a strongly typed network (precisions come from the ONNX graph, so fp16 = the fp16 ONNX
-  with its fp32 normalisations), one optimisation profile min/opt/max over the batch, a timing cache.
+  with its fp32 normalisations), one optimisation profile min/opt/max over the batch, a timing
+  cache.
 - Engine cache: `<cache>/<key>.plan`, key = SHA-256 of (ONNX bytes, TensorRT version, GPU compute
   capability, profile, precision); an entry whose stored key differs or is unreadable is rebuilt.
 - A `.plan` written by cfgengine is MAGIC, an 8-byte little-endian header length, a JSON header
@@ -116,7 +117,7 @@ def check_target(header: dict, target: Target, path: str | Path) -> None:
 
 
 def cached_engine(directory: Path, header: dict, build: Callable[[], bytes]) -> bytes:
-    """The engine stored under header["key"] in `directory`, else `build()`, stored for next time."""
+    """The engine stored under header["key"] in `directory`, else `build()`, then stored."""
     entry = Path(directory) / f"{header['key']}.plan"
     if entry.is_file():
         try:

@@ -60,3 +60,21 @@ def test_export_help_labels_tensorrt_experimental(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "EXPERIMENTAL" in capsys.readouterr().out
+
+
+def test_export_writes_a_loadable_model(model_file, tiny_unet, tmp_path, capsys, rel_err):
+    from cfgengine import export
+    from cfgengine.export import metadata
+    from cfgengine.export.program import example_inputs
+    from cfgengine.guidance import GuidedDenoiser
+
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", str(model_file), "--format", "onnx", "--max-batch", "4",
+                 "-o", str(out)]) == 0
+    assert f"-> {out}" in capsys.readouterr().out and list(tmp_path.iterdir()) == [out]
+    backend = export.load(out)
+    assert backend.meta.source == str(model_file) and backend.meta.max_batch == 4
+    assert backend.meta.source_sha256 == metadata.weights_sha256(tiny_unet)
+    inputs = example_inputs(backend.meta, 3, seed=2)
+    assert rel_err(backend(*inputs), GuidedDenoiser(tiny_unet)(*inputs)) <= 1e-4

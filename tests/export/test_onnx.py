@@ -1,4 +1,5 @@
-"""ONNX export + ONNX Runtime backend against the torch GuidedDenoiser (reference)."""
+"""ONNX specifics: symbolic batch in the saved graph, stored metadata, session settings, fp16
+casting, foreign files and providers (parity against torch is in test_backends.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,6 @@ import torch
 pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
-import cfgengine  # noqa: E402
 from cfgengine import export  # noqa: E402
 from cfgengine.export import metadata  # noqa: E402
 from cfgengine.export import onnx as onnx_export  # noqa: E402
@@ -23,17 +23,6 @@ def backend(onnx_path):
     return export.load(onnx_path)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 7])
-def test_matches_torch_at_batch_sizes_other_than_the_example(backend, tiny_unet, traced, batch,
-                                                             rel_err):
-    assert batch != EXAMPLE_BATCH
-    inputs = example_inputs(traced.meta, batch, seed=batch)
-    ref = GuidedDenoiser(tiny_unet)(*inputs)  # (2B, C, H, W)
-    out = backend(*inputs)
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    assert rel_err(out, ref) <= 1e-4
-
-
 def test_batch_dimension_is_symbolic_in_the_saved_graph(onnx_path):
     proto = onnx.load(str(onnx_path))
     for value in list(proto.graph.input) + list(proto.graph.output):
@@ -44,23 +33,9 @@ def test_batch_dimension_is_symbolic_in_the_saved_graph(onnx_path):
         onnx_export.check_symbolic_batch(proto)
 
 
-def test_null_half_is_a_forward_with_the_null_label(backend, tiny_unet, traced, rel_err):
-    z, logsnr, labels = example_inputs(traced.meta, 5, seed=11)
-    null = torch.full_like(labels, tiny_unet.num_classes)
-    eps2 = backend(z, logsnr, labels)
-    assert rel_err(eps2[5:], tiny_unet(z, logsnr, null)) <= 1e-4
-    assert rel_err(eps2[:5], tiny_unet(z, logsnr, labels)) <= 1e-4
-
-
-def test_carries_the_model_metadata(backend, tiny_unet, onnx_path):
-    assert backend.returns_doubled is True
-    assert backend.num_classes == tiny_unet.num_classes
-    assert backend.sample_shape == tuple(tiny_unet.sample_shape)
-    assert backend.clip == tiny_unet.clip
-    assert backend.meta.source_sha256 == metadata.weights_sha256(tiny_unet)
-    assert backend.meta.schedule == metadata.SCHEDULE and backend.meta.precision == "fp32"
-    stored = {p.key for p in onnx.load(str(onnx_path)).metadata_props}
-    assert metadata.KEY in stored
+def test_metadata_is_stored_in_the_model(onnx_path):
+    stored = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert metadata.parse(stored[metadata.KEY], onnx_path).format == metadata.FORMAT
 
 
 def test_cpu_session_uses_one_thread_per_physical_core(backend):
@@ -68,14 +43,6 @@ def test_cpu_session_uses_one_thread_per_physical_core(backend):
     cores = onnx_export.physical_cores()
     assert 1 <= cores <= os.cpu_count()
     assert backend.session.get_session_options().intra_op_num_threads == cores
-
-
-def test_full_sample_matches_the_torch_model(backend, tiny_unet, rel_err, sample_tolerance):
-    labels = torch.tensor([0, 3, 5, 7, 2])
-    w = torch.tensor([0.0, 0.3, 1.0, 4.0, 0.3])
-    ref = cfgengine.sample(tiny_unet, labels, w=w, steps=8, seed=5)
-    out = cfgengine.sample(backend, labels, w=w, steps=8, seed=5)
-    assert rel_err(out, ref) <= sample_tolerance
 
 
 def test_fp16_cast_keeps_normalisations_in_fp32(tiny_unet, traced, rel_err):
@@ -91,17 +58,6 @@ def test_bf16_is_refused_before_any_work(tiny_unet, tmp_path):
     with pytest.raises(ValueError, match="ONNX cannot export precision 'bf16'"):
         onnx_export.export(tiny_unet, tmp_path / "m.onnx", precision="bf16")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_batch_outside_the_exported_range(backend, traced):
-    too_many = backend.meta.max_batch + 1
-    with pytest.raises(ValueError, match=f"batch {too_many} is outside"):
-        backend(*example_inputs(traced.meta, too_many))
-
-
-def test_wrong_sample_shape(backend):
-    with pytest.raises(ValueError, match="sample shape"):
-        backend(torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
 
 
 def test_onnx_without_our_metadata(onnx_path, tmp_path):
@@ -150,3 +106,4 @@ def test_cuda_execution_provider_is_active(onnx_path, tiny_unet, traced, rel_err
     inputs = example_inputs(traced.meta, 3, "cuda", seed=3)
     ref = GuidedDenoiser(copy.deepcopy(tiny_unet).cuda())(*inputs)
     assert rel_err(backend(*inputs), ref) <= 1e-3  # TF32/cuDNN algorithm differences
+
