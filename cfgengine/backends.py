@@ -54,7 +54,14 @@ def check_device(device: torch.device | str | None, model) -> torch.device:
     return device
 
 
-def check_precision(precision: str | None) -> str:
+def check_precision(precision: str | None, model) -> str:
+    """The network precision; an exported file runs at the precision it was exported with."""
+    exported = getattr(model, "backend_name", None)
+    if exported is not None:
+        if precision not in (None, model.precision):
+            raise ValueError(f"this {exported} file holds {model.precision} weights; export it "
+                             f"again with --precision {precision} instead")
+        return model.precision
     precision = precision or "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -87,8 +87,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto = cudagraph on CUDA, torch on CPU; exported files use their own")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="network precision (the step is always fp32)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="network precision (default fp32, or an exported file's own); the step "
+                        "is always fp32")
     p.add_argument("--out", default="samples.png", help="the figure (PNG)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=_run_sample)
@@ -124,7 +125,7 @@ def _run_sample(args) -> int:
     seconds = time.perf_counter() - start
     _write_outputs(args, model, x.cpu(), labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
-          f"samples/s, backend {engine.backend}, device {engine.device}, precision {args.precision}"
+          f"samples/s, backend {engine.backend}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
     return 0
 
@@ -239,8 +240,58 @@ def _run_classifier_accuracy(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX, AOTInductor (.pt2) or TensorRT "
+                                      "(experimental)",
+                       description="Export the guided denoiser (conditional and null rows as one "
+                                   "doubled batch) for cfgengine.load / cfgengine sample --ckpt.")
+    p.add_argument("model", help="model file (.pt, .safetensors) or built-in name (default)")
+    p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
+                   help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "
+                        "untested here, needs TensorRT and a CUDA GPU)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="weight precision; normalisations stay fp32 (default: fp32)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="largest batch B the artifact accepts (it computes 2B rows; default: 64)")
+    p.add_argument("--device", default=None,
+                   help="aoti: cpu or cuda (default cpu); tensorrt: the GPU (default cuda)")
+    p.add_argument("-o", "--out", default=None,
+                   help="output file (default: MODEL's name with the format's suffix)")
+    p.set_defaults(run=_run_export)
+
+
+def _export_path(args) -> Path:
+    from cfgengine.export import FORMAT_OF_SUFFIX, SUFFIXES
+
+    out = Path(args.out) if args.out else Path(Path(args.model).stem + SUFFIXES[args.format])
+    if FORMAT_OF_SUFFIX.get(out.suffix) != args.format:
+        raise UserError(f"-o: a {args.format} export must be named *{SUFFIXES[args.format]}, "
+                        f"got {out}")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"-o: directory of {out} does not exist")
+    return out
+
+
+def _run_export(args) -> int:
+    from cfgengine import export
+
+    out = _export_path(args)
+    options = {"precision": args.precision, "max_batch": args.max_batch, "source": args.model}
+    if args.device is not None:
+        if args.format == "onnx":
+            raise UserError("--device applies to aoti and tensorrt; an ONNX file picks its "
+                            "device when loaded")
+        options["device"] = args.device
+    start = time.perf_counter()
+    path = export.export(load(args.model), out, format=args.format, **options)
+    print(f"exported {args.model} as {args.format} ({args.precision}, batch 1..{args.max_batch}) "
+          f"in {time.perf_counter() - start:.1f} s -> {path}")
+    return 0
+
+
 # Each entry adds one subcommand (its flags and `run`).
-COMMANDS: list = [_add_sample, _add_train, _add_train_classifier, _add_classifier_accuracy]
+COMMANDS: list = [_add_sample, _add_train, _add_train_classifier, _add_classifier_accuracy,
+                  _add_export]
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ class Sampler:
                  backend: str | None = None, precision: str | None = None):
         self.device = check_device(device, model)
         self.backend = check_backend(backend, model, self.device)
-        self.precision = check_precision(precision)
-        self.autocast_dtype = PRECISIONS[self.precision]
+        self.precision = check_precision(precision, model)
+        exported = getattr(model, "backend_name", None) is not None
+        self.autocast_dtype = None if exported else PRECISIONS[self.precision]
         model = move_model(model, self.device)
         self.num_classes = model.num_classes
         self.sample_shape = tuple(model.sample_shape)
@@ -60,6 +61,12 @@ class Sampler:
                shape: tuple[int, ...] | None = None, batch_size: int | None = None,
                n: int | None = None, progress: bool = False) -> torch.Tensor:
         """Samples x̂ [N, *S]; sample i depends only on (seed, i, labels[i], w[i], settings)."""
+        with torch.inference_mode():  # a user's net may still require grad: build no graphs
+            return self._sample(labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size,
+                                n, progress)
+
+    def _sample(self, labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size, n,
+                progress) -> torch.Tensor:
         plan = self._plan(steps, sampler, v, eta, clip, seed, shape)
         labels, count = self._check_labels(labels, n)
         w = self._check_w(w, count)
