@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from cfgengine import toy
-from cfgengine.figures import atomic_path
+from cfgengine.atomic import atomic_path
 from cfgengine.unet import UNet, UNetConfig
 
 FORMAT = "cfgengine-ckpt"
@@ -150,16 +150,25 @@ def _load_safetensors(path: Path) -> UNet:
     return build_unet(meta["model_config"], meta["dataset"], weights, path)
 
 
+def _load_exported(path: Path):
+    from cfgengine import export  # lazy: onnx / onnxruntime are optional
+
+    return export.load(path)
+
+
 BUILTINS: dict[str, Callable[[], Any]] = {
     "gmm": toy.ring_mixture,
     "default": lambda: _load_safetensors(ASSETS / "default.safetensors"),
 }
-LOADERS: dict[str, Callable[[Path], Any]] = {".pt": _load_pt, ".safetensors": _load_safetensors}
+LOADERS: dict[str, Callable[[Path], Any]] = {
+    ".pt": _load_pt, ".safetensors": _load_safetensors,
+    **dict.fromkeys((".onnx", ".pt2", ".plan", ".engine"), _load_exported),
+}
 
 
 def load(model: str | Path):
-    """A built-in name (`default`, `gmm`) or a model file (.pt, .safetensors) → a Denoiser usable by
-    `cfgengine.sample` (a UNet in eval mode with EMA weights, for files)."""
+    """A built-in name (`default`, `gmm`) or a model file → what `cfgengine.sample` runs: a UNet in
+    eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx / .pt2 / .plan."""
     name = str(model)
     if name in BUILTINS:
         return BUILTINS[name]()

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfgengine.backends import BACKENDS, PRECISIONS
 from cfgengine.checkpoint import load
-from cfgengine.figures import atomic_path, save_panels, to_uint8_images
+from cfgengine.atomic import atomic_paths, check_writable
+from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.sampler import Sampler
 from cfgengine.solvers import SAMPLERS
 
@@ -42,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args) or 0
-    except (UserError, ValueError, FileNotFoundError) as err:
-        print(f"cfgengine: error: {err}", file=sys.stderr)
+    except (UserError, ValueError, FloatingPointError, OSError) as err:
+        print(f"cfgengine: error: {err}", file=sys.stderr)  # one line: no traceback for these
         return 2
     except KeyboardInterrupt:
         print("cfgengine: interrupted", file=sys.stderr)
@@ -83,7 +85,11 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto = cudagraph on CUDA, torch on CPU; exported files use their own")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="network precision (default fp32, or an exported file's own); the step "
+                        "is always fp32")
     p.add_argument("--out", default="samples.png", help="the figure (PNG)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=_run_sample)
@@ -92,6 +98,8 @@ def _add_sample(sub) -> None:
 def _sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tensor:
     """One block of n rows per class, in class order."""
     classes = list(range(model.num_classes)) if classes is None else classes
+    if not classes:
+        raise UserError("--classes: give at least one class id")
     bad = [k for k in classes if not 0 <= k < model.num_classes]
     if bad:
         raise UserError(f"--classes: class {bad[0]} is outside [0, {model.num_classes})")
@@ -104,12 +112,11 @@ def _sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Ten
 
 def _run_sample(args) -> int:
     for flag in ("out", "npz"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"--{flag}: directory of {path} does not exist")
+        if getattr(args, flag) is not None:
+            check_writable(getattr(args, flag), f"--{flag}")
     model = load(args.ckpt)
     labels = _sample_labels(model, args.classes, args.n)
-    engine = Sampler(model, device=args.device, precision=args.precision)
+    engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = engine.sample(labels.repeat(len(args.w)), w=w, steps=args.steps, sampler=args.sampler,
@@ -118,7 +125,7 @@ def _run_sample(args) -> int:
     seconds = time.perf_counter() - start
     _write_outputs(args, model, x.cpu(), labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
-          f"samples/s, backend torch, device {engine.device}, precision {args.precision}"
+          f"samples/s, backend {engine.backend}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
     return 0
 
@@ -127,16 +134,16 @@ def _write_outputs(args, model, x: torch.Tensor, labels: torch.Tensor) -> None:
     names = getattr(model, "class_names", None) or [f"class {k}" for k in
                                                     range(model.num_classes)]
     chunks = x.split(len(labels))
-    if args.npz is not None:
-        _write_npz(args.npz, x, labels.repeat(len(args.w)), np.asarray(args.w))
-    save_panels(args.out, [(w, xs, labels) for w, xs in zip(args.w, chunks)], names)
+    with atomic_paths(args.out, args.npz) as (png, npz):  # both appear, or neither
+        if npz is not None:
+            _write_npz(npz, x, labels.repeat(len(args.w)), np.asarray(args.w))
+        save_panels(png, [(w, xs, labels) for w, xs in zip(args.w, chunks)], names)
 
 
 def _write_npz(path: str, x: torch.Tensor, labels: torch.Tensor, w: np.ndarray) -> None:
     arr = to_uint8_images(x) if x.dim() == 4 else x.numpy()
-    with atomic_path(path, ".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=arr, labels=labels.numpy(), w=w)
+    with open(path, "wb") as f:
+        np.savez(f, arr_0=arr, labels=labels.numpy(), w=w)
 
 
 _FLAG_TYPES = {"int": int, "float": float, "str": str}
@@ -233,8 +240,58 @@ def _run_classifier_accuracy(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX, AOTInductor (.pt2) or TensorRT "
+                                      "(experimental)",
+                       description="Export the guided denoiser (conditional and null rows as one "
+                                   "doubled batch) for cfgengine.load / cfgengine sample --ckpt.")
+    p.add_argument("model", help="model file (.pt, .safetensors) or built-in name (default)")
+    p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
+                   help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "
+                        "untested here, needs TensorRT and a CUDA GPU)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="weight precision; normalisations stay fp32 (default: fp32)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="largest batch B the artifact accepts (it computes 2B rows; default: 64)")
+    p.add_argument("--device", default=None,
+                   help="aoti: cpu or cuda (default cpu); tensorrt: the GPU (default cuda)")
+    p.add_argument("-o", "--out", default=None,
+                   help="output file (default: MODEL's name with the format's suffix)")
+    p.set_defaults(run=_run_export)
+
+
+def _export_path(args) -> Path:
+    from cfgengine.export import FORMAT_OF_SUFFIX, SUFFIXES
+
+    out = Path(args.out) if args.out else Path(Path(args.model).stem + SUFFIXES[args.format])
+    if FORMAT_OF_SUFFIX.get(out.suffix) != args.format:
+        raise UserError(f"-o: a {args.format} export must be named *{SUFFIXES[args.format]}, "
+                        f"got {out}")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"-o: directory of {out} does not exist")
+    return out
+
+
+def _run_export(args) -> int:
+    from cfgengine import export
+
+    out = _export_path(args)
+    options = {"precision": args.precision, "max_batch": args.max_batch, "source": args.model}
+    if args.device is not None:
+        if args.format == "onnx":
+            raise UserError("--device applies to aoti and tensorrt; an ONNX file picks its "
+                            "device when loaded")
+        options["device"] = args.device
+    start = time.perf_counter()
+    path = export.export(load(args.model), out, format=args.format, **options)
+    print(f"exported {args.model} as {args.format} ({args.precision}, batch 1..{args.max_batch}) "
+          f"in {time.perf_counter() - start:.1f} s -> {path}")
+    return 0
+
+
 # Each entry adds one subcommand (its flags and `run`).
-COMMANDS: list = [_add_sample, _add_train, _add_train_classifier, _add_classifier_accuracy]
+COMMANDS: list = [_add_sample, _add_train, _add_train_classifier, _add_classifier_accuracy,
+                  _add_export]
 
 
 if __name__ == "__main__":

@@ -1,28 +1,11 @@
 """Sample figures: one labelled panel per guidance weight w — scatter plots for 2-D points, image
-grids (one row per class) for images. Files are written atomically (temp file, then rename)."""
+grids (one row per class) for images."""
 from __future__ import annotations
 
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-@contextmanager
-def atomic_path(path: str | Path, suffix: str):
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
@@ -58,8 +41,7 @@ def save_panels(path: str | Path, panels: list[tuple[float, torch.Tensor, torch.
             _grid(ax, x, labels, class_names)
         ax.set_title(f"w = {w:g}")
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
 

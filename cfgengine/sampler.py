@@ -11,13 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from cfgengine import rng
-from cfgengine.guidance import GuidedDenoiser
+from cfgengine.backends import (PRECISIONS, check_backend, check_device, check_precision,
+                                move_model, split_model)
 from cfgengine.kernels import guided_step
 from cfgengine.schedule import logsnr_grid
 from cfgengine.solvers import check_solver_args, coefficient_table
-
-PRECISIONS = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = (None, "torch")
 
 
 @dataclass(frozen=True)
@@ -34,22 +32,28 @@ class Plan:
 
 
 class Sampler:
-    """Stateful sampler: built once for a model/backend, device and precision; caches tables."""
+    """Stateful sampler: built once for a model/backend, a device and a precision; caches the
+    tables, compiled modules and captured CUDA graphs that make repeated calls fast.
+
+    `backend`: auto (cudagraph on CUDA, torch on CPU), torch, compile or cudagraph; an exported
+    model runs on its own backend. `precision` is the network's (fp32, bf16, fp16 by autocast);
+    the step is always fp32. A model on another device is moved there (in place, like `.to`).
+    """
 
     def __init__(self, model, *, device: torch.device | str | None = None,
                  backend: str | None = None, precision: str | None = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of fp32, bf16, fp16, got {precision!r}")
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = check_device(device, model)
+        self.backend = check_backend(backend, model, self.device)
+        self.precision = check_precision(precision, model)
+        exported = getattr(model, "backend_name", None) is not None
+        self.autocast_dtype = None if exported else PRECISIONS[self.precision]
+        model = move_model(model, self.device)
         self.num_classes = model.num_classes
         self.sample_shape = tuple(model.sample_shape)
         self.clip = getattr(model, "clip", None)
-        self.autocast_dtype = PRECISIONS[precision]
-        self.precision = precision or "fp32"
-        self.guided_net, self.net = _split_model(model)
+        self.guided_net, self.net = split_model(model, self.backend)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple, object] = {}
 
     def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
                steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
@@ -57,6 +61,12 @@ class Sampler:
                shape: tuple[int, ...] | None = None, batch_size: int | None = None,
                n: int | None = None, progress: bool = False) -> torch.Tensor:
         """Samples x̂ [N, *S]; sample i depends only on (seed, i, labels[i], w[i], settings)."""
+        with torch.inference_mode():  # a user's net may still require grad: build no graphs
+            return self._sample(labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size,
+                                n, progress)
+
+    def _sample(self, labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size, n,
+                progress) -> torch.Tensor:
         plan = self._plan(steps, sampler, v, eta, clip, seed, shape)
         labels, count = self._check_labels(labels, n)
         w = self._check_w(w, count)
@@ -80,10 +90,18 @@ class Sampler:
         if labels is None:
             labels = torch.full((batch,), self.num_classes, device=self.device)
         z = rng.randn_like_rows(plan.seed, sample_ids, 0, plan.shape)  # z_0 ~ N(0, I)
+        if self.backend == "cudagraph":
+            graph = self._graph(plan, batch, guided)
+            x_hat = graph.run(z, labels, w, sample_ids, plan.seed, plan.steps)
+            if bar is not None:
+                bar.update(plan.steps)
+            return x_hat
+        quiet = self._quiet_steps(plan)
+        silence = torch.zeros_like(z) if any(quiet) else None
         for t in range(plan.steps):
             eps2 = self._eps(z, logsnr[t].expand(batch), labels, guided)  # (2B|B, *S)
             z = guided_step(eps2, z, w, table, t, clip=plan.clip, seed=plan.seed,
-                            sample_ids=sample_ids)
+                            sample_ids=sample_ids, noise=silence if quiet[t] else None)
             if bar is not None:
                 bar.update(1)
         return z
@@ -97,6 +115,25 @@ class Sampler:
                 return self.net(z, logsnr, labels)
             return self.guided_net(z, logsnr, labels)[: z.shape[0]]
 
+    def _graph(self, plan: Plan, batch: int, guided: bool):
+        from cfgengine.cudagraph import CudaGraphLoop
+
+        key = (batch, guided, plan.shape, plan.steps, plan.sampler, plan.v, plan.eta, plan.clip)
+        if key not in self._graphs:
+            table, logsnr = self._table(plan)
+            self._graphs[key] = CudaGraphLoop(
+                self.net, num_classes=self.num_classes, batch=batch, shape=plan.shape,
+                guided=guided, table=table, logsnr=logsnr, clip=plan.clip,
+                autocast_dtype=self.autocast_dtype)
+        return self._graphs[key]
+
+    def _quiet_steps(self, plan: Plan) -> list[bool]:
+        """Per step, whether the CPU reference may skip its noise draw (s = 0: DDIM η = 0 and the
+        last step). Known on the host from the table; the GPU kernel tests s on the device."""
+        deterministic = plan.sampler == "ddim" and plan.eta == 0
+        on_cpu = self.device.type == "cpu"
+        return [on_cpu and (deterministic or t == plan.steps - 1) for t in range(plan.steps)]
+
     def _table(self, plan: Plan):
         key = (plan.steps, plan.sampler, plan.v, plan.eta)
         if key not in self._tables:
@@ -109,7 +146,8 @@ class Sampler:
     def _plan(self, steps, sampler, v, eta, clip, seed, shape) -> Plan:
         check_solver_args(steps, sampler, v, eta)
         clip = self.clip if clip == "auto" else clip
-        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not clip > 0):
             raise ValueError(f"clip must be 'auto', None or a positive number, got {clip!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
@@ -123,7 +161,10 @@ class Sampler:
             if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError("unconditional sampling (labels=None) needs n ≥ 1 samples")
             return None, n
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        if n is not None:
+            raise ValueError("n is only for unconditional sampling (labels=None)")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
+                or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError("labels must be a 1-D integer tensor (LongTensor[N])")
         if labels.numel() == 0:
             raise ValueError("labels is empty: nothing to sample")
@@ -148,13 +189,6 @@ class Sampler:
             raise FloatingPointError(f"sampling produced NaN/inf at precision {self.precision}")
 
 
-def _split_model(model):
-    """(doubled-batch backend, plain B-row net or None) for a Denoiser or a backend."""
-    if getattr(model, "returns_doubled", False):
-        return model, getattr(model, "denoiser", None)
-    return GuidedDenoiser(model), model
-
-
 def _rows(t: torch.Tensor | None, start: int, stop: int):
     return None if t is None else t[start:stop]
 
@@ -173,14 +207,6 @@ def _progress_bar(enabled: bool, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="step", leave=False)
-
-
-def model_device(model) -> torch.device:
-    """The device of a model's first parameter or buffer, else the CPU."""
-    tensors = []
-    if isinstance(model, torch.nn.Module):
-        tensors = list(model.parameters()) or list(model.buffers())
-    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,

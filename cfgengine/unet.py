@@ -81,8 +81,10 @@ class LogSNREmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, logsnr: torch.Tensor) -> torch.Tensor:
-        angle = (logsnr / LOGSNR_MAX)[:, None] * self.freqs  # (N, F/2)
-        return self.mlp(torch.cat([angle.sin(), angle.cos()], dim=1))  # (N, E)
+        # fp32 phases even for half-precision weights: π·2^k·λ in fp16 would be off by ~0.3 rad
+        angle = (logsnr.float() / LOGSNR_MAX)[:, None] * self.freqs.float()  # (N, F/2)
+        features = torch.cat([angle.sin(), angle.cos()], dim=1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (N, E)
 
 
 class ResBlock(nn.Module):
@@ -183,7 +185,7 @@ class UNet(nn.Module):
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dtype = self.conv_in.weight.dtype
-        emb = self.logsnr_embed(logsnr.to(dtype)) + self.class_embed(labels)  # (N, E)
+        emb = self.logsnr_embed(logsnr) + self.class_embed(labels)  # (N, E)
         h = self.conv_in(z.to(dtype))
         skips = []
         per_level = self.config.blocks_per_level

@@ -1,0 +1,110 @@
+"""What every exported artifact records about its model (num_classes, sample shape, clip, schedule,
+precision, batch range, source weights hash), stored as one JSON string in the artifact itself:
+ONNX `metadata_props`, the AOTInductor package metadata, the TensorRT plan header."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN
+
+FORMAT = "cfgengine-export"
+VERSION = 1
+KEY = "cfgengine"  # the metadata key under which the JSON is stored in every format
+SCHEDULE = f"cosine-logsnr({LOGSNR_MIN:g},{LOGSNR_MAX:g})"
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
+                                      "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """The model facts a backend needs (DESIGN.md §3) plus provenance of the weights."""
+
+    num_classes: int
+    sample_shape: tuple[int, ...]
+    clip: float | None
+    precision: str
+    min_batch: int
+    max_batch: int
+    source: str
+    source_sha256: str
+    class_names: tuple[str, ...] = ()
+    schedule: str = SCHEDULE
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def parse(text: str | None, path: str | Path) -> ExportMeta:
+    """ExportMeta from its stored JSON; ValueError naming `path` when absent, foreign or stale."""
+    if text is None:
+        raise ValueError(f"{path}: no cfgengine metadata (not exported by cfgengine export)")
+    try:
+        stored = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: cfgengine metadata is not valid JSON") from None
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT:
+        raise ValueError(f"{path}: metadata is not of format {FORMAT}")
+    if stored.get("version") != VERSION:
+        raise ValueError(f"{path}: export format version {stored.get('version')}, this cfgengine "
+                         f"reads version {VERSION}; re-export the model")
+    return _from_dict(stored, path)
+
+
+def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
+    names = {f.name for f in fields(ExportMeta)}
+    if set(stored) != names:
+        raise ValueError(f"{path}: metadata fields {sorted(set(stored) ^ names)} missing or "
+                         "unknown")
+    stored = dict(stored, sample_shape=tuple(stored["sample_shape"]),
+                  class_names=tuple(stored["class_names"]))
+    return ExportMeta(**stored)
+
+
+def check_precision(precision: str, allowed: tuple[str, ...], what: str) -> torch.dtype:
+    """The dtype of `precision`; ValueError if `what` (a format) cannot hold it."""
+    if precision not in allowed:
+        raise ValueError(f"{what} cannot export precision {precision!r}; choose one of "
+                         f"{', '.join(allowed)}")
+    return PRECISIONS[precision]
+
+
+def check_exportable(model, source: str | None = None) -> None:
+    """ValueError unless `model` is a torch nn.Module Denoiser (num_classes, sample_shape)."""
+    name = f"{source} ({type(model).__name__})" if source else type(model).__name__
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
+                         "(e.g. a UNet checkpoint) can be exported")
+    if not hasattr(model, "num_classes") or not hasattr(model, "sample_shape"):
+        raise ValueError(f"{name} lacks num_classes / sample_shape: not a Denoiser")
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the state dict (names, dtypes, shapes, bytes): the same weights hash the same
+    whether they came from a ckpt.pt or a .safetensors file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        # reshape first: a 0-d tensor (BatchNorm's step counter) cannot be viewed as bytes
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str | None,
+             min_batch: int = 1) -> ExportMeta:
+    """The metadata of `model` exported at `precision` for batches min_batch..max_batch."""
+    clip = getattr(model, "clip", None)
+    return ExportMeta(num_classes=int(model.num_classes),
+                      sample_shape=tuple(int(d) for d in model.sample_shape),
+                      clip=None if clip is None else float(clip), precision=precision,
+                      min_batch=min_batch, max_batch=max_batch,
+                      source=str(source or type(model).__name__),
+                      source_sha256=weights_sha256(model),
+                      class_names=tuple(getattr(model, "class_names", ()) or ()))

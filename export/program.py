@@ -1,0 +1,85 @@
+"""The one traced program every export format is made from: the GuidedDenoiser (cond + null as one
+doubled batch, DESIGN.md §3) captured by `torch.export` with a symbolic batch dimension."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cfgengine.export.metadata import ExportMeta, PRECISIONS, check_exportable, describe
+from cfgengine.guidance import GuidedDenoiser
+
+INPUTS = ("z", "logsnr", "labels")
+OUTPUT = "eps2"
+EXAMPLE_BATCH = 2  # > 1, so the exporter cannot specialise the batch dimension to a constant
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class Traced:
+    """An ExportedProgram of GuidedDenoiser with the metadata it will carry."""
+
+    program: torch.export.ExportedProgram
+    meta: ExportMeta
+
+
+class _Float32Norm(nn.Module):
+    """Runs a normalisation layer in fp32 inside a half-precision net: its statistics (a sum of
+    squares over many elements) overflow or lose precision in fp16."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+def cast_for_export(model: nn.Module, precision: str) -> nn.Module:
+    """A copy of `model` with weights in `precision`, normalisation layers kept in fp32."""
+    net = copy.deepcopy(model).eval().requires_grad_(False)
+    if precision == "fp32":
+        return net.float()
+    net = net.to(PRECISIONS[precision])
+    for parent in list(net.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, _NORMS):
+                setattr(parent, name, _Float32Norm(child))
+    return net
+
+
+def example_inputs(meta: ExportMeta, batch: int, device: torch.device | str = "cpu",
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (z, logsnr, labels) of `batch` rows in the backend call shape (fp32, fp32, int64)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((batch, *meta.sample_shape), generator=gen)
+    logsnr = torch.empty(batch).uniform_(-20.0, 20.0, generator=gen)
+    labels = torch.randint(0, meta.num_classes, (batch,), generator=gen)
+    return z.to(device), logsnr.to(device), labels.to(device)
+
+
+def check_batch_range(min_batch: int, max_batch: int) -> None:
+    """ValueError unless 1 ≤ min_batch ≤ max_batch and max_batch ≥ the example batch."""
+    if not _is_int(max_batch) or max_batch < EXAMPLE_BATCH:
+        raise ValueError(f"max batch must be an integer ≥ {EXAMPLE_BATCH}, got {max_batch!r}")
+    if not _is_int(min_batch) or not 1 <= min_batch <= max_batch:
+        raise ValueError(f"min batch must be an integer in [1, {max_batch}], got {min_batch!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def trace(model: nn.Module, *, precision: str = "fp32", max_batch: int = 64,
+          device: torch.device | str = "cpu", source: str | None = None) -> Traced:
+    """torch.export of GuidedDenoiser(model) at `precision`, batch symbolic in [1, max_batch]."""
+    check_exportable(model, source)
+    check_batch_range(1, max_batch)
+    meta = describe(model, precision, max_batch, source)
+    guided = GuidedDenoiser(cast_for_export(model, precision)).to(device).eval()
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    args = example_inputs(meta, EXAMPLE_BATCH, device)
+    program = torch.export.export(guided, args, dynamic_shapes={n: {0: batch} for n in INPUTS})
+    return Traced(program, meta)

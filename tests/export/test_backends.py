@@ -1,0 +1,69 @@
+"""Every exported backend (ONNX Runtime, AOTInductor) against the torch GuidedDenoiser, the
+reference: same eps2 at batch sizes other than the export example, same full samples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cfgengine
+from cfgengine import export
+from cfgengine.export import metadata
+from cfgengine.export.program import EXAMPLE_BATCH, example_inputs
+from cfgengine.guidance import GuidedDenoiser
+
+
+@pytest.fixture(scope="module", params=["onnx", "aoti"])
+def backend(request):
+    if request.param == "onnx":
+        pytest.importorskip("onnxruntime")
+    return export.load(request.getfixturevalue(f"{request.param}_path"))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_matches_torch_at_batch_sizes_other_than_the_example(backend, tiny_unet, traced, batch,
+                                                             rel_err):
+    assert batch != EXAMPLE_BATCH
+    inputs = example_inputs(traced.meta, batch, seed=batch)
+    ref = GuidedDenoiser(tiny_unet)(*inputs)  # (2B, C, H, W)
+    out = backend(*inputs)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_null_half_is_a_forward_with_the_null_label(backend, tiny_unet, traced, rel_err):
+    z, logsnr, labels = example_inputs(traced.meta, 5, seed=11)
+    null = torch.full_like(labels, tiny_unet.num_classes)
+    eps2 = backend(z, logsnr, labels)  # (10, C, H, W)
+    assert rel_err(eps2[5:], tiny_unet(z, logsnr, null)) <= 1e-4
+    assert rel_err(eps2[:5], tiny_unet(z, logsnr, labels)) <= 1e-4
+
+
+def test_carries_the_model_metadata(backend, tiny_unet):
+    assert backend.returns_doubled is True
+    assert (backend.num_classes, backend.sample_shape, backend.clip) == \
+        (tiny_unet.num_classes, tuple(tiny_unet.sample_shape), tiny_unet.clip)
+    assert backend.meta.source_sha256 == metadata.weights_sha256(tiny_unet)
+    assert backend.meta.schedule == metadata.SCHEDULE and backend.meta.precision == "fp32"
+
+
+@pytest.mark.parametrize("settings", [
+    dict(w=torch.tensor([0.0, 0.3, 1.0, 4.0, 0.3]), seed=5),
+    dict(w=2.0, seed=9, sampler="ddim"),
+])
+def test_full_sample_matches_the_torch_model(backend, tiny_unet, settings, rel_err,
+                                             sample_tolerance):
+    labels = torch.tensor([0, 3, 5, 7, 2])
+    ref = cfgengine.sample(tiny_unet, labels, steps=8, **settings)
+    out = cfgengine.sample(backend, labels, steps=8, **settings)
+    assert rel_err(out, ref) <= sample_tolerance
+
+
+def test_batch_outside_the_exported_range(backend, traced):
+    too_many = backend.meta.max_batch + 1
+    with pytest.raises(ValueError, match=f"batch {too_many} is outside"):
+        backend(*example_inputs(traced.meta, too_many))
+
+
+def test_wrong_sample_shape(backend):
+    with pytest.raises(ValueError, match="sample shape"):
+        backend(torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.long))
