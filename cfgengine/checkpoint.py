@@ -1,15 +1,165 @@
-"""Model files and built-in names → ready Denoisers or backends (`cfgengine.load`)."""
+"""Model files and built-in names → ready Denoisers (`cfgengine.load`), and the files training writes.
+
+- `ckpt.pt`: a dict of tensors and plain values (format, version, configs, model, EMA, optimizer, step,
+  RNG states), readable with `torch.load(weights_only=True)`; always written atomically.
+- `*.safetensors`: EMA weights only, with the UNet config and dataset description as JSON in the
+  header metadata — the shipping format (the embedded `default` model is one).
+"""
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any, Callable
+
+import torch
 
 from cfgengine import toy
+from cfgengine.figures import atomic_path
+from cfgengine.unet import UNet, UNetConfig
 
-BUILTINS = {"gmm": toy.ring_mixture}
+FORMAT = "cfgengine-ckpt"
+EXPORT_FORMAT = "cfgengine-ema"
+VERSION = 1
+ASSETS = Path(__file__).parent / "assets"
+
+
+def save_atomic(write: Callable[[str], Any], path: str | Path) -> Path:
+    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`: a kill
+    mid-write leaves the previous file intact (os.replace is atomic within one filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, ".tmp") as tmp:
+        write(tmp)
+    return path
+
+
+def save_checkpoint(contents: dict, path: str | Path) -> Path:
+    """Write a training checkpoint (`contents` plus format and version) atomically."""
+    payload = {"format": FORMAT, "version": VERSION, **contents}
+    return save_atomic(lambda tmp: torch.save(payload, tmp), path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's dict, loaded with weights_only=True; ValueError naming the path if it is
+    truncated, foreign or of another format version."""
+    path = _existing(path)
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file; all mean the same here
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                         f"{type(err).__name__}") from err
+    _check_format(contents, path, FORMAT)
+    return contents
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    return path
+
+
+def _check_format(contents: Any, path: Path, expected: str) -> None:
+    if not isinstance(contents, dict) or contents.get("format") != expected:
+        raise ValueError(f"{path}: not a cfgengine {expected} file")
+    if str(contents.get("version")) != str(VERSION):
+        raise ValueError(f"{path}: format version {contents.get('version')}, this cfgengine reads "
+                         f"version {VERSION}")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, file_format: str,
+                      **metadata: Any) -> Path:
+    """Write tensors + JSON-encoded `metadata` (with format and version) atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": file_format, "version": str(VERSION),
+              **{k: json.dumps(v) for k, v in metadata.items()}}
+    return save_atomic(lambda tmp: save_file(tensors, tmp, metadata=header), path)
+
+
+def read_safetensors(path: str | Path, file_format: str,
+                     keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, decoded metadata `keys`) of a file written by `write_safetensors`; ValueError
+    naming the path if it is truncated, foreign, of another version or lacks a key."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors' own error types for a damaged header or body
+        raise ValueError(f"{path}: not a readable .safetensors file (truncated or corrupt?): "
+                         f"{type(err).__name__}") from err
+    _check_format(header, path, file_format)
+    try:
+        return tensors, {k: json.loads(header[k]) for k in keys}
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: metadata lacks a valid {err}") from err
+
+
+def export_safetensors(ema: dict[str, torch.Tensor], model_config: dict, dataset: dict,
+                       path: str | Path) -> Path:
+    """EMA weights + the UNet config and dataset as metadata: the shipping format."""
+    return write_safetensors(ema, path, EXPORT_FORMAT, model_config=model_config, dataset=dataset)
+
+
+def export_checkpoint(ckpt: str | Path, path: str | Path) -> Path:
+    """A ckpt.pt's EMA weights → a .safetensors file."""
+    contents = read_checkpoint(ckpt)
+    return export_safetensors(contents["ema"], contents["model_config"], contents["dataset"], path)
+
+
+def build_unet(model_config: dict, dataset: dict, weights: dict[str, torch.Tensor],
+               source: str | Path) -> UNet:
+    """A UNet from a stored config and weights, in eval mode with gradients off, carrying the
+    dataset's `class_names` and `dataset` name."""
+    names = {f.name for f in fields(UNetConfig)}
+    if not set(model_config) <= names:
+        raise ValueError(f"{source}: unknown model settings {sorted(set(model_config) - names)}")
+    config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()})
+    net = UNet(config)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"{source}: weights do not match the stored model config") from err
+    net.class_names = tuple(dataset.get("class_names", ()))
+    net.dataset = dataset.get("name", "")
+    return net.eval().requires_grad_(False)
+
+
+def dataset_dict(info) -> dict:
+    """A DatasetInfo as the plain dict stored in checkpoints and metadata."""
+    return {"name": info.name, "class_names": list(info.class_names), "shape": list(info.shape)}
+
+
+def config_dict(config) -> dict:
+    """A config dataclass as plain values (tuples become lists, as JSON would make them)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def _load_pt(path: Path) -> UNet:
+    contents = read_checkpoint(path)
+    return build_unet(contents["model_config"], contents["dataset"], contents["ema"], path)
+
+
+def _load_safetensors(path: Path) -> UNet:
+    weights, meta = read_safetensors(path, EXPORT_FORMAT, ("model_config", "dataset"))
+    return build_unet(meta["model_config"], meta["dataset"], weights, path)
+
+
+BUILTINS: dict[str, Callable[[], Any]] = {
+    "gmm": toy.ring_mixture,
+    "default": lambda: _load_safetensors(ASSETS / "default.safetensors"),
+}
+LOADERS: dict[str, Callable[[Path], Any]] = {".pt": _load_pt, ".safetensors": _load_safetensors}
 
 
 def load(model: str | Path):
-    """A built-in name (`gmm`) or a model file → a Denoiser or backend usable by `cfgengine.sample`."""
+    """A built-in name (`default`, `gmm`) or a model file (.pt, .safetensors) → a Denoiser usable by
+    `cfgengine.sample` (a UNet in eval mode with EMA weights, for files)."""
     name = str(model)
     if name in BUILTINS:
         return BUILTINS[name]()
@@ -17,4 +167,6 @@ def load(model: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"{name}: no such file, and not a built-in model "
                                 f"({', '.join(BUILTINS)})")
-    raise ValueError(f"{name}: not a model file cfgengine can read")
+    if path.suffix not in LOADERS:
+        raise ValueError(f"{name}: not a model file cfgengine can read ({', '.join(LOADERS)})")
+    return LOADERS[path.suffix](path)

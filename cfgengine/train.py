@@ -1,0 +1,258 @@
+"""Plain-PyTorch training of a class-conditional ε-model with label dropout (Ho & Salimans 2022,
+Algorithm 1): u ~ U(0, 1), λ = λ(u), z = α·x + σ·ε, the label replaced by the null label K with
+probability p_uncond, loss ‖ε_θ(z, λ, c) − ε‖². AdamW, EMA, gradient clipping, bf16 autocast on
+CUDA, atomic checkpoints, and a `--resume` that is bit-identical to an uninterrupted run.
+
+Determinism: every random draw comes from two CPU generators (data, and noise: u, ε, label dropout)
+whose states are checkpointed with the step, model, EMA and optimizer.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cfgengine import checkpoint
+from cfgengine.data import ImageDataset, load_dataset
+from cfgengine.schedule import alpha_sigma, sample_logsnr
+from cfgengine.unet import UNet, preset
+
+# Settings `--resume` may change; every other one is the checkpoint's (changing it would not resume).
+RESUMABLE = ("steps", "out", "ckpt_every", "sample_every", "device", "export")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The learning rate warms up linearly then stays constant, so a run's
+    trajectory does not depend on `steps` and a resumed run may extend it."""
+
+    data: str = "shapes"
+    image_size: int | None = None
+    preset: str = "default"
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    p_uncond: float = 0.1
+    seed: int = 0
+    out: str = "runs/default"
+    ckpt_every: int = 500
+    sample_every: int = 1000
+    sample_steps: int = 64
+    sample_w: float = 1.0
+    device: str = "auto"
+    export: str | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("steps", "batch_size", "ckpt_every", "sample_every", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.grad_clip <= 0 or self.warmup < 0:
+            raise ValueError("lr and grad_clip must be positive, warmup ≥ 0")
+
+
+@dataclass
+class TrainState:
+    """A run's config and everything that changes during it; `checkpoint_contents` / `restore`
+    round-trip the changing part."""
+
+    config: TrainConfig
+    model: UNet
+    ema: UNet
+    optimizer: torch.optim.Optimizer
+    data_rng: torch.Generator
+    noise_rng: torch.Generator
+    step: int = 0
+
+
+def drop_labels(labels: torch.Tensor, num_classes: int, p_uncond: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """Each label replaced by the null label K = num_classes with probability p_uncond."""
+    drop = torch.rand(labels.shape, generator=generator) < p_uncond
+    return torch.where(drop.to(labels.device), num_classes, labels)
+
+
+def diffusion_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, p_uncond: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Algorithm 1's loss: mean ‖ε_θ(α·x + σ·ε, λ, c) − ε‖² with λ = λ(u), u ~ U(0, 1)."""
+    n = x.shape[0]
+    logsnr = sample_logsnr(n, generator).to(x.device)  # (N,)
+    eps = torch.randn(x.shape, generator=generator).to(x.device)
+    labels = drop_labels(labels, model.num_classes, p_uncond, generator)
+    alpha, sigma = (t.view(n, *[1] * (x.dim() - 1)) for t in alpha_sigma(logsnr))
+    z = alpha * x + sigma * eps
+    return F.mse_loss(model(z, logsnr, labels).float(), eps)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up over `warmup` steps, then constant."""
+    return config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """ema ← d·ema + (1 − d)·θ, with d warmed up as min(decay, (1 + step)/(10 + step)) so that short
+    runs are not dominated by the initial weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - d)
+
+
+def train_step(state: TrainState, dataset: ImageDataset, config: TrainConfig,
+               device: torch.device) -> torch.Tensor:
+    """One optimizer step on a fresh batch; returns the (detached) loss."""
+    x, labels = dataset.batch(config.batch_size, state.data_rng)
+    x, labels = x.to(device), labels.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = diffusion_loss(state.model, x, labels, config.p_uncond, state.noise_rng)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(config, state.step)
+    state.optimizer.step()
+    update_ema(state.ema, state.model, config.ema_decay, state.step)
+    state.step += 1
+    return loss.detach()
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def new_state(config: TrainConfig, dataset: ImageDataset, device: torch.device) -> TrainState:
+    """Freshly initialised model (seeded), its EMA copy, AdamW and the two generators."""
+    channels, size, _ = dataset.shape
+    torch.manual_seed(config.seed)
+    model = UNet(preset(config.preset, num_classes=dataset.num_classes, image_size=size,
+                        in_channels=channels)).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
+                                  weight_decay=config.weight_decay)
+    data_rng = torch.Generator().manual_seed(config.seed)
+    noise_rng = torch.Generator().manual_seed(config.seed + 1)
+    return TrainState(config, model, ema, optimizer, data_rng, noise_rng)
+
+
+def checkpoint_contents(state: TrainState, config: TrainConfig, dataset: ImageDataset) -> dict:
+    """The plain dict stored in ckpt.pt (loadable with weights_only=True)."""
+    return {"config": checkpoint.config_dict(config),
+            "model_config": checkpoint.config_dict(state.model.config),
+            "dataset": checkpoint.dataset_dict(dataset.info),
+            "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+            "optimizer": state.optimizer.state_dict(), "step": state.step,
+            "rng": {"data": state.data_rng.get_state(), "noise": state.noise_rng.get_state(),
+                    "torch": torch.get_rng_state()}}
+
+
+def restore(state: TrainState, contents: dict) -> TrainState:
+    """Load a checkpoint's model, EMA, optimizer, step and RNG states into a fresh `state`."""
+    state.model.load_state_dict(contents["model"])
+    state.ema.load_state_dict(contents["ema"])
+    state.optimizer.load_state_dict(contents["optimizer"])
+    state.data_rng.set_state(contents["rng"]["data"])
+    state.noise_rng.set_state(contents["rng"]["noise"])
+    torch.set_rng_state(contents["rng"]["torch"])  # dropout, if a preset uses it
+    state.step = int(contents["step"])
+    return state
+
+
+def resumed_config(contents: dict, **overrides) -> TrainConfig:
+    """The checkpoint's TrainConfig with the RESUMABLE settings in `overrides` applied."""
+    stored = {f.name: contents["config"][f.name] for f in fields(TrainConfig)
+              if f.name in contents["config"]}
+    fixed = set(overrides) - set(RESUMABLE)
+    if fixed:
+        raise ValueError(f"--resume keeps the checkpoint's {', '.join(sorted(fixed))}; "
+                         f"only {', '.join(RESUMABLE)} may change")
+    return replace(TrainConfig(**stored), **overrides)
+
+
+def write_checkpoint(state: TrainState, config: TrainConfig, dataset: ImageDataset) -> Path:
+    """OUT/ckpt.pt, atomically."""
+    path = Path(config.out) / "ckpt.pt"
+    return checkpoint.save_checkpoint(checkpoint_contents(state, config, dataset), path)
+
+
+def write_samples(state: TrainState, config: TrainConfig, dataset: ImageDataset) -> Path:
+    """OUT/samples/step_XXXXXX.png: EMA samples, one row per class, at `sample_w`."""
+    from cfgengine.figures import save_panels
+    from cfgengine.sampler import sample
+
+    per_class = 8
+    labels = torch.arange(dataset.num_classes).repeat_interleave(per_class)
+    x = sample(state.ema, labels, w=config.sample_w, steps=config.sample_steps, seed=0)
+    path = Path(config.out) / "samples" / f"step_{state.step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_panels(path, [(config.sample_w, x.cpu(), labels)], list(dataset.class_names))
+    return path
+
+
+def export_path(config: TrainConfig) -> Path:
+    """Where the EMA weights go at the end: `export`, else OUT/model.safetensors."""
+    return Path(config.export) if config.export else Path(config.out) / "model.safetensors"
+
+
+def train(config: TrainConfig, progress: bool = False) -> TrainState:
+    """Train from scratch to `config.steps` (see `run`)."""
+    return run(config, None, progress)
+
+
+def resume(path: str | Path, progress: bool = False, **overrides) -> TrainState:
+    """Continue the run saved in `path` to its (or the overridden) `steps`; bit-identical to a run
+    that was never interrupted. `overrides`: RESUMABLE settings only."""
+    contents = checkpoint.read_checkpoint(path)
+    return run(resumed_config(contents, **overrides), contents, progress)
+
+
+def run(config: TrainConfig, contents: dict | None, progress: bool) -> TrainState:
+    """The training loop from a fresh or restored state: checkpoints every `ckpt_every` steps and on
+    Ctrl-C, sample grids every `sample_every`, EMA weights exported at the end."""
+    dataset = load_dataset(config.data, config.image_size)
+    device = resolve_device(config.device)
+    state = new_state(config, dataset, device)
+    if contents is not None:
+        restore(state, contents)
+    try:
+        _loop(state, config, dataset, device, progress)
+    except KeyboardInterrupt:
+        write_checkpoint(state, config, dataset)  # the exact point to resume from
+        raise
+    write_checkpoint(state, config, dataset)
+    checkpoint.export_safetensors(state.ema.state_dict(),
+                                  checkpoint.config_dict(state.model.config),
+                                  checkpoint.dataset_dict(dataset.info), export_path(config))
+    return state
+
+
+def _loop(state: TrainState, config: TrainConfig, dataset: ImageDataset, device: torch.device,
+          progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.steps, initial=state.step, disable=not progress, unit="step",
+               dynamic_ncols=True)
+    state.model.train()
+    while state.step < config.steps:
+        loss = train_step(state, dataset, config, device)
+        bar.update(1)
+        if state.step % 10 == 0 or state.step == config.steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}")  # a host sync every 10 steps only
+        if state.step % config.ckpt_every == 0:
+            write_checkpoint(state, config, dataset)
+        if state.step % config.sample_every == 0:
+            write_samples(state, config, dataset)
+    bar.close()
