@@ -2,10 +2,10 @@
 baselines of cfgengine.bench.baselines, on the same model, device and precision, in one process.
 
 For every cell (runner, precision, batch B, steps T) it reports images/s, ms per step, the network
-floor t_forward(2B) (one doubled forward, measured alone in the same rounds), the efficiency
-η(T) = T·t_forward(2B)/t_total, and each engine backend's speed-up over every baseline; per
-(runner, precision, B) the least-squares fit t_total = a + b·T. Warm-up (compilation, CUDA-graph
-capture) is excluded; every figure is the median of `repeats` rounds in which all runners and
+floor t_forward(2B) (one doubled forward, timed alone in the same rounds as T forwards back to
+back, like the loop it bounds), the efficiency η(T) = T·t_forward(2B)/t_total, and each engine
+backend's speed-up over every baseline; per (runner, precision, B) the least-squares fit
+t_total = a + b·T. Warm-up (compilation, CUDA-graph capture) is excluded; every figure is the median of `repeats` rounds in which all runners and
 floors of the cell run in rotating order, so drift of a shared machine cancels in the ratios.
 Whole loops are timed with CUDA events after a synchronise on CUDA, wall clock on CPU.
 
@@ -42,8 +42,8 @@ BASELINES = {
     "baseline2": "diffusers pipeline loop: cat([z]*2), one forward, CFG mix, scheduler.step",
     "baseline3": "baseline2 with the network in torch.compile",
 }
-TIMER = {"cuda": "CUDA events around a whole loop after synchronize; floors triton do_bench",
-         "cpu": "wall clock around a whole loop; floors wall-clock median after warm-up"}
+TIMER = {"cuda": "CUDA events around a whole loop (and around T floor forwards) after synchronize",
+         "cpu": "wall clock around a whole loop (and around T floor forwards)"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class SweepConfig:
 
 SWEEPS: dict[str, SweepConfig] = {
     # torch.compile takes minutes on a shared 2-core CPU, so the quick sweep leaves it out.
-    "quick": SweepConfig(steps=(16, 64), batches=(1, 8), backends=("torch",),
+    "quick": SweepConfig(steps=(16, 64), batches=(1,), backends=("torch",),
                          baselines=("baseline1", "baseline2"), repeats=3),
     "cpu": SweepConfig(),
     "gpu": SweepConfig(device="cuda", steps=(16, 64, 256, 1024), batches=(1, 2, 4, 8, 32, 128),
@@ -205,6 +205,18 @@ def engine_runners(work: Workload, config: SweepConfig, workdir: Path
     return runners, skipped
 
 
+def single_runner(name: str, work: Workload, workdir: Path) -> Runner | str:
+    """The runner `name` (an engine backend, an exported format or a baseline) for `work`, or
+    the reason it cannot run here."""
+    pick = lambda names: tuple(n for n in names if n == name)
+    config = SweepConfig(device=work.device.type, backends=pick(ENGINE_BACKENDS),
+                         exported=pick(EXPORTED), baselines=pick(BASELINES))
+    engine, skipped = engine_runners(work, config, workdir)
+    peers, skipped_peers = baseline_runners(work, config.baselines)
+    runners, skipped = engine + peers, skipped + skipped_peers
+    return runners[0] if runners else skipped[0]["reason"]
+
+
 def exported_backend(fmt: str, work: Workload, workdir: Path):
     """HOOK for the exported backends (cfgengine.export, another branch): the loaded backend of
     `work.net` exported as `fmt`, or the reason it cannot be swept (a str) — the module is absent,
@@ -235,11 +247,18 @@ def measure_cell(runners: list[Runner], work: Workload, steps: int,
     timers = {r.name: functools.partial(timing.time_once, functools.partial(
         r.run, steps, config.solver), device) for r in runners}
     floors = {r.floor: r.forward for r in reversed(runners)}  # one timer per distinct forward
-    timers |= {f"floor:{k}": functools.partial(timing.time_seconds, timing.synced(fn, device),
-                                               device) for k, fn in floors.items()}
+    timers |= {f"floor:{k}": functools.partial(timing.time_once, functools.partial(
+        _repeat, fn, steps), device) for k, fn in floors.items()}
     seconds = timing.interleaved(timers, config.repeats)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
+    medians |= {k: v / steps for k, v in medians.items() if k.startswith("floor:")}
     return [cell_record(r, work, steps, seconds[r.name], medians) for r in runners]
+
+
+def _repeat(fn: Callable, times: int) -> None:
+    """T forwards back to back: the floor is timed like the loop it bounds, over the same span."""
+    for _ in range(times):
+        fn()
 
 
 def cell_record(runner: Runner, work: Workload, steps: int, seconds: list[float],
