@@ -62,13 +62,16 @@ class SweepConfig:
     w: float = 0.3
     repeats: int = 5
     seed: int = 0
+    threads: int | None = None  # torch CPU threads during the sweep; None = torch's default
 
 
 SWEEPS: dict[str, SweepConfig] = {
-    # torch.compile takes minutes on a shared 2-core CPU, so the quick sweep leaves it out.
+    # torch.compile takes minutes on a shared 2-core CPU, so the quick sweep leaves it out. One
+    # thread: on a loaded 2-core machine torch's two OpenMP threads spin against the other
+    # processes, which made the quick sweep 5x slower and far noisier than one thread.
     "quick": SweepConfig(steps=(16, 64), batches=(1,), backends=("torch",),
-                         baselines=("baseline1", "baseline2"), repeats=3),
-    "cpu": SweepConfig(),
+                         baselines=("baseline1", "baseline2"), repeats=3, threads=1),
+    "cpu": SweepConfig(repeats=3, threads=1),
     "gpu": SweepConfig(device="cuda", steps=(16, 64, 256, 1024), batches=(1, 2, 4, 8, 32, 128),
                        backends=ENGINE_BACKENDS, precisions=("fp32", "bf16", "fp16"),
                        exported=EXPORTED),
@@ -78,7 +81,7 @@ SWEEPS: dict[str, SweepConfig] = {
 FLAGS = {"model": "--model", "device": "--device", "steps": "--steps", "batches": "--batch",
          "backends": "--backends", "precisions": "--precisions", "baselines": "--baselines",
          "exported": "--exported", "solver": "--solver", "w": "--w", "repeats": "--repeats",
-         "seed": "--seed"}  # SweepConfig field → its `cfgengine bench` flag
+         "seed": "--seed", "threads": "--threads"}  # SweepConfig field → `cfgengine bench` flag
 
 
 def check_config(config: SweepConfig) -> SweepConfig:
@@ -96,6 +99,8 @@ def check_config(config: SweepConfig) -> SweepConfig:
             raise ValueError(f"{field}: {bad[0]!r} is not one of {', '.join(allowed)}")
     if min(config.steps) < 2 or min(config.batches) < 1 or config.repeats < 1:
         raise ValueError("steps must be ≥ 2, batch sizes ≥ 1 and repeats ≥ 1")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be ≥ 1, got {config.threads}")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested, but this torch has no usable CUDA")
     return config
@@ -110,8 +115,7 @@ def command_line(config: SweepConfig, sweep: str) -> str:
         if value != getattr(preset, field):
             text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             parts.append(f"{flag} {text}")
-    threads = torch.get_num_threads() if config.device == "cpu" else None
-    return " ".join(parts + ([f"--threads {threads}"] if threads else []))
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,15 @@ def parity(runners: list[Runner], steps: int) -> dict[str, float]:
 
 def sweep(config: SweepConfig, progress: bool = True) -> dict:
     """Run every cell of `config`; the result document (environment, cells, fits, goals)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or threads)
+    try:
+        return _sweep(config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep(config: SweepConfig, progress: bool) -> dict:
     net, source = bench_model(config.model, config.device)
     cells, skipped, checks = [], [], {}
     cell_count = len(config.precisions) * len(config.batches) * len(config.steps)

@@ -257,6 +257,7 @@ _BENCH_FLAGS = {  # flag: (SweepConfig field, argparse type)
     "--baselines": ("baselines", _list_of(str, "--baselines")),
     "--exported": ("exported", _list_of(str, "--exported")), "--solver": ("solver", str),
     "--w": ("w", float), "--repeats": ("repeats", int), "--seed": ("seed", int),
+    "--threads": ("threads", int),
 }
 
 
@@ -270,7 +271,6 @@ def _add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="the quick sweep (< 2 min on 2 CPU cores)")
     for flag, (field, kind) in _BENCH_FLAGS.items():
         p.add_argument(flag, dest=field, type=kind, default=None, help="(default: the sweep's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out-dir", default="bench/results", help="folder of the result files")
     p.add_argument("--name", default=None, help="file stem (default: e2e-SWEEP-DEVICE-DATE)")
     p.set_defaults(run=_run_bench)
@@ -283,10 +283,6 @@ def _run_bench(args) -> int:
     config = harness.check_config(dataclasses.replace(harness.SWEEPS[sweep], **{
         field: getattr(args, field) for field, _ in _BENCH_FLAGS.values()
         if getattr(args, field) is not None}))
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be ≥ 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     result = harness.sweep(config, progress=sys.stderr.isatty())
     name = args.name or report.stem(result, sweep)
     command = harness.command_line(config, sweep)

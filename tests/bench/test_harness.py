@@ -11,7 +11,7 @@ from cfgengine.bench.workload import bench_model, make_workload
 from cfgengine.cli import main
 
 CONFIG = harness.SweepConfig(model="tiny", steps=(2, 4), batches=(2,), backends=("torch",),
-                             baselines=("baseline1", "baseline2"), repeats=1)
+                             baselines=("baseline1", "baseline2"), repeats=1, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_cli_writes_the_three_files(tmp_path, capsys):
     pytest.importorskip("diffusers")
     argv = ["bench", "--model", "tiny", "--steps", "2,3", "--batch", "2", "--backends", "torch",
             "--baselines", "baseline1", "--repeats", "1", "--out-dir", str(tmp_path),
-            "--name", "smoke"]
+            "--threads", "1", "--name", "smoke"]
     assert main(argv) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"smoke.json", "smoke.md", "smoke.png"}
     assert "--model tiny" in json.loads((tmp_path / "smoke.json").read_text())["command"]
