@@ -5,8 +5,8 @@ For every cell (runner, precision, batch B, steps T) it reports images/s, ms per
 floor t_forward(2B) (one doubled forward, timed alone in the same rounds as T forwards back to
 back, like the loop it bounds), the efficiency η(T) = T·t_forward(2B)/t_total, and each engine
 backend's speed-up over every baseline; per (runner, precision, B) the least-squares fit
-t_total = a + b·T. Warm-up (compilation, CUDA-graph capture) is excluded; every figure is the median of `repeats` rounds in which all runners and
-floors of the cell run in rotating order, so drift of a shared machine cancels in the ratios.
+t_total = a + b·T. Warm-up (compilation, CUDA-graph capture) is excluded; every figure is the
+median of `repeats` rounds in which all runners and floors of the cell run in rotating order, so drift of a shared machine cancels in the ratios.
 Whole loops are timed with CUDA events after a synchronise on CUDA, wall clock on CPU.
 
 GPU sweep, one line (all backends, fp32/bf16/fp16, T ∈ {16, 64, 256, 1024}, B ∈ {1…128}):
@@ -121,7 +121,7 @@ def command_line(config: SweepConfig, sweep: str) -> str:
 @dataclass(frozen=True)
 class Runner:
     """One way of sampling a Workload: `run(T, solver)` gives x̂ [B, *S]; `forward()` is its doubled
-    forward alone (the floor), shared by runners whose network call is the same (`floor` names it)."""
+    forward alone (the floor), shared by runners whose network call is the same (named `floor`)."""
 
     name: str
     role: str  # "engine" or "baseline"
@@ -156,7 +156,7 @@ def _doubled_forward(guided, work: Workload) -> Callable[[], torch.Tensor]:
 
 
 def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    """fn captured as a CUDA graph (after warm-up on a side stream): the cudagraph backend's floor."""
+    """fn captured as a CUDA graph (warmed up on a side stream): the cudagraph backend's floor."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -180,7 +180,7 @@ def baseline_runners(work: Workload, names: tuple[str, ...]) -> tuple[list[Runne
         if name not in names:
             continue
         if importlib.util.find_spec("diffusers") is None:
-            skipped.append(dict(runner=name, reason="diffusers is not installed (the [bench] extra)"))
+            skipped.append(dict(runner=name, reason="diffusers is missing (the [bench] extra)"))
             continue
         loop = baselines.DiffusersLoop(work, compiled)
         z2 = torch.cat([work.z0()] * 2)  # (2B, *S)
@@ -280,8 +280,9 @@ def cell_record(runner: Runner, work: Workload, steps: int, seconds: list[float]
 
 
 def parity(runners: list[Runner], steps: int) -> dict[str, float]:
-    """‖x̂_runner − x̂_first‖/‖x̂_first‖ with DDIM η = 0 from the same z_0: deterministic, so it shows
-    that every runner takes the same T steps on the same grid (up to float rounding)."""
+    """‖x̂_runner − x̂_first‖/‖x̂_first‖ with DDIM η = 0 from the same z_0: deterministic, so it
+    shows that every runner takes the same T steps on the same grid (up to float rounding). With
+    random weights most pixels of x̂ clip to ±1, so the figure speaks for the unclipped rest."""
     outputs = {r.name: r.run(steps, "ddim").double() for r in runners}
     ref = next(iter(outputs.values()))
     return {name: float((x - ref).norm() / ref.norm()) for name, x in outputs.items()}
@@ -298,6 +299,7 @@ def sweep(config: SweepConfig, progress: bool = True) -> dict:
 
 
 def _sweep(config: SweepConfig, progress: bool) -> dict:
+    env = timing.environment(config.device, TIMER[config.device])
     net, source = bench_model(config.model, config.device)
     cells, skipped, checks = [], [], {}
     cell_count = len(config.precisions) * len(config.batches) * len(config.steps)
@@ -315,7 +317,7 @@ def _sweep(config: SweepConfig, progress: bool) -> dict:
                     cells += measure_cell(runners, work, steps, config)
                     bar.update()
     bar.close()
-    return dict(timing.environment(config.device, TIMER[config.device]),
+    return dict(env, load_average_after=timing.load_average(),
                 config=dataclasses.asdict(config), model=source, baselines=BASELINES,
                 cells=cells, fits=fits(cells), goals=goals(cells), parity_ddim=checks,
                 skipped=skipped)

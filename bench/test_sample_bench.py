@@ -2,6 +2,10 @@
 baseline of cfgengine.bench.harness on one short loop, one test each.
 
     pytest bench/test_sample_bench.py --benchmark-json=bench/results/loop.json
+    OMP_NUM_THREADS=1 pytest bench/test_sample_bench.py ...   # on a shared CPU machine
+
+(On the loaded 2-core development machine torch's two default threads made the torch loop 150x
+slower than one thread — 0.32 against 48 images/s — so set the thread count on shared CPUs.)
 
 CPU: the tiny preset, B = 2, T = 8; CUDA: the default model, B = 8, T = 64. Each round is one whole
 loop followed by a device sync; images/s, ms/step and the shape of the run go into extra_info.

@@ -44,7 +44,7 @@ class Workload:
         return self.labels.shape[0]
 
     def z0(self) -> torch.Tensor:
-        """z_0 ~ N(0, I) at key (seed, i, 0): the engine's own start, so every runner starts there."""
+        """z_0 ~ N(0, I) at key (seed, i, 0): the engine's own start, shared by every runner."""
         ids = torch.arange(self.batch, device=self.device)
         return rng.randn_like_rows(self.seed, ids, 0, tuple(self.net.sample_shape))
 
@@ -83,8 +83,8 @@ def bench_model(name: str, device: str) -> tuple[nn.Module, str]:
 
 
 def random_unet(name: str, seed: int = 0) -> UNet:
-    """A UNet of preset `name` with seeded random weights everywhere — including the zero-initialised
-    output layer, so ε is not identically zero and parity checks between runners mean something."""
+    """A UNet of preset `name` with seeded random weights everywhere — including the
+    zero-initialised output layer, so ε is not identically zero and parity checks between runners mean something."""
     torch.manual_seed(seed)
     net = UNet(preset(name))
     nn.init.normal_(net.conv_out.weight, std=0.02)

@@ -251,7 +251,8 @@ def _list_of(convert, flag: str):
 
 _BENCH_FLAGS = {  # flag: (SweepConfig field, argparse type)
     "--model": ("model", str), "--device": ("device", str),
-    "--steps": ("steps", _list_of(int, "--steps")), "--batch": ("batches", _list_of(int, "--batch")),
+    "--steps": ("steps", _list_of(int, "--steps")),
+    "--batch": ("batches", _list_of(int, "--batch")),
     "--backends": ("backends", _list_of(str, "--backends")),
     "--precisions": ("precisions", _list_of(str, "--precisions")),
     "--baselines": ("baselines", _list_of(str, "--baselines")),
