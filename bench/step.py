@@ -25,20 +25,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import pathlib
-import platform
-import statistics
-import subprocess
-import time
 from typing import Callable
 
 import torch
 
+from cfgengine.bench.baselines import diffusers_scheduler
+from cfgengine.bench.timing import CPU_MIN_REPS, CPU_MIN_SECONDS, environment, time_seconds
 from cfgengine.kernels.guided_step import guided_step, guided_step_reference
-from cfgengine.schedule import logsnr_grid
 from cfgengine.solvers import coefficient_table
 
 MB = 2**20
@@ -49,7 +45,9 @@ CANDIDATES = ("fused", "copy", "diffusers", "compiled")
 DEFAULT_SIZES_MB = {"cuda": (1, 4, 16, 64, 256), "cpu": (1, 4)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NOISE_MODES = ("given", "in-kernel")
-CPU_MIN_REPS, CPU_MIN_SECONDS = 7, 0.3  # small steps repeat until 0.3 s, so the median is stable
+TIMER = {"cuda": "triton.testing.do_bench median, L2 flushed",
+         "cpu": f"wall-clock median of ≥ {CPU_MIN_REPS} calls (≥ {CPU_MIN_SECONDS} s) after 2 "
+                "warm-up calls"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,25 +120,10 @@ def compiled_candidate(t: StepTensors) -> Callable[[], torch.Tensor]:
     return lambda: compiled_reference()(t.eps2, t.z, W, t.table, step, t.noise)
 
 
-def diffusers_scheduler(kind: str):
-    """DDPMScheduler ("ddpm") or DDIMScheduler ("ddim") on our grid: one training timestep per
-    sampling step, training index T−1−t holding our step t, so ᾱ[T−1−t] = α_t² = sigmoid(λ_t)."""
-    import diffusers  # the [bench] extra; only this baseline needs it
-
-    alphas_cumprod = torch.sigmoid(logsnr_grid(STEPS).flip(0))  # float64, least noisy first
-    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    betas = (1.0 - alphas_cumprod / previous).numpy()
-    cls = diffusers.DDPMScheduler if kind == "ddpm" else diffusers.DDIMScheduler
-    scheduler = cls(num_train_timesteps=STEPS, trained_betas=betas, clip_sample=True,
-                    clip_sample_range=1.0)
-    scheduler.set_timesteps(STEPS)
-    return scheduler
-
-
 def diffusers_candidate(t: StepTensors) -> Callable[[], torch.Tensor]:
     """Chunk, mix ε = ε_u + g·(ε_c − ε_u) in separate ops, then the scheduler's step, as a
     diffusers pipeline's loop body does it. Given noise goes through DDIM's variance_noise."""
-    scheduler = diffusers_scheduler("ddpm" if t.noise is None else "ddim")
+    scheduler = diffusers_scheduler("ddpm" if t.noise is None else "ddim", STEPS)
     timestep = STEPS - 1 - t.step
     extra = {} if t.noise is None else dict(eta=1.0, variance_noise=t.noise,
                                             use_clipped_model_output=True)
@@ -164,22 +147,6 @@ def build_candidate(name: str, case: Case, t: StepTensors, device: str):
         return diffusers_candidate(t)
     except ImportError:
         return None
-
-
-def time_seconds(fn: Callable, device: str) -> float:
-    """Median seconds per call: do_bench on CUDA (L2 flushed), wall clock after warm-up on CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    for _ in range(2):  # warm-up: compilation, allocator, caches
-        fn()
-    times = []
-    while len(times) < CPU_MIN_REPS or (sum(times) < CPU_MIN_SECONDS and len(times) < 200):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def diffusers_parity(case: Case, t: StepTensors) -> float | None:
@@ -240,35 +207,6 @@ def goals(results: list[dict], device: str) -> dict:
     }
 
 
-def environment(device: str) -> dict:
-    """Where and with what the figures were taken."""
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    return dict(device=device, device_name=name, cpu_threads=torch.get_num_threads(),
-                torch=torch.__version__, triton=_version("triton"),
-                diffusers=_version("diffusers"), python=platform.python_version(),
-                git_commit=_git_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                timer=("triton.testing.do_bench median, L2 flushed" if device == "cuda"
-                       else f"wall-clock median of ≥ {CPU_MIN_REPS} calls (≥ {CPU_MIN_SECONDS} s) "
-                            "after 2 warm-up calls"))
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
-
-
-def _git_commit() -> str:
-    root = pathlib.Path(__file__).resolve().parent
-    try:
-        return subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty",
-                               "--abbrev=40"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(device: str, sizes_mb, dtypes, noise_modes=NOISE_MODES, candidates=CANDIDATES) -> dict:
     """Every case, then the summaries; the JSON document written by `main`."""
     results = []
@@ -277,7 +215,8 @@ def run(device: str, sizes_mb, dtypes, noise_modes=NOISE_MODES, candidates=CANDI
             for noise in noise_modes:
                 results.append(bench_case(Case(size, dtype, noise), device, candidates))
                 print(_summary_line(results[-1]), flush=True)
-    return dict(environment(device), cases=results, in_kernel_vs_given=noise_comparison(results),
+    return dict(environment(device, TIMER[device]), cases=results,
+                in_kernel_vs_given=noise_comparison(results),
                 goals=goals(results, device))
 
 

@@ -12,21 +12,12 @@ import pytest
 import torch
 
 from cfgengine.bench import step as bench_step
+from cfgengine.bench.timing import synced
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES_MB = {"cuda": (1, 64, 256), "cpu": (1,)}[DEVICE]
 CASES = [bench_step.Case(size, dtype, noise) for size in SIZES_MB
          for dtype in bench_step.DTYPES for noise in bench_step.NOISE_MODES]
-
-
-def synced(fn):
-    """fn followed by a device sync (a no-op on CPU)."""
-    if DEVICE != "cuda":
-        return fn
-    def call():
-        fn()
-        torch.cuda.synchronize()
-    return call
 
 
 @pytest.mark.parametrize("candidate", bench_step.CANDIDATES)
@@ -39,5 +30,5 @@ def test_step(benchmark, case, candidate):
     benchmark.group = f"{case.megabytes} MB {case.dtype} noise {case.noise}"
     benchmark.extra_info.update(device=DEVICE, bytes_moved=case.bytes_moved, numel=case.numel,
                                 batch=bench_step.BATCH)
-    benchmark.pedantic(synced(fn), warmup_rounds=3, rounds=20, iterations=1)
+    benchmark.pedantic(synced(fn, DEVICE), warmup_rounds=3, rounds=20, iterations=1)
     benchmark.extra_info["GBps"] = case.bytes_moved / benchmark.stats.stats.median / 1e9

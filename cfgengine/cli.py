@@ -289,9 +289,66 @@ def _run_export(args) -> int:
     return 0
 
 
+def _list_of(convert, flag: str):
+    """argparse type: a comma list of `convert` values, with a one-line error naming `flag`."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise UserError(f"{flag} takes a comma list, got {text!r}") from None
+        if not values:
+            raise UserError(f"{flag} takes a non-empty comma list, got {text!r}")
+        return values
+    return parse
+
+
+_BENCH_FLAGS = {  # flag: (SweepConfig field, argparse type)
+    "--model": ("model", str), "--device": ("device", str),
+    "--steps": ("steps", _list_of(int, "--steps")),
+    "--batch": ("batches", _list_of(int, "--batch")),
+    "--backends": ("backends", _list_of(str, "--backends")),
+    "--precisions": ("precisions", _list_of(str, "--precisions")),
+    "--baselines": ("baselines", _list_of(str, "--baselines")),
+    "--exported": ("exported", _list_of(str, "--exported")), "--solver": ("solver", str),
+    "--w": ("w", float), "--repeats": ("repeats", int), "--seed": ("seed", int),
+    "--threads": ("threads", int),
+}
+
+
+def _add_bench(sub) -> None:
+    from cfgengine.bench.harness import SWEEPS
+
+    p = sub.add_parser("bench", help="end-to-end sampling benchmark against diffusers-style "
+                       "baselines (JSON + markdown + PNG in --out-dir)")
+    p.add_argument("--sweep", choices=tuple(SWEEPS), default="cpu",
+                   help="preset sweep; the flags below override its fields (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="the quick sweep (< 2 min on 2 CPU cores)")
+    for flag, (field, kind) in _BENCH_FLAGS.items():
+        p.add_argument(flag, dest=field, type=kind, default=None, help="(default: the sweep's)")
+    p.add_argument("--out-dir", default="bench/results", help="folder of the result files")
+    p.add_argument("--name", default=None, help="file stem (default: e2e-SWEEP-DEVICE-DATE)")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from cfgengine.bench import harness, report
+
+    sweep = "quick" if args.quick else args.sweep
+    config = harness.check_config(dataclasses.replace(harness.SWEEPS[sweep], **{
+        field: getattr(args, field) for field, _ in _BENCH_FLAGS.values()
+        if getattr(args, field) is not None}))
+    result = harness.sweep(config, progress=sys.stderr.isatty())
+    name = args.name or report.stem(result, sweep)
+    command = harness.command_line(config, sweep)
+    paths = report.write(result, args.out_dir, name, command)
+    print(report.markdown(dict(result, command=command), paths["png"].name))
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
 # Each entry adds one subcommand (its flags and `run`).
 COMMANDS: list = [_add_sample, _add_train, _add_train_classifier, _add_classifier_accuracy,
-                  _add_export]
+                  _add_export, _add_bench]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,412 @@
+"""End-to-end benchmark of guided sampling (issue 7): images/s of the engine's backends against the
+baselines of cfgengine.bench.baselines, on the same model, device and precision, in one process.
+
+For every cell (runner, precision, batch B, steps T) it reports images/s, ms per step, the network
+floor t_forward(2B) (one doubled forward, timed alone in the same rounds as T forwards back to
+back, like the loop it bounds), the efficiency η(T) = T·t_forward(2B)/t_total, and each engine
+backend's speed-up over every baseline; per (runner, precision, B) the least-squares fit
+t_total = a + b·T. Warm-up (compilation, CUDA-graph capture) is excluded; every figure is the
+median of `repeats` rounds in which all runners and floors of the cell run in rotating order, so drift of a shared machine cancels in the ratios.
+Whole loops are timed with CUDA events after a synchronise on CUDA, wall clock on CPU.
+
+GPU sweep, one line (all backends, fp32/bf16/fp16, T ∈ {16, 64, 256, 1024}, B ∈ {1…128}):
+    cfgengine bench --sweep gpu --out-dir bench/results
+CPU: `cfgengine bench --quick` (under 2 minutes on 2 cores), `cfgengine bench --sweep cpu`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cfgengine.bench import baselines, timing
+from cfgengine.backends import PRECISIONS
+from cfgengine.bench.workload import SOLVER_ARGS, Workload, bench_model, make_workload
+from cfgengine.guidance import GuidedDenoiser
+from cfgengine.sampler import Sampler
+from cfgengine.unet import PRESETS
+
+ENGINE_BACKENDS = ("torch", "compile", "cudagraph")
+EXPORTED = ("onnx", "aoti")  # cfgengine.export formats, swept when that package provides them
+BASELINES = {
+    "baseline1": "two forwards per step + unfused step (lucidrains' forward_with_cond_scale)",
+    "baseline2": "diffusers pipeline loop: cat([z]*2), one forward, CFG mix, scheduler.step",
+    "baseline3": "baseline2 with the network in torch.compile",
+}
+TIMER = {"cuda": "CUDA events around a whole loop (and around T floor forwards) after synchronize",
+         "cpu": "wall clock around a whole loop (and around T floor forwards)"}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What one `cfgengine bench` run measures (w is the paper's; guidance_scale = 1 + w)."""
+
+    model: str = "default"
+    device: str = "cpu"
+    steps: tuple[int, ...] = (16, 64, 256)
+    batches: tuple[int, ...] = (1, 8)
+    backends: tuple[str, ...] = ("torch", "compile")
+    precisions: tuple[str, ...] = ("fp32",)
+    baselines: tuple[str, ...] = tuple(BASELINES)
+    exported: tuple[str, ...] = ()
+    solver: str = "ancestral"
+    w: float = 0.3
+    repeats: int = 5
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads during the sweep; None = torch's default
+
+
+SWEEPS: dict[str, SweepConfig] = {
+    # torch.compile takes minutes on a shared 2-core CPU, so the quick sweep leaves it out. One
+    # thread: on a loaded 2-core machine torch's two OpenMP threads spin against the other
+    # processes, which made the quick sweep 5x slower and far noisier than one thread.
+    "quick": SweepConfig(steps=(16, 64), batches=(1,), backends=("torch",),
+                         baselines=("baseline1", "baseline2"), repeats=3, threads=1),
+    "cpu": SweepConfig(repeats=3, threads=1),
+    "gpu": SweepConfig(device="cuda", steps=(16, 64, 256, 1024), batches=(1, 2, 4, 8, 32, 128),
+                       backends=ENGINE_BACKENDS, precisions=("fp32", "bf16", "fp16"),
+                       exported=EXPORTED),
+}
+
+
+FLAGS = {"model": "--model", "device": "--device", "steps": "--steps", "batches": "--batch",
+         "backends": "--backends", "precisions": "--precisions", "baselines": "--baselines",
+         "exported": "--exported", "solver": "--solver", "w": "--w", "repeats": "--repeats",
+         "seed": "--seed", "threads": "--threads"}  # SweepConfig field → `cfgengine bench` flag
+
+
+def check_config(config: SweepConfig) -> SweepConfig:
+    """`config` if it can run here; else ValueError naming the first bad field."""
+    choices = dict(model=("default", *PRESETS), device=("cpu", "cuda"), solver=tuple(SOLVER_ARGS))
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise ValueError(f"{field} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(config, field)!r}")
+    subsets = dict(backends=ENGINE_BACKENDS, precisions=tuple(PRECISIONS),
+                   baselines=tuple(BASELINES), exported=EXPORTED)
+    for field, allowed in subsets.items():
+        bad = [x for x in getattr(config, field) if x not in allowed]
+        if bad:
+            raise ValueError(f"{field}: {bad[0]!r} is not one of {', '.join(allowed)}")
+    if min(config.steps) < 2 or min(config.batches) < 1 or config.repeats < 1:
+        raise ValueError("steps must be ≥ 2, batch sizes ≥ 1 and repeats ≥ 1")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be ≥ 1, got {config.threads}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested, but this torch has no usable CUDA")
+    return config
+
+
+def command_line(config: SweepConfig, sweep: str) -> str:
+    """The `cfgengine bench` line that reruns `config`: the preset plus the fields it changes."""
+    preset = SWEEPS[sweep]
+    parts = ["cfgengine bench", "--quick" if sweep == "quick" else f"--sweep {sweep}"]
+    for field, flag in FLAGS.items():
+        value = getattr(config, field)
+        if value != getattr(preset, field):
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            parts.append(f"{flag} {text}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One way of sampling a Workload: `run(T, solver)` gives x̂ [B, *S]; `forward()` is its doubled
+    forward alone (the floor), shared by runners whose network call is the same (named `floor`)."""
+
+    name: str
+    role: str  # "engine" or "baseline"
+    floor: str
+    run: Callable[[int, str], torch.Tensor]
+    forward: Callable[[], torch.Tensor]
+    warm_per_steps: bool = False  # CUDA graphs are captured per T, so each T needs its warm-up
+
+
+def engine_runner(name: str, model, work: Workload, floor: str) -> Runner:
+    """cfgengine's Sampler on `model` (a net, or an exported backend) with backend `name`."""
+    backend = name if name in ENGINE_BACKENDS else None
+    engine = Sampler(model, device=work.device, backend=backend, precision=work.precision)
+
+    def run(steps: int, solver: str) -> torch.Tensor:
+        return engine.sample(work.labels, w=work.w, steps=steps, sampler=solver,
+                             **SOLVER_ARGS[solver], seed=work.seed)
+    forward = _doubled_forward(engine.guided_net, work)
+    if name == "cudagraph":
+        forward = _graphed(_doubled_forward(GuidedDenoiser(work.net), work))
+    return Runner(f"cfgengine/{name}", "engine", floor, run, forward, name == "cudagraph")
+
+
+def _doubled_forward(guided, work: Workload) -> Callable[[], torch.Tensor]:
+    """One call of a doubled-batch callable (z[B], λ[B], labels[B]) → eps2[2B] at a mid-grid λ."""
+    z, logsnr = work.z0(), torch.zeros(work.batch, device=work.device)
+
+    def forward() -> torch.Tensor:
+        with work.autocast():
+            return guided(z, logsnr, work.labels)  # (2B, *S)
+    return forward
+
+
+def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """fn captured as a CUDA graph (warmed up on a side stream): the cudagraph backend's floor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def baseline_runners(work: Workload, names: tuple[str, ...]) -> tuple[list[Runner], list[dict]]:
+    """(the requested baselines, [{runner, reason}] for those that cannot run here)."""
+    runners, skipped = [], []
+    if "baseline1" in names:
+        eager = _doubled_forward(GuidedDenoiser(work.net), work)
+        runners.append(Runner("baseline1", "baseline", "eager", baselines.TwoForwardLoop(work),
+                              eager))
+    for name, compiled in (("baseline2", False), ("baseline3", True)):
+        if name not in names:
+            continue
+        if importlib.util.find_spec("diffusers") is None:
+            skipped.append(dict(runner=name, reason="diffusers is missing (the [bench] extra)"))
+            continue
+        loop = baselines.DiffusersLoop(work, compiled)
+        z2 = torch.cat([work.z0()] * 2)  # (2B, *S)
+        forward = functools.partial(loop.forward, z2, torch.zeros((), device=work.device))
+        runners.append(Runner(name, "baseline", "compiled-net" if compiled else "eager", loop,
+                              forward))
+    return runners, skipped
+
+
+def engine_runners(work: Workload, config: SweepConfig, workdir: Path
+                   ) -> tuple[list[Runner], list[dict]]:
+    """The engine on each requested backend (and exported format); skips carry their reason."""
+    floors = {"torch": "eager", "compile": "compiled", "cudagraph": "cudagraph"}
+    runners, skipped = [], []
+    for name in config.backends:
+        if name == "cudagraph" and work.device.type != "cuda":
+            skipped.append(dict(runner=f"cfgengine/{name}", reason="needs a CUDA device"))
+            continue
+        runners.append(engine_runner(name, work.net, work, floors[name]))
+    for fmt in config.exported:
+        backend = exported_backend(fmt, work, workdir)
+        if isinstance(backend, str):
+            skipped.append(dict(runner=f"cfgengine/{fmt}", reason=backend))
+        else:
+            runners.append(engine_runner(fmt, backend, work, fmt))
+    return runners, skipped
+
+
+def single_runner(name: str, work: Workload, workdir: Path) -> Runner | str:
+    """The runner `name` (an engine backend, an exported format or a baseline) for `work`, or
+    the reason it cannot run here."""
+    pick = lambda names: tuple(n for n in names if n == name)
+    config = SweepConfig(device=work.device.type, backends=pick(ENGINE_BACKENDS),
+                         exported=pick(EXPORTED), baselines=pick(BASELINES))
+    engine, skipped = engine_runners(work, config, workdir)
+    peers, skipped_peers = baseline_runners(work, config.baselines)
+    runners, skipped = engine + peers, skipped + skipped_peers
+    return runners[0] if runners else skipped[0]["reason"]
+
+
+def exported_backend(fmt: str, work: Workload, workdir: Path):
+    """HOOK for the exported backends (cfgengine.export, another branch): the loaded backend of
+    `work.net` exported as `fmt`, or the reason it cannot be swept (a str) — the module is absent,
+    lacks export/load, or the export fails (missing extra, unsupported precision)."""
+    try:
+        module = importlib.import_module(f"cfgengine.export.{fmt}")
+    except ImportError as err:
+        return f"cfgengine.export.{fmt} is not available ({err})"
+    if not (callable(getattr(module, "export", None)) and callable(getattr(module, "load", None))):
+        return f"cfgengine.export.{fmt} provides no export(...)/load(...)"
+    suffix = {"onnx": ".onnx", "aoti": ".pt2"}[fmt]
+    path = workdir / f"{work.precision}-b{work.batch}{suffix}"
+    device = dict(device=str(work.device)) if fmt == "aoti" else {}
+    try:
+        module.export(work.net, path, precision=work.precision, max_batch=2 * work.batch, **device)
+        return module.load(path, device=work.device)
+    except (ImportError, RuntimeError, ValueError) as err:
+        return f"cfgengine.export.{fmt}: {type(err).__name__}: {err}".splitlines()[0]
+
+
+def measure_cell(runners: list[Runner], work: Workload, steps: int,
+                 config: SweepConfig) -> list[dict]:
+    """Median seconds of every runner's whole loop and of every floor, in interleaved rounds."""
+    device = config.device
+    for runner in runners:
+        if runner.warm_per_steps:
+            runner.run(steps, config.solver)
+    timers = {r.name: functools.partial(timing.time_once, functools.partial(
+        r.run, steps, config.solver), device) for r in runners}
+    floors = {r.floor: r.forward for r in reversed(runners)}  # one timer per distinct forward
+    timers |= {f"floor:{k}": functools.partial(timing.time_once, functools.partial(
+        _repeat, fn, steps), device) for k, fn in floors.items()}
+    seconds = timing.interleaved(timers, config.repeats)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    medians |= {k: v / steps for k, v in medians.items() if k.startswith("floor:")}
+    return [cell_record(r, work, steps, seconds[r.name], medians) for r in runners]
+
+
+def _repeat(fn: Callable, times: int) -> None:
+    """T forwards back to back: the floor is timed like the loop it bounds, over the same span."""
+    for _ in range(times):
+        fn()
+
+
+def cell_record(runner: Runner, work: Workload, steps: int, seconds: list[float],
+                medians: dict) -> dict:
+    """One row of the result: the figures of `runner` at T = `steps` against the cell's medians."""
+    total, floor = medians[runner.name], medians[f"floor:{runner.floor}"]
+    row = dict(runner=runner.name, role=runner.role, precision=work.precision, batch=work.batch,
+               steps=steps, seconds=total, images_per_s=work.batch / total,
+               images_steps_per_s=work.batch * steps / total,
+               seconds_all=seconds, floor=runner.floor, t_forward_2B=floor,
+               eta=steps * floor / total, ms_per_step=1e3 * total / steps)
+    if runner.role == "engine":
+        row["speedup"] = {name: medians[name] / total for name in BASELINES if name in medians}
+    return row
+
+
+def parity(runners: list[Runner], steps: int) -> dict[str, float]:
+    """‖x̂_runner − x̂_first‖/‖x̂_first‖ with DDIM η = 0 from the same z_0: deterministic, so it
+    shows that every runner takes the same T steps on the same grid (up to float rounding). With
+    random weights most pixels of x̂ clip to ±1, so the figure speaks for the unclipped rest."""
+    outputs = {r.name: r.run(steps, "ddim").double() for r in runners}
+    ref = next(iter(outputs.values()))
+    return {name: float((x - ref).norm() / ref.norm()) for name, x in outputs.items()}
+
+
+def sweep(config: SweepConfig, progress: bool = True) -> dict:
+    """Run every cell of `config`; the result document (environment, cells, fits, goals)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or threads)
+    try:
+        return _sweep(config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep(config: SweepConfig, progress: bool) -> dict:
+    env = timing.environment(config.device, TIMER[config.device])
+    net, source = bench_model(config.model, config.device)
+    cells, skipped, checks = [], [], {}
+    cell_count = len(config.precisions) * len(config.batches) * len(config.steps)
+    bar = _progress(progress, cell_count)
+    with tempfile.TemporaryDirectory(prefix="cfgengine-bench-") as workdir:
+        for precision in config.precisions:
+            for batch in config.batches:
+                work = make_workload(net, config.device, precision, batch, w=config.w,
+                                     seed=config.seed)
+                runners, why = _runners(work, config, Path(workdir))
+                skipped += [s for s in why if s not in skipped]
+                checks[f"{precision} B={batch}"] = _warm_up(runners, config)
+                for steps in config.steps:
+                    bar.set_postfix_str(f"{precision} B={batch} T={steps}")
+                    cells += measure_cell(runners, work, steps, config)
+                    bar.update()
+    bar.close()
+    return dict(env, load_average_after=timing.load_average(),
+                config=dataclasses.asdict(config), model=source, baselines=BASELINES,
+                cells=cells, fits=fits(cells), goals=goals(cells), parity_ddim=checks,
+                skipped=skipped)
+
+
+def _runners(work: Workload, config: SweepConfig, workdir: Path):
+    engine, skip_engine = engine_runners(work, config, workdir)
+    peers, skip_peers = baseline_runners(work, config.baselines)
+    if not engine:
+        raise ValueError("no engine backend of this sweep can run here: "
+                         + "; ".join(s["reason"] for s in skip_engine))
+    return engine + peers, skip_engine + skip_peers
+
+
+def _warm_up(runners: list[Runner], config: SweepConfig) -> dict[str, float]:
+    """First calls (compilation, allocator) outside every timing: the DDIM parity run at the
+    smallest T, then one call in the sweep's own solver."""
+    steps = min(config.steps)
+    checks = parity(runners, steps)
+    for runner in runners:
+        runner.run(steps, config.solver)
+    return checks
+
+
+def _progress(enabled: bool, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="cell", disable=not enabled, desc="cfgengine bench")
+
+
+def fits(cells: list[dict]) -> list[dict]:
+    """Per (runner, precision, B): t_total = a + b·T by least squares, and how far images·steps/s
+    strays from its median across T (the ±5 % goal)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in cells:
+        groups.setdefault((row["runner"], row["precision"], row["batch"]), []).append(row)
+    return [_fit(key, rows) for key, rows in groups.items()]
+
+
+def _fit(key: tuple, rows: list[dict]) -> dict:
+    steps = np.array([r["steps"] for r in rows], dtype=float)
+    seconds = np.array([r["seconds"] for r in rows])
+    b, a = np.polyfit(steps, seconds, 1) if len(rows) > 1 else (seconds[0] / steps[0], 0.0)
+    rate = [r["images_steps_per_s"] for r in rows]
+    mid = statistics.median(rate)
+    return dict(runner=key[0], precision=key[1], batch=key[2], a_seconds=float(a),
+                b_seconds_per_step=float(b), steps=steps.astype(int).tolist(),
+                images_steps_per_s_spread=max(max(rate) / mid - 1, 1 - min(rate) / mid))
+
+
+GOALS = {  # name: (baseline, target speed-up, which cells)
+    "images/s >= 2.5x baseline2 at B <= 8": ("baseline2", 2.5, "small"),
+    "images/s >= 1.3x baseline2 at the best-throughput B": ("baseline2", 1.3, "best"),
+    "images/s >= 3x baseline1": ("baseline1", 3.0, "all"),
+    "images/s >= 1.1x baseline3": ("baseline3", 1.1, "all"),
+}
+CONSTANCY_GOAL = 0.05  # images·steps/s within ±5 % across T
+
+
+def goals(cells: list[dict]) -> dict[str, dict]:
+    """Per engine runner, each goal's worst case over the cells it covers and whether it is met
+    (None where its baseline was not measured)."""
+    engines = sorted({r["runner"] for r in cells if r["role"] == "engine"})
+    return {name: _runner_goals([r for r in cells if r["runner"] == name]) for name in engines}
+
+
+def _runner_goals(rows: list[dict]) -> dict:
+    result = {}
+    for goal, (baseline, target, which) in GOALS.items():
+        ratios = [r["speedup"][baseline] for r in _goal_cells(rows, which)
+                  if baseline in r["speedup"]]
+        worst = min(ratios) if ratios else None
+        result[goal] = dict(target=target, worst=worst, met=None if worst is None
+                            else worst >= target)
+    spread = max(f["images_steps_per_s_spread"] for f in fits(rows))
+    result["images·steps/s within ±5% across T"] = dict(
+        target=CONSTANCY_GOAL, worst=spread, met=spread <= CONSTANCY_GOAL)
+    return result
+
+
+def _goal_cells(rows: list[dict], which: str) -> list[dict]:
+    """All cells, those with B ≤ 8, or per (precision, T) the cell of highest images/s."""
+    if which == "all":
+        return rows
+    if which == "small":
+        return [r for r in rows if r["batch"] <= 8]
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["precision"], r["steps"])
+        if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
+            best[key] = r
+    return list(best.values())
