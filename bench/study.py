@@ -118,24 +118,37 @@ def claim_best_fid_at_small_w(cells, models, steps, ws) -> dict:
     facts, verdicts = [], []
     for m in models:
         best = _best_w(cells, m, steps)
-        vs_zero = compare(_iv(_cell(cells, m, steps, best), "fid"), _iv(_cell(cells, m, steps, 0.0), "fid"))
+        fid = {w: _iv(_cell(cells, m, steps, w), "fid") for w in ws}
         after = [w for w in ws if w > best]
-        rises = [compare(_iv(_cell(cells, m, steps, b), "fid"), _iv(_cell(cells, m, steps, a), "fid"))
-                 for a, b in zip([best] + after, after)]
-        facts.append(f"{m}: best w = {best:g}; vs w=0: {vs_zero}; each next w: {', '.join(rises)}")
-        worsens = "lower" not in rises and (not after or rises.count("higher") > 0)
-        small = 0.1 <= best <= 0.3 and vs_zero == "lower"
-        verdicts.append("holds" if small and worsens else
-                        "fails" if best == 0.0 or best > 0.5 or "lower" in rises else "inconclusive")
+        rises = [compare(fid[b], fid[a]) for a, b in zip([best] + after, after)]
+        small = min((fid[w] for w in ws if 0.1 <= w <= 0.3), key=lambda iv: iv.value, default=None)
+        if small is None or 0.0 not in fid:
+            verdicts.append("inconclusive")
+            facts.append(f"{m}: the w grid lacks 0 or a w in 0.1-0.3")
+            continue
+        facts.append(f"{m}: best w = {best:g} (FID {fid[best].value:.3g}); best small w vs w=0: "
+                     f"{compare(small, fid[0.0])}; each next w above the best: {', '.join(rises)}")
+        verdicts.append(_small_w_verdict(fid[best], small, fid[0.0], rises))
     return _verdict("1: best FID at small w (0.1-0.3), worse beyond", verdicts, facts)
+
+
+def _small_w_verdict(best: Interval, small: Interval, zero: Interval, rises: list[str]) -> str:
+    """holds: a small w is best, distinguishably below w = 0, and FID never falls again and rises
+    somewhere beyond it; fails: another w is distinguishably better than every small w, or FID
+    falls again beyond the best; else inconclusive."""
+    if "lower" in rises or compare(best, small) == "lower":
+        return "fails"
+    if best is small and compare(small, zero) == "lower" and "higher" in rises:
+        return "holds"
+    return "inconclusive"
 
 
 def claim_is_rises(cells, models, steps, ws) -> dict:
     """(2) IS rising monotonically with w up to 4."""
     facts, verdicts = [], []
     for m in models:
-        steps_up = [compare(_iv(_cell(cells, m, steps, b), "inception_score"),
-                            _iv(_cell(cells, m, steps, a), "inception_score")) for a, b in zip(ws, ws[1:])]
+        score = [_iv(_cell(cells, m, steps, w), "inception_score") for w in ws]
+        steps_up = [compare(b, a) for a, b in zip(score, score[1:])]
         facts.append(f"{m}: IS at each next w: {', '.join(steps_up)}")
         verdicts.append("fails" if "lower" in steps_up else
                         "holds" if all(s == "higher" for s in steps_up) else "inconclusive")
@@ -148,7 +161,8 @@ def claim_small_p_uncond(cells, models, p_of, steps) -> dict:
     small = [m for m in models if p_of[m] in (0.1, 0.2)]
     half = [m for m in models if p_of[m] == 0.5]
     if not small or not half:
-        return _verdict("3: small p_uncond wins at best FID", ["inconclusive"], ["models missing"])
+        return _verdict("3: p_uncond 0.1/0.2 beats 0.5 at best FID", ["inconclusive"],
+                        ["needs models with p_uncond 0.1 or 0.2 and 0.5"])
     winner = min(small, key=lambda m: best[m].value)
     outcome = compare(best[winner], best[half[0]])
     top_w = max(c["w"] for c in cells)
@@ -167,8 +181,8 @@ def claim_more_steps(cells, models, all_steps) -> dict:
         best = _best_w(cells, m, max(all_steps))
         ivs = [_iv(_cell(cells, m, t, best), "fid") for t in sorted(all_steps)]
         steps_up = [compare(b, a) for a, b in zip(ivs, ivs[1:])]
-        facts.append(f"{m} at w={best:g}: FID " + " -> ".join(f"T={t} {iv.value:.3g}" for t, iv
-                     in zip(sorted(all_steps), ivs)) + f" ({', '.join(steps_up) or 'one T only'})")
+        trend = " -> ".join(f"T={t} {iv.value:.3g}" for t, iv in zip(sorted(all_steps), ivs))
+        facts.append(f"{m} at w={best:g}: FID {trend} ({', '.join(steps_up) or 'one T only'})")
         verdicts.append("fails" if "higher" in steps_up else
                         "holds" if steps_up and all(s == "lower" for s in steps_up) else "inconclusive")
     return _verdict("4: more steps give better FID", verdicts, facts)
@@ -186,8 +200,10 @@ def judge_claims(results: dict) -> list[dict]:
     p_of = {c["model"]: c["p_uncond"] for c in cells}
     ws, all_steps = sorted({c["w"] for c in cells}), sorted({c["steps"] for c in cells})
     top = max(all_steps)
-    return [claim_best_fid_at_small_w(cells, models, top, ws), claim_is_rises(cells, models, top, ws),
-            claim_small_p_uncond(cells, models, p_of, top), claim_more_steps(cells, models, all_steps)]
+    return [claim_best_fid_at_small_w(cells, models, top, ws),
+            claim_is_rises(cells, models, top, ws),
+            claim_small_p_uncond(cells, models, p_of, top),
+            claim_more_steps(cells, models, all_steps)]
 
 
 def claims_markdown(claims: list[dict]) -> str:

@@ -98,7 +98,7 @@ def _recorded_p_uncond(path: str) -> float | None:
 
 def load_extractor(features: str | None, dataset: str):
     """(extractor, cache key): the dataset's shipped classifier, a classifier .safetensors file, or
-    a TorchScript feature network (.pt/.pth, e.g. Inception weights the user already has)."""
+    a feature network file (.pt2 torch.export or TorchScript, e.g. Inception the user has)."""
     from cfgengine.classifier import classifier_path, load_classifier
 
     if features is None or Path(features).suffix == ".safetensors":
@@ -107,7 +107,7 @@ def load_extractor(features: str | None, dataset: str):
         return metrics.classifier_extractor(net), metrics.file_digest(path)
     if not Path(features).is_file():
         raise FileNotFoundError(f"--features {features}: no such file")
-    return metrics.torchscript_extractor(features), metrics.file_digest(features)
+    return metrics.network_extractor(features), metrics.file_digest(features)
 
 
 def cell_labels(n: int, num_classes: int) -> torch.Tensor:

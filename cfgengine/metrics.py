@@ -10,6 +10,7 @@ feature network that fits our small datasets, so values are comparable across ou
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,9 +76,9 @@ def inception_score(probs: np.ndarray) -> float:
     K for confident predictions spread evenly over K classes, 1 for identical predictions."""
     p = np.asarray(probs, dtype=np.float64)
     marginal = p.mean(0)
-    # 0·log 0 = 0: mask zero entries instead of adding an epsilon that would bias the score
-    logs = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) - np.log(np.where(p > 0, marginal, 1.0)), 0.0)
-    return float(np.exp((p * logs).sum(1).mean()))
+    # 0·log 0 = 0: log(1) where p = 0 rather than an epsilon that would bias the score
+    log_ratio = np.log(np.where(p > 0, p, 1.0)) - np.log(np.where(p > 0, marginal, 1.0))
+    return float(np.exp((p * log_ratio).sum(1).mean()))
 
 
 def class_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -198,11 +199,12 @@ def classifier_extractor(net: torch.nn.Module) -> Extractor:
     return run
 
 
-def torchscript_extractor(path: str | Path) -> Extractor:
-    """A TorchScript feature network (e.g. an Inception-v3 file the user already has; we never
-    download one): called on float images [N, 3, H, W] in [0, 255] — grey images repeated to three
-    channels — returning features [N, F], or a tuple (features, logits)."""
-    module = torch.jit.load(str(path), map_location="cpu").eval()
+def network_extractor(path: str | Path) -> Extractor:
+    """A feature network file the user already has (e.g. Inception-v3; we never download one): a
+    torch.export program (.pt2) or a TorchScript module (other suffixes, the format most published
+    Inception ports use). Called on float images [N, 3, H, W] in [0, 255] — grey images repeated to
+    three channels — it returns features [N, F], or a tuple (features, logits)."""
+    module = _load_network(Path(path))
 
     def run(x: torch.Tensor):
         x = (x.float().clamp(-1, 1) + 1) * 127.5
@@ -211,6 +213,14 @@ def torchscript_extractor(path: str | Path) -> Extractor:
             return out[0].flatten(1), torch.softmax(out[1].double(), dim=1)
         return out.flatten(1), None
     return run
+
+
+def _load_network(path: Path):
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path)).module()
+    with warnings.catch_warnings():  # TorchScript is deprecated, yet it is how Inception ships
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 def file_digest(path: str | Path) -> str:

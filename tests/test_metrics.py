@@ -138,3 +138,23 @@ def test_reference_statistics_are_cached_and_invalidated_on_key_mismatch(tmp_pat
     metrics.reference("digits", extractor, "net-b", tmp_path)  # another network: recomputed
     assert len(calls) == 4
     np.testing.assert_allclose(first.gaussian.mu, first.features.mean(0))
+
+
+class MeanPerChannel(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3)), x.mean(dim=(2, 3))[:, :2]  # (features, logits)
+
+
+def test_user_feature_network_sees_three_channels_in_0_255(tmp_path):
+    """A user's own feature network (e.g. Inception weights) through `--features`. (TorchScript
+    only: exporting a .pt2 program here would cost ~8 s of the suite for a two-line branch.)"""
+    from cfgengine.evaluate import load_extractor
+
+    path = tmp_path / "net.pt"
+    with pytest.warns(DeprecationWarning):
+        torch.jit.script(MeanPerChannel()).save(str(path))
+    extractor, key = load_extractor(str(path), "digits")
+    features, probs = extractor(torch.full((2, 1, 8, 8), 1.0))  # white grey images
+    assert features.shape == (2, 3) and torch.allclose(features, torch.tensor(255.0))
+    assert torch.allclose(probs, torch.tensor(0.5, dtype=torch.float64))
+    assert key == metrics.file_digest(path)
