@@ -72,7 +72,8 @@ def eval_config(study: StudyConfig, ckpts: list[str]) -> EvalConfig:
 
 def estimate(study: StudyConfig) -> float:
     """Predicted seconds for the whole study, from timing a few training steps and one small
-    sampling pass of the same preset on this machine (metrics and bootstrap add ~2 s per cell)."""
+    sampling pass of the same preset on this machine (metrics with 200-round bootstraps: ~4 s a
+    cell)."""
     from cfgengine.data import load_dataset
     from cfgengine.sampler import sample
     from cfgengine.train import TrainConfig, new_state, train_step
@@ -92,7 +93,7 @@ def estimate(study: StudyConfig) -> float:
     cells = len(study.p_uncond) * len(study.w) * len(study.steps)
     rows = len(study.p_uncond) * len(study.w) * study.n * sum(study.steps)
     parts = {"train": len(study.p_uncond) * study.train_steps * per_step,
-             "sample": rows * per_row_step, "metrics": 2.0 * cells}
+             "sample": rows * per_row_step, "metrics": 4.0 * cells}
     print(", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items()))
     return sum(parts.values())
 
