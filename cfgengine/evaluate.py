@@ -134,21 +134,25 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, w: np.ndarra
 
 def score_cell(features: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
                ref: metrics.Reference, real_radii: np.ndarray, config: EvalConfig) -> dict:
-    """Every metric of one cell with its bootstrap interval (over the generated samples; the
-    reference set is held fixed, so recall's interval is conditional on the generated manifold)."""
-    precision_hits, recall_hits = metrics.manifold_hits(ref.features, features, config.k, real_radii)
-    boot = dict(rounds=config.rounds, seed=config.seed)
+    """Every metric of one cell with its bootstrap interval: generated samples resampled within
+    their requested class; recall's per-real-image hits resampled with the generated manifold
+    held fixed (its interval is conditional on that set)."""
+    precision_hits, recall_hits = metrics.manifold_hits(ref.features, features, config.k,
+                                                        real_radii)
     statistics = {
-        "fid": (lambda i: metrics.frechet_distance(metrics.gaussian_fit(features[i]), ref.gaussian),
-                len(features)),
-        "precision": (lambda i: precision_hits[i].mean(), len(precision_hits)),
-        "recall": (lambda i: recall_hits[i].mean(), len(recall_hits)),
+        "fid": (lambda i: metrics.frechet_distance(metrics.gaussian_fit(features[i]),
+                                                   ref.gaussian), labels),
+        "precision": (lambda i: precision_hits[i].mean(), labels),
+        "recall": (lambda i: recall_hits[i].mean(), None),
     }
     if probs is not None:
         hits = metrics.correct(probs, labels)
-        statistics["inception_score"] = (lambda i: metrics.inception_score(probs[i]), len(probs))
-        statistics["accuracy"] = (lambda i: hits[i].mean(), len(hits))
-    return {name: asdict(metrics.bootstrap(stat, n, **boot)) for name, (stat, n) in statistics.items()}
+        statistics["inception_score"] = (lambda i: metrics.inception_score(probs[i]), labels)
+        statistics["accuracy"] = (lambda i: hits[i].mean(), labels)
+    sizes = {"recall": len(recall_hits)}
+    return {name: asdict(metrics.bootstrap(stat, sizes.get(name, len(labels)), strata=strata,
+                                           rounds=config.rounds, seed=config.seed))
+            for name, (stat, strata) in statistics.items()}
 
 
 def score_configuration(images: np.ndarray, labels: np.ndarray, w: np.ndarray, extractor,
@@ -246,5 +250,6 @@ def _markdown(results: dict) -> str:
     return (f"# cfgengine eval: {results['dataset']}\n\n{c['n']} samples per cell, seed "
             f"{c['seed']}, sampler {c['sampler']} (v = {c['v']}), features {results['feature_key']}"
             f" (reference: {results['reference_n']} real images), k = {c['k']}; intervals: "
-            f"95% percentile bootstrap, {c['rounds']} resamples.\n\n"
+            f"95% percentile bootstrap, {c['rounds']} resamples within each class, re-centred "
+            f"on the estimate.\n\n"
             + markdown_table(results["cells"]))

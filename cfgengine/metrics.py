@@ -154,16 +154,24 @@ class Interval:
         return self.low <= other.high and other.low <= self.high
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *, rounds: int = 200,
-              level: float = 0.95, seed: int = 0) -> Interval:
+def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *,
+              strata: np.ndarray | None = None, rounds: int = 200, level: float = 0.95,
+              seed: int = 0) -> Interval:
     """statistic(all indices) with the percentile interval of statistic(indices resampled with
-    replacement) over `rounds` resamples (Efron & Tibshirani 1993, §13.3), re-centred on the point
-    estimate: a resample's duplicated rows shrink the covariance, which biases FID upwards, so the
-    raw percentiles would sit above the value they bound."""
+    replacement) over `rounds` resamples (Efron & Tibshirani 1993, §13.3).
+
+    `strata` (e.g. the requested class of each sample) resamples within each stratum, as the
+    samples were drawn: with class-balanced cells, unstratified resamples vary the class counts,
+    and with them the between-class covariance that dominates classifier features — that
+    inflated FID's spread 4-10× against independent seeds. The interval is re-centred on the
+    point estimate: duplicated rows shrink the covariance, biasing resampled FID upwards."""
     if rounds < 2 or not 0 < level < 1:
         raise ValueError("bootstrap needs rounds ≥ 2 and 0 < level < 1")
     gen = np.random.default_rng(seed)
-    values = [statistic(gen.integers(0, n, n)) for _ in range(rounds)]
+    groups = [np.arange(n)] if strata is None else \
+        [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    values = [statistic(np.concatenate([g[gen.integers(0, len(g), len(g))] for g in groups]))
+              for _ in range(rounds)]
     tail = 50 * (1 - level)
     low, median, high = np.percentile(values, [tail, 50, 100 - tail])
     value = float(statistic(np.arange(n)))

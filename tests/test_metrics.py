@@ -158,3 +158,9 @@ def test_user_feature_network_sees_three_channels_in_0_255(tmp_path):
     assert features.shape == (2, 3) and torch.allclose(features, torch.tensor(255.0))
     assert torch.allclose(probs, torch.tensor(0.5, dtype=torch.float64))
     assert key == metrics.file_digest(path)
+
+
+def test_stratified_bootstrap_keeps_the_count_of_each_stratum():
+    strata = np.arange(90) % 3
+    iv = metrics.bootstrap(lambda i: float((strata[i] == 0).sum()), 90, strata=strata, rounds=20)
+    assert (iv.value, iv.low, iv.high) == (30.0, 30.0, 30.0)
