@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -221,7 +223,8 @@ def run_study(study: StudyConfig, log=print) -> dict:
     start = time.perf_counter()
     results = run_eval(eval_config(study, train_models(study, log)), log)
     results["study"] = {**json.loads(json.dumps(study.__dict__)),
-                        "seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
+                        "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
+                        "device": f"CPU {platform.machine()}, {os.cpu_count()} cores"}
     results["claims"] = judge_claims(results)
     write_report(results, Path(study.out), claims_markdown(results["claims"]))
     return results
