@@ -67,3 +67,81 @@ def _grid(ax, x: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> 
     height = grid.shape[0] / rows
     ax.set_yticks([height * (i + 0.5) for i in range(rows)],
                   [class_names[k] for k in shown], fontsize=6)
+
+
+def save_metric_plots(cells: list[dict], paths: list[str]) -> None:
+    """The four eval plots (paths in evaluate.PLOTS order): FID vs w and IS vs w (one line per
+    model and T), the FID–IS trade-off curve per model at the largest T (Ho & Salimans 2022,
+    Fig. 4), and FID vs T at each model's best w. Error bars: the cells' bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fid_w, is_w, fid_is, fid_t = paths
+    _plot_lines(plt, cells, "w", "fid", fid_w, "FID (classifier features) vs w")
+    _plot_lines(plt, cells, "w", "inception_score", is_w, "IS (classifier softmax) vs w")
+    _plot_tradeoff(plt, cells, fid_is)
+    _plot_steps(plt, cells, fid_t)
+
+
+def _scalar(value) -> float:
+    return value["value"] if isinstance(value, dict) else value
+
+
+def _series(cells: list[dict], key, x: str, y: str) -> dict:
+    """{key(cell): (xs, values, lows, highs)} of metric y against x (a setting or a metric)."""
+    groups: dict = {}
+    for c in cells:
+        if y in c and x in c:
+            for part, value in zip(groups.setdefault(key(c), ([], [], [], [])),
+                                   (_scalar(c[x]), c[y]["value"], c[y]["low"], c[y]["high"])):
+                part.append(value)
+    return groups
+
+
+def _errorbar(ax, xs, values, lows, highs, label, **kwargs) -> None:
+    values, lows, highs = map(np.asarray, (values, lows, highs))
+    ax.errorbar(xs, values, yerr=[values - lows, highs - values], capsize=2, marker="o",
+                markersize=3, label=label, **kwargs)
+
+
+def _finish(plt, fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_lines(plt, cells, x: str, y: str, path: str, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, series in _series(cells, lambda c: f"{c['model']}, T={c['steps']}", x, y).items():
+        _errorbar(ax, *series, label)
+    ax.set_xscale("symlog", linthresh=0.1)  # w spans 0 … 4 with most points below 1
+    _finish(plt, fig, ax, path, "guidance weight w", y, title)
+
+
+def _plot_tradeoff(plt, cells, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    top = max(c["steps"] for c in cells)
+    chosen = [c for c in cells if c["steps"] == top and "inception_score" in c]
+    for label, (xs, values, lows, highs) in _series(chosen, lambda c: c["model"],
+                                                    "inception_score", "fid").items():
+        _errorbar(ax, xs, values, lows, highs, label)
+    _finish(plt, fig, ax, path, "IS (higher: more fidelity)", "FID",
+            f"FID vs IS along w, T={top}")
+
+
+def _plot_steps(plt, cells, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for model in dict.fromkeys(c["model"] for c in cells):
+        own = [c for c in cells if c["model"] == model]
+        best = min(own, key=lambda c: c["fid"]["value"])["w"]  # the model's best w at any T
+        chosen = sorted((c for c in own if c["w"] == best), key=lambda c: c["steps"])
+        for label, series in _series(chosen, lambda c: f"{model}, w={best:g}", "steps", "fid").items():
+            _errorbar(ax, *series, label)
+    ax.set_xscale("log", base=2)
+    _finish(plt, fig, ax, path, "sampling steps T", "FID", "FID vs T at each model's best w")
