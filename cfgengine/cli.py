@@ -19,7 +19,7 @@ from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.sampler import Sampler
 from cfgengine.solvers import SAMPLERS
 
-DEFAULT_MODEL = "gmm"
+DEFAULT_MODEL = "default"
 
 
 class UserError(Exception):
@@ -108,7 +108,7 @@ def _sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Ten
     if bad:
         raise UserError(f"--classes: class {bad[0]} is outside [0, {model.num_classes})")
     if n is None:
-        n = 400 if len(model.sample_shape) == 1 else 8
+        n = 400 if len(model.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--n must be ≥ 1, got {n}")
     return torch.tensor(classes).repeat_interleave(n)
