@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cfgengine.figures import atomic_path
+from cfgengine.atomic import atomic_path
 
 
 def stem(report: dict, sweep: str) -> str:
