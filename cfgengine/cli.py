@@ -271,8 +271,7 @@ def _export_path(args) -> Path:
     if FORMAT_OF_SUFFIX.get(out.suffix) != args.format:
         raise UserError(f"-o: a {args.format} export must be named *{SUFFIXES[args.format]}, "
                         f"got {out}")
-    if not out.resolve().parent.is_dir():
-        raise UserError(f"-o: directory of {out} does not exist")
+    check_writable(out, "-o")
     return out
 
 

@@ -5,7 +5,6 @@ sync (no `.item()`, no branch on a device value), so it can run ahead of the GPU
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
