@@ -46,9 +46,9 @@ class TwoForwardLoop:
     def __init__(self, work: Workload):
         self.work = work
 
-    def __call__(self, steps: int, solver: str) -> torch.Tensor:
+    def __call__(self, steps: int, sampler: str) -> torch.Tensor:
         work = self.work
-        table, logsnr = schedule(steps, solver, str(work.device))
+        table, logsnr = schedule(steps, sampler, str(work.device))
         gen = torch.Generator(work.device).manual_seed(work.seed)
         z = work.z0()
         for t in range(steps):
@@ -88,10 +88,10 @@ class DiffusersLoop:
         self.labels2 = torch.cat([work.null, work.labels])  # (2B,)
         self._schedulers: dict[tuple[int, str], object] = {}
 
-    def __call__(self, steps: int, solver: str) -> torch.Tensor:
-        work, scheduler = self.work, self._scheduler(steps, solver)
-        _, logsnr = schedule(steps, solver, str(work.device))
-        latents, extra = work.z0(), self._step_kwargs(solver)
+    def __call__(self, steps: int, sampler: str) -> torch.Tensor:
+        work, scheduler = self.work, self._scheduler(steps, sampler)
+        _, logsnr = schedule(steps, sampler, str(work.device))
+        latents, extra = work.z0(), self._step_kwargs(sampler)
         for i, t in enumerate(scheduler.timesteps):
             latent_model_input = torch.cat([latents] * 2)  # (2B, *S)
             noise_pred = self.forward(latent_model_input, logsnr[i])
@@ -105,13 +105,13 @@ class DiffusersLoop:
         with self.work.autocast():
             return self.net(z2, logsnr.expand(z2.shape[0]), self.labels2)
 
-    def _step_kwargs(self, solver: str) -> dict:
-        if solver == "ddim":  # ε re-derived from the clipped x̂, as our DDIM step does
+    def _step_kwargs(self, sampler: str) -> dict:
+        if sampler == "ddim":  # ε re-derived from the clipped x̂, as our DDIM step does
             return dict(eta=0.0, use_clipped_model_output=True)
         return dict(generator=torch.Generator(self.work.device).manual_seed(self.work.seed))
 
-    def _scheduler(self, steps: int, solver: str):
-        key = (steps, solver)
+    def _scheduler(self, steps: int, sampler: str):
+        key = (steps, sampler)
         if key not in self._schedulers:  # a pipeline builds its scheduler once, outside the loop
-            self._schedulers[key] = diffusers_scheduler(SCHEDULERS[solver], steps)
+            self._schedulers[key] = diffusers_scheduler(SCHEDULERS[sampler], steps)
         return self._schedulers[key]

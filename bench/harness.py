@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from cfgengine.bench import baselines, timing
-from cfgengine.backends import PRECISIONS
-from cfgengine.bench.workload import SOLVER_ARGS, Workload, bench_model, make_workload
+from cfgengine.runtime import PRECISIONS
+from cfgengine.bench.workload import SAMPLER_ARGS, Workload, bench_model, make_workload
 from cfgengine.guidance import GuidedDenoiser
+from cfgengine.cudagraph import capture
 from cfgengine.sampler import Sampler
 from cfgengine.unet import PRESETS
 
@@ -58,7 +59,7 @@ class SweepConfig:
     precisions: tuple[str, ...] = ("fp32",)
     baselines: tuple[str, ...] = tuple(BASELINES)
     exported: tuple[str, ...] = ()
-    solver: str = "ancestral"
+    sampler: str = "ancestral"
     w: float = 0.3
     repeats: int = 5
     seed: int = 0
@@ -72,6 +73,9 @@ SWEEPS: dict[str, SweepConfig] = {
     "quick": SweepConfig(steps=(16, 64), batches=(1,), backends=("torch",),
                          baselines=("baseline1", "baseline2"), repeats=3, threads=1),
     "cpu": SweepConfig(repeats=3, threads=1),
+    # the exported runtimes (ONNX Runtime, AOTInductor) against eager torch, no peers
+    "exported": SweepConfig(steps=(64,), batches=(16,), backends=("torch",), baselines=(),
+                            exported=EXPORTED, repeats=3, threads=2),
     "gpu": SweepConfig(device="cuda", steps=(16, 64, 256, 1024), batches=(1, 2, 4, 8, 32, 128),
                        backends=ENGINE_BACKENDS, precisions=("fp32", "bf16", "fp16"),
                        exported=EXPORTED),
@@ -80,13 +84,13 @@ SWEEPS: dict[str, SweepConfig] = {
 
 FLAGS = {"model": "--model", "device": "--device", "steps": "--steps", "batches": "--batch",
          "backends": "--backends", "precisions": "--precisions", "baselines": "--baselines",
-         "exported": "--exported", "solver": "--solver", "w": "--w", "repeats": "--repeats",
+         "exported": "--exported", "sampler": "--sampler", "w": "--w", "repeats": "--repeats",
          "seed": "--seed", "threads": "--threads"}  # SweepConfig field → `cfgengine bench` flag
 
 
 def check_config(config: SweepConfig) -> SweepConfig:
     """`config` if it can run here; else ValueError naming the first bad field."""
-    choices = dict(model=("default", *PRESETS), device=("cpu", "cuda"), solver=tuple(SOLVER_ARGS))
+    choices = dict(model=("default", *PRESETS), device=("cpu", "cuda"), sampler=tuple(SAMPLER_ARGS))
     for field, allowed in choices.items():
         if getattr(config, field) not in allowed:
             raise ValueError(f"{field} must be one of {', '.join(allowed)}, "
@@ -120,7 +124,7 @@ def command_line(config: SweepConfig, sweep: str) -> str:
 
 @dataclass(frozen=True)
 class Runner:
-    """One way of sampling a Workload: `run(T, solver)` gives x̂ [B, *S]; `forward()` is its doubled
+    """One way of sampling a Workload: `run(T, sampler)` gives x̂ [B, *S]; `forward()` is its doubled
     forward alone (the floor), shared by runners whose network call is the same (named `floor`)."""
 
     name: str
@@ -136,12 +140,12 @@ def engine_runner(name: str, model, work: Workload, floor: str) -> Runner:
     backend = name if name in ENGINE_BACKENDS else None
     engine = Sampler(model, device=work.device, backend=backend, precision=work.precision)
 
-    def run(steps: int, solver: str) -> torch.Tensor:
-        return engine.sample(work.labels, w=work.w, steps=steps, sampler=solver,
-                             **SOLVER_ARGS[solver], seed=work.seed)
+    def run(steps: int, sampler: str) -> torch.Tensor:
+        return engine.sample(work.labels, w=work.w, steps=steps, sampler=sampler,
+                             **SAMPLER_ARGS[sampler], seed=work.seed)
     forward = _doubled_forward(engine.guided_net, work)
     if name == "cudagraph":
-        forward = _graphed(_doubled_forward(GuidedDenoiser(work.net), work))
+        forward = capture(_doubled_forward(GuidedDenoiser(work.net), work)).replay
     return Runner(f"cfgengine/{name}", "engine", floor, run, forward, name == "cudagraph")
 
 
@@ -153,20 +157,6 @@ def _doubled_forward(guided, work: Workload) -> Callable[[], torch.Tensor]:
         with work.autocast():
             return guided(z, logsnr, work.labels)  # (2B, *S)
     return forward
-
-
-def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    """fn captured as a CUDA graph (warmed up on a side stream): the cudagraph backend's floor."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def baseline_runners(work: Workload, names: tuple[str, ...]) -> tuple[list[Runner], list[dict]]:
@@ -222,9 +212,9 @@ def single_runner(name: str, work: Workload, workdir: Path) -> Runner | str:
 
 
 def exported_backend(fmt: str, work: Workload, workdir: Path):
-    """HOOK for the exported backends (cfgengine.export, another branch): the loaded backend of
-    `work.net` exported as `fmt`, or the reason it cannot be swept (a str) — the module is absent,
-    lacks export/load, or the export fails (missing extra, unsupported precision)."""
+    """The loaded backend of `work.net` exported as `fmt`, or the reason it cannot be swept (a
+    str) — the module is absent, lacks export/load, or the export fails (missing extra,
+    unsupported precision)."""
     try:
         module = importlib.import_module(f"cfgengine.export.{fmt}")
     except ImportError as err:
@@ -247,9 +237,9 @@ def measure_cell(runners: list[Runner], work: Workload, steps: int,
     device = config.device
     for runner in runners:
         if runner.warm_per_steps:
-            runner.run(steps, config.solver)
+            runner.run(steps, config.sampler)
     timers = {r.name: functools.partial(timing.time_once, functools.partial(
-        r.run, steps, config.solver), device) for r in runners}
+        r.run, steps, config.sampler), device) for r in runners}
     floors = {r.floor: r.forward for r in reversed(runners)}  # one timer per distinct forward
     timers |= {f"floor:{k}": functools.partial(timing.time_once, functools.partial(
         _repeat, fn, steps), device) for k, fn in floors.items()}
@@ -334,11 +324,11 @@ def _runners(work: Workload, config: SweepConfig, workdir: Path):
 
 def _warm_up(runners: list[Runner], config: SweepConfig) -> dict[str, float]:
     """First calls (compilation, allocator) outside every timing: the DDIM parity run at the
-    smallest T, then one call in the sweep's own solver."""
+    smallest T, then one call in the sweep's own sampler."""
     steps = min(config.steps)
     checks = parity(runners, steps)
     for runner in runners:
-        runner.run(steps, config.solver)
+        runner.run(steps, config.sampler)
     return checks
 
 

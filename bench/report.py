@@ -47,7 +47,7 @@ def _header(report: dict) -> str:
     return (f"Device **{report['device']}** ({report['device_name']}, {report['cpu_threads']} "
             f"torch threads), load average {report['load_average']}; torch {report['torch']}, "
             f"diffusers {report['diffusers']}; commit `{report['git_commit'][:12]}`, "
-            f"{report['date']}. Model: {report['model']}. Solver {cfg['solver']}, w = {cfg['w']}"
+            f"{report['date']}. Model: {report['model']}. Sampler {cfg['sampler']}, w = {cfg['w']}"
             f" (guidance_scale {1 + cfg['w']:g}), median of {cfg['repeats']} interleaved rounds."
             + (f"\n\n`{report['command']}`" if report.get("command") else ""))
 

@@ -34,8 +34,8 @@ import torch
 
 from cfgengine.bench.baselines import diffusers_scheduler
 from cfgengine.bench.timing import CPU_MIN_REPS, CPU_MIN_SECONDS, environment, time_seconds
-from cfgengine.kernels.guided_step import guided_step, guided_step_reference
-from cfgengine.solvers import coefficient_table
+from cfgengine.kernels.fused_step import guided_step, guided_step_reference
+from cfgengine.tables import coefficient_table
 
 MB = 2**20
 STEPS = 50  # the grid; every case times the step in its middle

@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 from cfgengine import rng
-from cfgengine.backends import PRECISIONS
-from cfgengine.checkpoint import load
+from cfgengine.runtime import autocast_dtype
+from cfgengine.registry import load
 from cfgengine.schedule import logsnr_grid
-from cfgengine.solvers import coefficient_table
+from cfgengine.tables import coefficient_table
 from cfgengine.unet import UNet, preset
 
-# Each solver of the sweep with the settings that make it the step a diffusers scheduler takes:
+# Each sampler of the sweep with the settings that make it the step a diffusers scheduler takes:
 # ancestral v = 0 is DDPM's "fixed small" posterior variance; DDIM with η = 0 is deterministic.
-SOLVER_ARGS = {"ancestral": dict(v=0.0), "ddim": dict(eta=0.0)}
+SAMPLER_ARGS = {"ancestral": dict(v=0.0), "ddim": dict(eta=0.0)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +50,7 @@ class Workload:
 
     def autocast(self):
         """The network precision, as the Sampler applies it (the step stays fp32)."""
-        dtype = PRECISIONS[self.precision]
+        dtype = autocast_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -63,9 +63,9 @@ def make_workload(net: nn.Module, device: str, precision: str, batch: int, *, w:
 
 
 @functools.cache
-def schedule(steps: int, solver: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def schedule(steps: int, sampler: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(table [T, 5], λ grid [T]) on `device`, built once per run as the Sampler builds them."""
-    table = coefficient_table(steps, solver, **SOLVER_ARGS[solver], device=device)
+    table = coefficient_table(steps, sampler, **SAMPLER_ARGS[sampler], device=device)
     return table, logsnr_grid(steps, dtype=torch.float32).to(device)
 
 

@@ -1,5 +1,5 @@
 """cfgengine: fast sampling for classifier-free guided diffusion models (Ho & Salimans 2022)."""
-from cfgengine.checkpoint import load
+from cfgengine.registry import load
 from cfgengine.guidance import GuidedDenoiser, guided_eps
 from cfgengine.sampler import Sampler, sample
 

@@ -6,6 +6,7 @@ import os
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any, Callable
 
 
 @contextmanager
@@ -38,3 +39,13 @@ def check_writable(path: str | Path, flag: str) -> None:
         raise ValueError(f"{flag}: {path} is a directory")
     if not path.resolve().parent.is_dir():
         raise ValueError(f"{flag}: directory of {path} does not exist")
+
+
+def write_atomic(write: Callable[[str], Any], path: str | Path) -> Path:
+    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`: a kill
+    mid-write leaves the previous file intact (os.replace is atomic within one filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, ".tmp") as tmp:
+        write(tmp)
+    return path

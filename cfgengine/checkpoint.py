@@ -1,4 +1,4 @@
-"""Model files and built-in names → ready Denoisers (`cfgengine.load`), and the files training writes.
+"""The files cfgengine writes and reads: training checkpoints, EMA weights, classifier weights.
 
 - `ckpt.pt`: a dict of tensors and plain values (format, version, configs, model, EMA, optimizer, step,
   RNG states), readable with `torch.load(weights_only=True)`; always written atomically.
@@ -10,34 +10,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from cfgengine import toy
-from cfgengine.atomic import atomic_path
+from cfgengine.atomic import write_atomic
 from cfgengine.unet import UNet, UNetConfig
 
 FORMAT = "cfgengine-ckpt"
-EXPORT_FORMAT = "cfgengine-ema"
+EMA_FORMAT = "cfgengine-ema"
 VERSION = 1
-ASSETS = Path(__file__).parent / "assets"
-
-
-def save_atomic(write: Callable[[str], Any], path: str | Path) -> Path:
-    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`: a kill
-    mid-write leaves the previous file intact (os.replace is atomic within one filesystem)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, ".tmp") as tmp:
-        write(tmp)
-    return path
+ASSETS = Path(__file__).parent / "assets"  # the embedded model and classifiers
 
 
 def save_checkpoint(contents: dict, path: str | Path) -> Path:
     """Write a training checkpoint (`contents` plus format and version) atomically."""
     payload = {"format": FORMAT, "version": VERSION, **contents}
-    return save_atomic(lambda tmp: torch.save(payload, tmp), path)
+    return write_atomic(lambda tmp: torch.save(payload, tmp), path)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -76,7 +65,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, file_f
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": file_format, "version": str(VERSION),
               **{k: json.dumps(v) for k, v in metadata.items()}}
-    return save_atomic(lambda tmp: save_file(tensors, tmp, metadata=header), path)
+    return write_atomic(lambda tmp: save_file(tensors, tmp, metadata=header), path)
 
 
 def read_safetensors(path: str | Path, file_format: str,
@@ -100,16 +89,16 @@ def read_safetensors(path: str | Path, file_format: str,
         raise ValueError(f"{path}: metadata lacks a valid {err}") from err
 
 
-def export_safetensors(ema: dict[str, torch.Tensor], model_config: dict, dataset: dict,
+def save_ema_weights(ema: dict[str, torch.Tensor], model_config: dict, dataset: dict,
                        path: str | Path) -> Path:
     """EMA weights + the UNet config and dataset as metadata: the shipping format."""
-    return write_safetensors(ema, path, EXPORT_FORMAT, model_config=model_config, dataset=dataset)
+    return write_safetensors(ema, path, EMA_FORMAT, model_config=model_config, dataset=dataset)
 
 
-def export_checkpoint(ckpt: str | Path, path: str | Path) -> Path:
+def ema_weights_of(ckpt: str | Path, path: str | Path) -> Path:
     """A ckpt.pt's EMA weights → a .safetensors file."""
     contents = read_checkpoint(ckpt)
-    return export_safetensors(contents["ema"], contents["model_config"], contents["dataset"], path)
+    return save_ema_weights(contents["ema"], contents["model_config"], contents["dataset"], path)
 
 
 def build_unet(model_config: dict, dataset: dict, weights: dict[str, torch.Tensor],
@@ -138,44 +127,3 @@ def dataset_dict(info) -> dict:
 def config_dict(config) -> dict:
     """A config dataclass as plain values (tuples become lists, as JSON would make them)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-
-
-def _load_pt(path: Path) -> UNet:
-    contents = read_checkpoint(path)
-    return build_unet(contents["model_config"], contents["dataset"], contents["ema"], path)
-
-
-def _load_safetensors(path: Path) -> UNet:
-    weights, meta = read_safetensors(path, EXPORT_FORMAT, ("model_config", "dataset"))
-    return build_unet(meta["model_config"], meta["dataset"], weights, path)
-
-
-def _load_exported(path: Path):
-    from cfgengine import export  # lazy: onnx / onnxruntime are optional
-
-    return export.load(path)
-
-
-BUILTINS: dict[str, Callable[[], Any]] = {
-    "gmm": toy.ring_mixture,
-    "default": lambda: _load_safetensors(ASSETS / "default.safetensors"),
-}
-LOADERS: dict[str, Callable[[Path], Any]] = {
-    ".pt": _load_pt, ".safetensors": _load_safetensors,
-    **dict.fromkeys((".onnx", ".pt2", ".plan", ".engine"), _load_exported),
-}
-
-
-def load(model: str | Path):
-    """A built-in name (`default`, `gmm`) or a model file → what `cfgengine.sample` runs: a UNet in
-    eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx / .pt2 / .plan."""
-    name = str(model)
-    if name in BUILTINS:
-        return BUILTINS[name]()
-    path = Path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"{name}: no such file, and not a built-in model "
-                                f"({', '.join(BUILTINS)})")
-    if path.suffix not in LOADERS:
-        raise ValueError(f"{name}: not a model file cfgengine can read ({', '.join(LOADERS)})")
-    return LOADERS[path.suffix](path)

@@ -8,11 +8,28 @@ no re-capture. One graph per (batch, guided, table).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from cfgengine.kernels import guided_step
 
 WARMUP_STEPS = 3  # Triton compilation and cuDNN autotuning happen here, outside the capture
+
+
+def capture(fn: Callable[[], object], warmup: int = WARMUP_STEPS) -> torch.cuda.CUDAGraph:
+    """`fn` captured as a CUDA graph after `warmup` calls on a side stream (compilation and
+    autotuning must happen outside the capture). The engine's loop and the bench share it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 class CudaGraphLoop:
@@ -32,7 +49,7 @@ class CudaGraphLoop:
         self.sample_ids = torch.zeros(batch, dtype=torch.int64, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.seed = torch.zeros((), dtype=torch.int64, device=device)
-        self.graph = self._capture()
+        self.graph = capture(self._step)
 
     def _step(self) -> None:
         """λ for this step → net on z2 → fused step into z2 → step += 1 (all on the device)."""
@@ -46,19 +63,7 @@ class CudaGraphLoop:
                     sample_ids=self.sample_ids, out=out, out2=out2)
         self.step.add_(1)
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        return graph
-
-    def run(self, z0: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
+    def sample(self, z0: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
             sample_ids: torch.Tensor, seed: int, steps: int) -> torch.Tensor:
         """Load this chunk into the static buffers, replay `steps` times, return x̂ [B, *S]."""
         self.z2[: self.batch].copy_(z0)

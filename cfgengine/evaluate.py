@@ -67,7 +67,7 @@ class ModelSpec:
 
 def load_models(paths: tuple[str, ...]) -> list[ModelSpec]:
     """Load every model; all must be image models trained on one dataset with a known name."""
-    from cfgengine.checkpoint import load
+    from cfgengine.registry import load
 
     specs = [_spec(path, load(path)) for path in paths]
     datasets = {getattr(s.model, "dataset", "") for s in specs}

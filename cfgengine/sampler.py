@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from cfgengine import rng
-from cfgengine.backends import (PRECISIONS, check_backend, check_device, check_precision,
+from cfgengine.runtime import (autocast_dtype, check_backend, check_device, check_precision,
                                 move_model, split_model)
+from cfgengine.cudagraph import CudaGraphLoop
 from cfgengine.kernels import guided_step
 from cfgengine.schedule import logsnr_grid
-from cfgengine.solvers import check_solver_args, coefficient_table
+from cfgengine.tables import check_sampler_args, coefficient_table
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,14 @@ class Sampler:
         self.backend = check_backend(backend, model, self.device)
         self.precision = check_precision(precision, model)
         exported = getattr(model, "backend_name", None) is not None
-        self.autocast_dtype = None if exported else PRECISIONS[self.precision]
+        self.autocast_dtype = None if exported else autocast_dtype(self.precision)
         model = move_model(model, self.device)
         self.num_classes = model.num_classes
         self.sample_shape = tuple(model.sample_shape)
         self.clip = getattr(model, "clip", None)
         self.guided_net, self.net = split_model(model, self.backend)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._graphs: dict[tuple, object] = {}
+        self._graphs: dict[tuple, CudaGraphLoop] = {}
 
     def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
                steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
@@ -91,7 +92,7 @@ class Sampler:
         z = rng.randn_like_rows(plan.seed, sample_ids, 0, plan.shape)  # z_0 ~ N(0, I)
         if self.backend == "cudagraph":
             graph = self._graph(plan, batch, guided)
-            x_hat = graph.run(z, labels, w, sample_ids, plan.seed, plan.steps)
+            x_hat = graph.sample(z, labels, w, sample_ids, plan.seed, plan.steps)
             if bar is not None:
                 bar.update(plan.steps)
             return x_hat
@@ -114,9 +115,7 @@ class Sampler:
                 return self.net(z, logsnr, labels)
             return self.guided_net(z, logsnr, labels)[: z.shape[0]]
 
-    def _graph(self, plan: Plan, batch: int, guided: bool):
-        from cfgengine.cudagraph import CudaGraphLoop
-
+    def _graph(self, plan: Plan, batch: int, guided: bool) -> CudaGraphLoop:
         key = (batch, guided, plan.shape, plan.steps, plan.sampler, plan.v, plan.eta, plan.clip)
         if key not in self._graphs:
             table, logsnr = self._table(plan)
@@ -143,7 +142,7 @@ class Sampler:
         return self._tables[key]
 
     def _plan(self, steps, sampler, v, eta, clip, seed, shape) -> Plan:
-        check_solver_args(steps, sampler, v, eta)
+        check_sampler_args(steps, sampler, v, eta)
         clip = self.clip if clip == "auto" else clip
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not clip > 0):

@@ -22,7 +22,7 @@ from cfgengine.schedule import alpha_sigma, sample_logsnr
 from cfgengine.unet import UNet, preset
 
 # Settings `--resume` may change; every other one is the checkpoint's (changing it would not resume).
-RESUMABLE = ("steps", "out", "ckpt_every", "sample_every", "device", "export")
+RESUMABLE = ("steps", "out", "ckpt_every", "sample_every", "device", "ema_weights")
 
 
 def _flag(default, help_text: str):
@@ -53,7 +53,7 @@ class TrainConfig:
     sample_steps: int = _flag(64, "sampling steps T of the grids")
     sample_w: float = _flag(1.0, "guidance weight w of the grids")
     device: str = _flag("auto", "auto, cpu, cuda, cuda:1 … (bf16 autocast on CUDA)")
-    export: str | None = _flag(None, "EMA weights file (default: OUT/model.safetensors)")
+    ema_weights: str | None = _flag(None, "EMA weights file (default: OUT/model.safetensors)")
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond <= 1.0:
@@ -178,8 +178,10 @@ def restore(state: TrainState, contents: dict) -> TrainState:
 
 def resumed_config(contents: dict, **overrides) -> TrainConfig:
     """The checkpoint's TrainConfig with the RESUMABLE settings in `overrides` applied."""
-    stored = {f.name: contents["config"][f.name] for f in fields(TrainConfig)
-              if f.name in contents["config"]}
+    saved = dict(contents["config"])
+    if "export" in saved:  # checkpoints of cfgengine 0.1 named ema_weights `export`
+        saved.setdefault("ema_weights", saved.pop("export"))
+    stored = {f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}
     fixed = set(overrides) - set(RESUMABLE)
     if fixed:
         raise ValueError(f"--resume keeps the checkpoint's {', '.join(sorted(fixed))}; "
@@ -207,9 +209,9 @@ def write_samples(state: TrainState, config: TrainConfig, dataset: ImageDataset)
     return path
 
 
-def export_path(config: TrainConfig) -> Path:
-    """Where the EMA weights go at the end: `export`, else OUT/model.safetensors."""
-    return Path(config.export) if config.export else Path(config.out) / "model.safetensors"
+def ema_weights_path(config: TrainConfig) -> Path:
+    """Where the EMA weights go at the end: `ema_weights`, else OUT/model.safetensors."""
+    return Path(config.ema_weights) if config.ema_weights else Path(config.out) / "model.safetensors"
 
 
 def train(config: TrainConfig, progress: bool = False) -> TrainState:
@@ -226,7 +228,7 @@ def resume(path: str | Path, progress: bool = False, **overrides) -> TrainState:
 
 def run(config: TrainConfig, contents: dict | None, progress: bool) -> TrainState:
     """The training loop from a fresh or restored state: checkpoints every `ckpt_every` steps and on
-    Ctrl-C, sample grids every `sample_every`, EMA weights exported at the end."""
+    Ctrl-C, sample grids every `sample_every`, EMA weights written at the end."""
     dataset = load_dataset(config.data, config.image_size)
     device = resolve_device(config.device)
     state = new_state(config, dataset, device)
@@ -238,9 +240,9 @@ def run(config: TrainConfig, contents: dict | None, progress: bool) -> TrainStat
         write_checkpoint(state, config, dataset)  # the exact point to resume from
         raise
     write_checkpoint(state, config, dataset)
-    checkpoint.export_safetensors(state.ema.state_dict(),
+    checkpoint.save_ema_weights(state.ema.state_dict(),
                                   checkpoint.config_dict(state.model.config),
-                                  checkpoint.dataset_dict(dataset.info), export_path(config))
+                                  checkpoint.dataset_dict(dataset.info), ema_weights_path(config))
     return state
 
 

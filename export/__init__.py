@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from cfgengine.export.backend import Backend
+from cfgengine.export.artifact import Backend
 
 SUFFIXES = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".plan"}
 FORMAT_OF_SUFFIX = {".onnx": "onnx", ".pt2": "aoti", ".plan": "tensorrt", ".engine": "tensorrt"}

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from cfgengine.export import metadata
-from cfgengine.export.backend import Backend
+from cfgengine.export.artifact import Backend
 from cfgengine.export.program import Traced, trace
 from cfgengine.atomic import atomic_path
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+SUPPORTED_PRECISIONS = ("fp32", "fp16", "bf16")
 _DEVICE_KEY = "AOTI_DEVICE_KEY"  # written by AOTInductor itself: "cpu" or "cuda"
 
 
@@ -24,7 +24,7 @@ def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, device: torch.device | str = "cpu",
            source: str | None = None) -> Path:
     """Compile GuidedDenoiser(model) for `device` into a `.pt2` at `path` (atomically)."""
-    metadata.check_precision(precision, PRECISIONS, "AOTInductor")
+    metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "AOTInductor")
     traced = trace(model, precision=precision, max_batch=max_batch, device=device, source=source)
     return export_program(traced, path)
 

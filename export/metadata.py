@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
+from cfgengine.runtime import PRECISIONS
 from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN
 
 FORMAT = "cfgengine-export"
 VERSION = 1
 KEY = "cfgengine"  # the metadata key under which the JSON is stored in every format
 SCHEDULE = f"cosine-logsnr({LOGSNR_MIN:g},{LOGSNR_MAX:g})"
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
-                                      "bf16": torch.bfloat16}
+
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
     return ExportMeta(**stored)
 
 
-def check_precision(precision: str, allowed: tuple[str, ...], what: str) -> torch.dtype:
+def export_dtype(precision: str, allowed: tuple[str, ...], what: str) -> torch.dtype:
     """The dtype of `precision`; ValueError if `what` (a format) cannot hold it."""
     if precision not in allowed:
         raise ValueError(f"{what} cannot export precision {precision!r}; choose one of "

@@ -13,26 +13,26 @@ import numpy as np
 import torch
 
 from cfgengine.export import metadata
-from cfgengine.export.backend import Backend, require
+from cfgengine.export.artifact import Backend, require
 from cfgengine.export.program import INPUTS, OUTPUT, Traced, trace
 from cfgengine.atomic import atomic_path
 
 OPSET = 18
-PRECISIONS = ("fp32", "fp16")
+SUPPORTED_PRECISIONS = ("fp32", "fp16")
 _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
 
 
 def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, opset: int = OPSET, source: str | None = None) -> Path:
     """Write GuidedDenoiser(model) as an ONNX file at `path` (atomically); returns the path."""
-    metadata.check_precision(precision, PRECISIONS, "ONNX")
+    metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "ONNX")
     return export_program(trace(model, precision=precision, max_batch=max_batch, source=source),
                           path, opset=opset)
 
 
 def export_program(traced: Traced, path: str | Path, *, opset: int = OPSET) -> Path:
     """Write an already traced program as ONNX with our metadata, after the full checker."""
-    metadata.check_precision(traced.meta.precision, PRECISIONS, "ONNX")
+    metadata.export_dtype(traced.meta.precision, SUPPORTED_PRECISIONS, "ONNX")
     proto = to_proto(traced, opset)
     path = Path(path)
     with atomic_path(path, ".onnx") as tmp:
@@ -80,7 +80,7 @@ def load(path: str | Path, *, device: torch.device | str = "cpu",
     path = Path(path)
     meta = read_metadata(path)
     device = torch.device(device)
-    if meta.precision not in PRECISIONS:
+    if meta.precision not in SUPPORTED_PRECISIONS:
         raise ValueError(f"{path}: precision {meta.precision} has no ONNX Runtime kernels")
     return OnnxBackend(meta, path, device, _session(path, meta, device, threads))
 

@@ -22,12 +22,12 @@ from typing import Callable
 import torch
 
 from cfgengine.export import metadata
-from cfgengine.export.backend import Backend, require
+from cfgengine.export.artifact import Backend, require
 from cfgengine.export.onnx import to_proto
 from cfgengine.export.program import INPUTS, OUTPUT, Traced, check_batch_range, trace
 from cfgengine.atomic import atomic_path
 
-PRECISIONS = ("fp32", "fp16")  # bf16 would need a bf16 ONNX graph, which we do not export
+SUPPORTED_PRECISIONS = ("fp32", "fp16")  # bf16 would need a bf16 ONNX graph, which we do not export
 MAGIC = b"CFGENGINE-TRT\n"
 _LENGTH = struct.Struct("<Q")
 WORKSPACE_BYTES = 4 << 30
@@ -153,7 +153,7 @@ def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            device: torch.device | str = "cuda", source: str | None = None,
            cache: Path | None = None) -> Path:
     """Build (or take from the cache) a TensorRT engine of GuidedDenoiser(model); write a plan."""
-    metadata.check_precision(precision, PRECISIONS, "TensorRT")
+    metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "TensorRT")
     profile = Profile(1, max_batch if opt_batch is None else opt_batch, max_batch)
     _tensorrt(), _cuda(device)  # fail before the slow trace when neither can work
     traced = trace(model, precision=precision, max_batch=max_batch, source=source)
@@ -164,7 +164,7 @@ def export_program(traced: Traced, path: str | Path, *, profile: Profile,
                    device: torch.device | str = "cuda", cache: Path | None = None) -> Path:
     """Engine plan at `path` from an already traced program, through the engine cache."""
     trt, device = _tensorrt(), _cuda(device)
-    metadata.check_precision(traced.meta.precision, PRECISIONS, "TensorRT")
+    metadata.export_dtype(traced.meta.precision, SUPPORTED_PRECISIONS, "TensorRT")
     onnx_bytes = to_proto(traced).SerializeToString()
     target = current_target(trt, device)
     meta = replace(traced.meta, min_batch=profile.min, max_batch=profile.max)

@@ -1,4 +1,4 @@
 """Fused sampling-step kernels (Triton) and their torch references."""
-from cfgengine.kernels.guided_step import guided_step
+from cfgengine.kernels.fused_step import guided_step
 
 __all__ = ["guided_step"]

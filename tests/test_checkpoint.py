@@ -77,8 +77,8 @@ def test_cli_reports_a_bad_model_in_one_line(run_dir, tmp_path, capsys):
     assert not (tmp_path / "s.png").exists()
 
 
-def test_export_checkpoint_round_trip(run_dir, tmp_path):
-    path = checkpoint.export_checkpoint(run_dir / "ckpt.pt", tmp_path / "m.safetensors")
+def test_ema_weights_of_round_trip(run_dir, tmp_path):
+    path = checkpoint.ema_weights_of(run_dir / "ckpt.pt", tmp_path / "m.safetensors")
     a, b = cfgengine.load(path), cfgengine.load(run_dir / "model.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 

@@ -25,7 +25,7 @@ def tiny_model(tmp_path_factory) -> str:
     torch.manual_seed(0)
     net = UNet(preset("tiny", num_classes=10, image_size=8, in_channels=1))
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    checkpoint.export_safetensors(net.state_dict(), checkpoint.config_dict(net.config),
+    checkpoint.save_ema_weights(net.state_dict(), checkpoint.config_dict(net.config),
                                   checkpoint.dataset_dict(info), path)
     return str(path)
 

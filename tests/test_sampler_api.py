@@ -11,10 +11,10 @@ import torch
 import cfgengine
 from cfgengine import rng, toy
 from cfgengine.kernels import guided_step
-from cfgengine.kernels.guided_step import check_step_args
+from cfgengine.kernels.fused_step import check_step_args
 from cfgengine.sampler import Sampler, sample
 from cfgengine.schedule import alpha_sigma, logsnr_grid
-from cfgengine.solvers import coefficient_table
+from cfgengine.tables import coefficient_table
 
 STEPS = 12
 LABELS = torch.tensor([0, 3, 1, 4, 2, 2, 0, 1, 3])
@@ -332,7 +332,7 @@ def test_bad_engine_settings_raise(gmm, kwargs, match):
 
 
 # --------------------------------------------------------------------------------------------
-# The guided step's torch reference (kernels/guided_step.py) against a direct float64 computation.
+# The guided step's torch reference (kernels/fused_step.py) against a direct float64 computation.
 
 B, S = 5, (3, 7)
 

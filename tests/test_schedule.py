@@ -10,7 +10,7 @@ import torch
 
 from cfgengine.schedule import (LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr_grid,
                                 logsnr_schedule)
-from cfgengine.solvers import coefficient_table
+from cfgengine.tables import coefficient_table
 
 STEPS = [2, 3, 7, 16]
 VS = [0.0, 0.3, 1.0]

@@ -1,5 +1,5 @@
 """AOTInductor `.pt2` specifics: device binding, bad packages and names (its parity against torch
-is in test_backends.py, shared with ONNX)."""
+is in test_artifact.py, shared with ONNX)."""
 from __future__ import annotations
 
 import os

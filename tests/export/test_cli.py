@@ -13,7 +13,7 @@ from cfgengine.cli import main
 def model_file(tiny_unet, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
     dataset = {"name": "test", "class_names": [], "shape": list(tiny_unet.sample_shape)}
-    return checkpoint.export_safetensors(tiny_unet.state_dict(), checkpoint.config_dict(
+    return checkpoint.save_ema_weights(tiny_unet.state_dict(), checkpoint.config_dict(
         tiny_unet.config), dataset, path)
 
 

@@ -1,5 +1,5 @@
 """ONNX specifics: symbolic batch in the saved graph, stored metadata, session settings, fp16
-casting, foreign files and providers (parity against torch is in test_backends.py)."""
+casting, foreign files and providers (parity against torch is in test_artifact.py)."""
 from __future__ import annotations
 
 import copy

@@ -45,7 +45,7 @@ def coefficient_table(steps: int, sampler: str = "ancestral", *, v: float = 0.3,
                       logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX,
                       device: torch.device | str | None = None) -> torch.Tensor:
     """The sampler's table float32 [T, 5] of rows (α, σ, c_z, c_x, s), built on `device`."""
-    check_solver_args(steps, sampler, v, eta)
+    check_sampler_args(steps, sampler, v, eta)
     logsnr = logsnr_grid(steps, logsnr_min, logsnr_max)  # float64 (T,)
     alpha, sigma = alpha_sigma(logsnr)
     if sampler == "ancestral":
@@ -58,7 +58,7 @@ def coefficient_table(steps: int, sampler: str = "ancestral", *, v: float = 0.3,
     return table.to(device=device, dtype=torch.float32)
 
 
-def check_solver_args(steps: int, sampler: str, v: float, eta: float) -> None:
+def check_sampler_args(steps: int, sampler: str, v: float, eta: float) -> None:
     """Raise ValueError naming the first bad sampler setting."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an integer ≥ 2, got {steps!r}")

@@ -1,8 +1,8 @@
 """pytest-benchmark suite of whole sampling loops: every engine backend, exported format and
 baseline of cfgengine.bench.harness on one short loop, one test each.
 
-    pytest bench/test_sample_bench.py --benchmark-json=bench/results/loop.json
-    OMP_NUM_THREADS=1 pytest bench/test_sample_bench.py ...   # on a shared CPU machine
+    pytest tests/bench/test_sample_bench.py --benchmark-json=bench/results/loop.json
+    OMP_NUM_THREADS=1 pytest tests/bench/test_sample_bench.py ...   # on a shared CPU machine
 
 (On the loaded 2-core development machine torch's two default threads made the torch loop 150x
 slower than one thread — 0.32 against 48 images/s — so set the thread count on shared CPUs.)

@@ -18,6 +18,7 @@ import os
 import torch
 
 from cfgengine import rng
+from cfgengine.guidance import guided_eps
 
 try:  # Triton ships for Linux x86-64 only; elsewhere the torch path still works.
     import triton
@@ -46,8 +47,11 @@ def guided_step(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Tensor, ta
     """
     check_step_args(eps2, z, w, table, step, noise, out, x_hat_out, out2, impl)
     if _use_triton(impl, z):
-        return guided_step_triton(eps2, z, w, table, step, clip=clip, noise=noise, seed=seed,
-                                  sample_ids=sample_ids, out=out, x_hat_out=x_hat_out, out2=out2)
+        _require_triton(z.device)
+        check_kernel_operands(eps2, z, w, table, step, noise, seed, sample_ids, out, x_hat_out,
+                              out2)
+        return _launch(eps2, z, w, table, step, clip, noise, seed, sample_ids, out, x_hat_out,
+                       out2, None)
     z_next, x_hat = guided_step_reference(eps2, z, w, table, step, clip=clip, noise=noise,
                                           seed=seed, sample_ids=sample_ids)
     return _write_outputs(z_next, x_hat, z.dtype, out, x_hat_out, out2)
@@ -97,8 +101,8 @@ def guided_step_reference(eps2, z, w, table, step, *, clip=None, noise=None, see
     alpha, sigma, c_z, c_x, s = table_rows(table, step, batch).unbind(dim=1)
     eps_c = eps2[:batch].float()
     if eps2.shape[0] == 2 * batch:
-        w = torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(bshape)
-        eps = eps_c + w * (eps_c - eps2[batch:].float())  # (1+w)·ε_c − w·ε_u
+        eps = guided_eps(eps_c, eps2[batch:].float(),
+                         torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(-1))
     else:
         eps = eps_c
     x_hat = (z.float() - sigma.reshape(bshape) * eps) / alpha.reshape(bshape)
@@ -338,6 +342,13 @@ def guided_step_triton(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Ten
     _require_triton(z.device)
     check_step_args(eps2, z, w, table, step, noise, out, x_hat_out, out2, "triton")
     check_kernel_operands(eps2, z, w, table, step, noise, seed, sample_ids, out, x_hat_out, out2)
+    return _launch(eps2, z, w, table, step, clip, noise, seed, sample_ids, out, x_hat_out, out2,
+                   config)
+
+
+def _launch(eps2, z, w, table, step, clip, noise, seed, sample_ids, out, x_hat_out, out2,
+            config: LaunchConfig | None) -> torch.Tensor:
+    """The launch itself, on operands already checked (each step validates once)."""
     batch, numel = z.shape[0], z[0].numel()
     if out is None:
         out = out2[:batch] if out2 is not None else torch.empty_like(z)

@@ -1,7 +1,7 @@
 """pytest-benchmark suite of the guided step: the candidates of cfgengine.bench.step, one test each.
 
-    pytest bench/test_step_bench.py                       # CPU: the torch path, small sizes
-    pytest bench/test_step_bench.py --benchmark-json=...  # on a GPU: the kernel, 1–256 MB
+    pytest tests/bench/test_step_bench.py                       # CPU: the torch path, small sizes
+    pytest tests/bench/test_step_bench.py --benchmark-json=...  # on a GPU: the kernel, 1–256 MB
 
 Each call is followed by a device sync, so a timing covers the work and not just its launch; bytes
 moved and GB/s go into extra_info. Ratios between candidates are read off one run's table.

@@ -17,10 +17,10 @@ from scipy import stats
 
 from cfgengine import rng
 from cfgengine.kernels import guided_step
-from cfgengine.solvers import coefficient_table
+from cfgengine.tables import coefficient_table
 
 # The package re-exports the function `guided_step`, which shadows the module of the same name.
-gs = importlib.import_module("cfgengine.kernels.guided_step")
+gs = importlib.import_module("cfgengine.kernels.fused_step")
 
 SHAPE = (3, 17, 19)  # D = 969: not a power of two, not a multiple of 4
 BATCH = 3
@@ -285,7 +285,7 @@ def test_module_imports_and_runs_torch_without_triton():
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import torch\n"
         "from cfgengine.kernels import guided_step\n"
-        "from cfgengine.solvers import coefficient_table\n"
+        "from cfgengine.tables import coefficient_table\n"
         "args = (torch.zeros(4, 3), torch.zeros(2, 3), 0.3, coefficient_table(3), 1)\n"
         "guided_step(*args)\n"
         "try:\n"
@@ -355,7 +355,7 @@ def test_full_sample_through_the_kernel_equals_the_reference(monkeypatch):
     labels = torch.tensor([0, 3, 1, 4, 2, 2, 0])
     w = torch.tensor([0.0, 0.3, 1.0, 4.0, 0.5, 2.0, 1.5])
     reference = cfgengine.sample(model, labels, w=w, steps=12, seed=3)
-    step_fn = importlib.import_module("cfgengine.kernels.guided_step").guided_step
+    step_fn = importlib.import_module("cfgengine.kernels.fused_step").guided_step
     monkeypatch.setattr(sampler_module, "guided_step", functools.partial(step_fn, impl="triton"))
     fused = cfgengine.sample(model, labels, w=w, steps=12, seed=3)
     assert ((fused - reference).norm() / reference.norm()) < 1e-5

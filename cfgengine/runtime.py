@@ -11,7 +11,13 @@ import torch
 from cfgengine.guidance import GuidedDenoiser
 
 BACKENDS = ("auto", "torch", "compile", "cudagraph")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                      "fp16": torch.float16}  # network precision name → dtype
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast runs the network in at `precision`; None for fp32 (no autocast)."""
+    return None if precision == "fp32" else PRECISIONS[precision]
 
 
 def check_backend(name: str | None, model, device: torch.device) -> str:

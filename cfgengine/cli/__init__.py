@@ -1,0 +1,38 @@
+"""`cfgengine …` subcommands, one module each (`add(sub)` + `run(args)`). Validation happens at
+the edge: a user error is one line on stderr and exit code 2 — never a traceback, never a
+half-written output file."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cfgengine.cli import (bench, classifier_accuracy, eval, export, sample, train,
+                           train_classifier)
+from cfgengine.cli.args import Parser, UserError
+
+COMMANDS = (sample, train, train_classifier, classifier_accuracy, export, bench, eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="cfgengine", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in COMMANDS:
+        command.add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cfgengine` console script."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args) or 0
+    except (UserError, ValueError, FloatingPointError, OSError) as err:
+        print(f"cfgengine: error: {err}", file=sys.stderr)  # one line: no traceback for these
+        return 2
+    except KeyboardInterrupt:
+        print("cfgengine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`cfgengine bench`: the end-to-end sweep against diffusers-style baselines. Its flags are the
+harness's own table (`cfgengine.bench.harness.FLAGS`), typed from SweepConfig's fields."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from cfgengine.cli.args import field_type
+
+# old spellings a user may have typed, still accepted
+ALIASES = {"sampler": "--solver"}
+
+
+def add(sub) -> None:
+    from cfgengine.bench.harness import FLAGS, SWEEPS, SweepConfig
+
+    p = sub.add_parser("bench", help="end-to-end sampling benchmark against diffusers-style "
+                       "baselines (JSON + markdown + PNG in --out-dir)")
+    p.add_argument("--sweep", choices=tuple(SWEEPS), default="cpu",
+                   help="preset sweep; the flags below override its fields (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="the quick sweep (< 2 min on 2 CPU cores)")
+    for field in dataclasses.fields(SweepConfig):
+        flag = FLAGS[field.name]
+        names = [flag] + ([ALIASES[field.name]] if field.name in ALIASES else [])
+        p.add_argument(*names, dest=field.name, type=field_type(field, flag), default=None,
+                       help="(default: the sweep's)")
+    p.add_argument("--out-dir", default="bench/results", help="folder of the result files")
+    p.add_argument("--name", default=None, help="file stem (default: e2e-SWEEP-DEVICE-DATE)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from cfgengine.bench import harness, report
+
+    sweep = "quick" if args.quick else args.sweep
+    config = harness.check_config(dataclasses.replace(harness.SWEEPS[sweep], **{
+        field: getattr(args, field) for field in harness.FLAGS
+        if getattr(args, field) is not None}))
+    result = harness.sweep(config, progress=sys.stderr.isatty())
+    name = args.name or report.stem(result, sweep)
+    command = harness.command_line(config, sweep)
+    paths = report.write(result, args.out_dir, name, command)
+    print(report.markdown(dict(result, command=command), paths["png"].name))
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0

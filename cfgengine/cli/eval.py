@@ -1,0 +1,49 @@
+"""`cfgengine eval`: FID / IS / precision / recall / accuracy per (model, T, w)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cfgengine.cli.args import UserError, comma_list, guidance_weights
+
+
+def add(sub) -> None:
+    from cfgengine.evaluate import PAPER_W
+
+    p = sub.add_parser("eval", help="FID / IS / precision / recall / accuracy of samples per "
+                       "(model, T, w), in the dataset classifier's feature space")
+    p.add_argument("--ckpt", action="append", required=True,
+                   help="model file (repeat for several models, e.g. one per p_uncond)")
+    p.add_argument("--w", type=guidance_weights(), default=list(PAPER_W),
+                   help="guidance weights w of the paper (diffusers' guidance_scale = 1 + w), "
+                        "comma list; one sampling pass covers them all (default: %(default)s)")
+    p.add_argument("--steps", type=comma_list(int, "--steps"), default=[64],
+                   help="sampling steps T, comma list (default: 64)")
+    p.add_argument("--n", type=int, default=1000, help="class-balanced samples per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="eval", help="results folder (its parent must exist)")
+    p.add_argument("--features", default=None,
+                   help="feature network: a classifier .safetensors, or a .pt2 / TorchScript "
+                        "network such as Inception; no downloads (default: the dataset's "
+                        "shipped classifier)")
+    p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per interval")
+    p.add_argument("--batch", type=int, default=2000, help="rows per sampling forward")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache "
+                   "(default: ~/.cache/cfgengine)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from cfgengine.evaluate import EvalConfig, run_eval
+
+    config = EvalConfig(tuple(args.ckpt), tuple(args.w), tuple(args.steps), args.n, args.seed,
+                        args.out_dir, args.features, args.k, args.bootstrap, args.batch,
+                        cache_dir=args.cache_dir)
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir: {out} is a file")
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"--out-dir: parent folder of {out} does not exist")
+    run_eval(config)  # models and features are checked before anything is written
+    print(f"results -> {out / 'results.json'}, {out / 'results.md'}")
+    return 0

@@ -1,0 +1,57 @@
+"""`cfgengine export`: the doubled-batch guided denoiser as ONNX, AOTInductor or TensorRT."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cfgengine.atomic import check_writable
+from cfgengine.cli.args import UserError
+from cfgengine.registry import load
+
+
+def add(sub) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX, AOTInductor (.pt2) or TensorRT "
+                                      "(experimental)",
+                       description="Export the guided denoiser (conditional and null rows as one "
+                                   "doubled batch) for cfgengine.load / cfgengine sample --ckpt.")
+    p.add_argument("model", help="model file (.pt, .safetensors) or built-in name (default)")
+    p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
+                   help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "
+                        "untested here, needs TensorRT and a CUDA GPU)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="weight precision; normalisations stay fp32 (default: fp32)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="largest batch B the artifact accepts (it computes 2B rows; default: 64)")
+    p.add_argument("--device", default=None,
+                   help="aoti: cpu or cuda (default cpu); tensorrt: the GPU (default cuda)")
+    p.add_argument("-o", "--out", default=None,
+                   help="output file (default: MODEL's name with the format's suffix)")
+    p.set_defaults(run=run)
+
+
+def output_path(args) -> Path:
+    from cfgengine.export import FORMAT_OF_SUFFIX, SUFFIXES
+
+    out = Path(args.out) if args.out else Path(Path(args.model).stem + SUFFIXES[args.format])
+    if FORMAT_OF_SUFFIX.get(out.suffix) != args.format:
+        raise UserError(f"-o: a {args.format} export must be named *{SUFFIXES[args.format]}, "
+                        f"got {out}")
+    check_writable(out, "-o")
+    return out
+
+
+def run(args) -> int:
+    from cfgengine import export
+
+    out = output_path(args)
+    options = {"precision": args.precision, "max_batch": args.max_batch, "source": args.model}
+    if args.device is not None:
+        if args.format == "onnx":
+            raise UserError("--device applies to aoti and tensorrt; an ONNX file picks its "
+                            "device when loaded")
+        options["device"] = args.device
+    start = time.perf_counter()
+    path = export.export(load(args.model), out, format=args.format, **options)
+    print(f"exported {args.model} as {args.format} ({args.precision}, batch 1..{args.max_batch}) "
+          f"in {time.perf_counter() - start:.1f} s -> {path}")
+    return 0

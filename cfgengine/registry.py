@@ -1,0 +1,52 @@
+"""Model names and files → what `cfgengine.sample` runs (`cfgengine.load`): the built-in models
+(`default`, `gmm`), cfgengine's own weight files, and exported artifacts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from cfgengine import toy
+from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
+                                  read_safetensors)
+from cfgengine.unet import UNet
+
+
+def _load_pt(path: Path) -> UNet:
+    contents = read_checkpoint(path)
+    return build_unet(contents["model_config"], contents["dataset"], contents["ema"], path)
+
+
+def _load_safetensors(path: Path) -> UNet:
+    weights, meta = read_safetensors(path, EMA_FORMAT, ("model_config", "dataset"))
+    return build_unet(meta["model_config"], meta["dataset"], weights, path)
+
+
+def _load_exported(path: Path):
+    from cfgengine import export  # lazy: onnx / onnxruntime are optional
+
+    return export.load(path)
+
+
+BUILTINS: dict[str, Callable[[], Any]] = {
+    "gmm": toy.ring_mixture,
+    "default": lambda: _load_safetensors(ASSETS / "default.safetensors"),
+}
+LOADERS: dict[str, Callable[[Path], Any]] = {
+    ".pt": _load_pt, ".safetensors": _load_safetensors,
+    **dict.fromkeys((".onnx", ".pt2", ".plan", ".engine"), _load_exported),
+}
+
+
+def load(model: str | Path):
+    """A built-in name (`default`, `gmm`) or a model file → what `cfgengine.sample` runs: a UNet in
+    eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx / .pt2 / .plan."""
+    name = str(model)
+    if name in BUILTINS:
+        return BUILTINS[name]()
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such file, and not a built-in model "
+                                f"({', '.join(BUILTINS)})")
+    if path.suffix not in LOADERS:
+        raise ValueError(f"{name}: not a model file cfgengine can read ({', '.join(LOADERS)})")
+    return LOADERS[path.suffix](path)
