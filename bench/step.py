@@ -1,4 +1,4 @@
-"""Benchmark of the fused guided step (DESIGN.md §4): the step against the bytes it must move and
+"""Benchmark of the fused guided step (docs/design.md §4): the step against the bytes it must move and
 against the unfused and the compiled ways of taking the same step.
 
 A case is (size of z = B·D·elem in bytes, storage dtype, noise "given" or "in-kernel"); every

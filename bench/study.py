@@ -1,6 +1,6 @@
 """The FID/IS-versus-w study (issue 8; Ho & Salimans 2022, §4.2 and Table 1) on our data, as one
 command: train one model per p_uncond (same preset and budget), evaluate every (p_uncond, T, w) cell
-with `cfgengine eval`, and test the paper's four claims (PAPER.md) with bootstrap intervals — a
+with `cfgengine eval`, and test the paper's four claims (docs/paper.md) with bootstrap intervals — a
 difference whose intervals overlap is reported as inconclusive.
 
     python -m cfgengine.bench.study full --estimate    # predicted cost on this machine, then exit

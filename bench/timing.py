@@ -1,4 +1,4 @@
-"""Timing and environment helpers shared by every benchmark in cfgengine.bench (DESIGN.md §4).
+"""Timing and environment helpers shared by every benchmark in cfgengine.bench (docs/design.md §4).
 
 `time_seconds` is the per-call median of a short callable (triton's do_bench on CUDA, L2 flushed;
 wall clock after warm-up on CPU); `time_once` is one synchronised call of a long one (a whole

@@ -1,5 +1,5 @@
 """What every runner of one benchmark cell samples: the same net, device, precision, labels, w and
-z_0 (DESIGN.md §1 noise keys), on the same λ grid and coefficient table.
+z_0 (docs/design.md §1 noise keys), on the same λ grid and coefficient table.
 
 The model is the embedded default (`cfgengine.load("default")`) when it exists, else a randomly
 initialised UNet of the named preset: timing does not depend on the weights.

@@ -2,7 +2,7 @@
 (scikit-learn's bundled 8×8 digits), `gmm` (`toy.image_mixture`, whose exact ε is known), a folder of
 class sub-folders, and an `.npz` of uint8 NHWC images `x` with labels `y`.
 
-Every dataset yields float32 images in [−1, 1] (DESIGN.md §1) shaped [N, C, H, W] with int64 labels
+Every dataset yields float32 images in [−1, 1] (docs/design.md §1) shaped [N, C, H, W] with int64 labels
 in [0, K), and carries its `DatasetInfo`. Batches are drawn with a caller-owned torch.Generator, so
 saving that generator's state is all a resumable training run needs.
 """

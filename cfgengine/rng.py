@@ -1,4 +1,4 @@
-"""Counter-based Gaussian noise (DESIGN.md §3): Philox4x32-10 + Box–Muller, as triton.language does it.
+"""Counter-based Gaussian noise (docs/design.md §3): Philox4x32-10 + Box–Muller, as triton.language does it.
 
 A draw is keyed by (seed, sample id, k) and the element index, never by batch layout, so sample i
 gets the same noise at any batch size, chunking or backend. k = 0 is the initial z_0; k = t + 1 is

@@ -1,4 +1,4 @@
-"""Backends: what computes eps2 = backend(z[B], λ[B], labels[B]) for the sampler (DESIGN.md §3).
+"""Backends: what computes eps2 = backend(z[B], λ[B], labels[B]) for the sampler (docs/design.md §3).
 
 `torch` runs the GuidedDenoiser eagerly, `compile` runs it through torch.compile, and `cudagraph`
 captures the whole step (net forward on a static [2B] buffer + the fused step kernel) as a CUDA

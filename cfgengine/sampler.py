@@ -213,7 +213,7 @@ def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
            batch_size: int | None = None, n: int | None = None,
            device: torch.device | str | None = None, backend: str | None = None,
            precision: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Guided samples x̂ [N, *S] from a Denoiser or backend (DESIGN.md §3); one-shot `Sampler`."""
+    """Guided samples x̂ [N, *S] from a Denoiser or backend (docs/design.md §3); one-shot `Sampler`."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
     return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, clip=clip,
                          seed=seed, shape=shape, batch_size=batch_size, n=n, progress=progress)

@@ -1,6 +1,6 @@
 """Coefficient tables for the paper's ancestral sampler (Algorithm 2, v) and DDIM (η) — pure functions.
 
-Every step is x̂ = clip((z − σ·ε̃)/α), z' = c_z·z + c_x·x̂ + s·n (DESIGN.md §1). A table is float32
+Every step is x̂ = clip((z − σ·ε̃)/α), z' = c_z·z + c_x·x̂ + s·n (docs/design.md §1). A table is float32
 [T, 5] with rows (α, σ, c_z, c_x, s) at λ_t; the last row is (α, σ, 0, 1, 0) so that z' = x̂.
 Coefficients are computed in float64 and rounded once.
 """

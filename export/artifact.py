@@ -1,4 +1,4 @@
-"""What the three exported-artifact backends share: the backend contract of DESIGN.md §3 (call
+"""What the three exported-artifact backends share: the backend contract of docs/design.md §3 (call
 shape (z[B], logsnr[B], labels[B]) → eps2[2B], `num_classes`, `sample_shape`, `clip`,
 `returns_doubled`), input checking against the artifact's metadata, optional-dependency imports."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ SCHEDULE = f"cosine-logsnr({LOGSNR_MIN:g},{LOGSNR_MAX:g})"
 
 @dataclass(frozen=True)
 class ExportMeta:
-    """The model facts a backend needs (DESIGN.md §3) plus provenance of the weights."""
+    """The model facts a backend needs (docs/design.md §3) plus provenance of the weights."""
 
     num_classes: int
     sample_shape: tuple[int, ...]

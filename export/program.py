@@ -1,5 +1,5 @@
 """The one traced program every export format is made from: the GuidedDenoiser (cond + null as one
-doubled batch, DESIGN.md §3) captured by `torch.export` with a symbolic batch dimension."""
+doubled batch, docs/design.md §3) captured by `torch.export` with a symbolic batch dimension."""
 from __future__ import annotations
 
 import copy

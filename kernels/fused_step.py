@@ -4,7 +4,7 @@
     x̂  = clip((z − σ·ε̃)/α)
     z' = c_z·z + c_x·x̂ + s·n               (α, σ, c_z, c_x, s) = table[step_i]
 
-This module holds, in layers (DESIGN.md §5): the torch reference `guided_step_reference` (the
+This module holds, in layers (docs/design.md §5): the torch reference `guided_step_reference` (the
 definition, and the CPU path); the private Triton kernel `_guided_step_kernel`; its launcher
 `guided_step_triton`, which checks the operands and picks the tile; and the public `guided_step`,
 which dispatches. An eps2 of B rows (instead of 2B) means the guidance is already off (w = 0

@@ -1,4 +1,4 @@
-"""Shared test setup: Triton runs under its interpreter when there is no GPU (DESIGN.md §2), set
+"""Shared test setup: Triton runs under its interpreter when there is no GPU (docs/design.md §2), set
 before any kernel import; small toy models for the sampler tests."""
 from __future__ import annotations
 

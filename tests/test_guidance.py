@@ -1,4 +1,4 @@
-"""Paper eq. 6 (`guided_eps`) and the doubled-batch GuidedDenoiser (DESIGN.md §3)."""
+"""Paper eq. 6 (`guided_eps`) and the doubled-batch GuidedDenoiser (docs/design.md §3)."""
 from __future__ import annotations
 
 import pytest

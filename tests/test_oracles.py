@@ -1,6 +1,6 @@
 """Distribution oracles for the sampler: exact moments (linear-Gaussian) and exact mixtures.
 
-The reference here is written from DESIGN.md §1 independently of cfgengine.schedule/solvers, in
+The reference here is written from docs/design.md §1 independently of cfgengine.schedule/tables, in
 float64 and in the paper's own form (μ and var of Algorithm 2, DDIM's update), so a wrong schedule,
 variance interpolation, coefficient or guidance sign in the package makes these tests fail.
 """

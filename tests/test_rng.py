@@ -1,5 +1,5 @@
 """rng.py (the definition of the counter-based noise) against Triton's own Philox and Box–Muller
-run under the interpreter, plus batch independence and distribution checks (DESIGN.md §3)."""
+run under the interpreter, plus batch independence and distribution checks (docs/design.md §3)."""
 from __future__ import annotations
 
 import math

@@ -27,7 +27,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# An independent float64 Algorithm 2 / DDIM, written from DESIGN.md §1 (not from the table).
+# An independent float64 Algorithm 2 / DDIM, written from docs/design.md §1 (not from the table).
 
 def reference_sample(model, labels, w, *, steps, sampler="ancestral", v=0.3, eta=0.0, clip=None,
                      seed=0):
@@ -151,7 +151,7 @@ def test_cfgengine_sample_is_the_public_entry(gmm):
 
 
 # --------------------------------------------------------------------------------------------
-# Forward counts: w = 0 and labels=None skip the null half (DESIGN.md §4).
+# Forward counts: w = 0 and labels=None skip the null half (docs/design.md §4).
 
 class DoubledOnly:
     """A backend (returns_doubled, no `.denoiser`): the sampler can only call the 2B-row form."""
@@ -220,7 +220,7 @@ def test_unconditional_through_doubled_backend_equals_plain(gmm):
 
 
 # --------------------------------------------------------------------------------------------
-# The loop makes no host sync (DESIGN.md §4): run `_sample_chunk` with syncs patched to raise.
+# The loop makes no host sync (docs/design.md §4): run `_sample_chunk` with syncs patched to raise.
 
 SYNCS = ("item", "__bool__", "tolist", "numpy", "__int__", "__float__", "__index__")
 

@@ -1,4 +1,4 @@
-"""The cosine log-SNR schedule and the coefficient tables against DESIGN.md §1, formulas written
+"""The cosine log-SNR schedule and the coefficient tables against docs/design.md §1, formulas written
 out independently here in float64 (numpy/math, not the package's helpers)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The UNet is a Denoiser (DESIGN.md §3): shapes, dtypes, conditioning on λ and the null label K,
+"""The UNet is a Denoiser (docs/design.md §3): shapes, dtypes, conditioning on λ and the null label K,
 no leakage across the batch, and exportable with torch.export."""
 import pytest
 import torch

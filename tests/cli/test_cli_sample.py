@@ -1,6 +1,6 @@
 """`cfgengine sample` end to end (in-process via `cli.main`, once as the console script): outputs
 against the Python API, and the edge contract — a user error is one line on stderr, exit code 2,
-no traceback, no output file (DESIGN.md §3)."""
+no traceback, no output file (docs/design.md §3)."""
 from __future__ import annotations
 
 import re
