@@ -76,6 +76,13 @@ SWEEPS: dict[str, SweepConfig] = {
     # the exported runtimes (ONNX Runtime, AOTInductor) against eager torch, no peers
     "exported": SweepConfig(steps=(64,), batches=(16,), backends=("torch",), baselines=(),
                             exported=EXPORTED, repeats=3, threads=2),
+    # bench/gpu_check.py, sized for a short GPU lease: η(T) of the loops at B = 1, then a short
+    # sweep against every baseline and exported runtime
+    "gpu-eta": SweepConfig(device="cuda", steps=(16, 64, 256, 1024), batches=(1,),
+                           backends=("torch", "cudagraph"), baselines=("baseline2",), repeats=3),
+    "gpu-short": SweepConfig(device="cuda", steps=(64,), batches=(1, 8, 64),
+                             backends=ENGINE_BACKENDS, precisions=("fp32", "bf16"),
+                             exported=EXPORTED, repeats=3),
     "gpu": SweepConfig(device="cuda", steps=(16, 64, 256, 1024), batches=(1, 2, 4, 8, 32, 128),
                        backends=ENGINE_BACKENDS, precisions=("fp32", "bf16", "fp16"),
                        exported=EXPORTED),

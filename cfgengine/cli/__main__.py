@@ -1,0 +1,6 @@
+"""`python -m cfgengine.cli …` runs the `cfgengine` command."""
+import sys
+
+from cfgengine.cli import main
+
+sys.exit(main())
