@@ -54,7 +54,8 @@ def guided_step(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Tensor, ta
     step's final x̂ and may alias `x_hat_prev`. `step` is an int, a 0-d int64 tensor, or an int64
     Tensor[B]; noise is `noise` when given, else drawn at key (seed, sample_ids[i], step_i + 1).
     `out2` [2B, *S] receives z' in both halves; without `out`, the returned z' is the view
-    out2[:B] (no third write).
+    out2[:B] (no third write). The rule's `interval` is the caller's to apply: outside it the
+    Sampler passes eps2 with B rows (ε̃ = ε_c); the step applies the rule whenever it gets 2B.
     """
     rule = CFG() if rule is None else rule
     check_step_args(eps2, z, w, table, step, noise, out, x_hat_out, out2, impl, rule=rule,
@@ -380,7 +381,7 @@ def _row_std(stats_ptr, rows, row_mask, mean_slot: tl.constexpr, SPLIT: tl.const
     """Unbiased std of a row from its slices' (count, mean, M2) (Chan et al.'s merge): (BLOCK_R, 1)."""
     count = _partials(stats_ptr, rows, row_mask, 0, SPLIT)
     mean = _partials(stats_ptr, rows, row_mask, mean_slot, SPLIT)
-    n = tl.sum(count, axis=1)
+    n = tl.where(row_mask, tl.sum(count, axis=1), 2.0)  # rows past the batch: no 0/0
     row_mean = tl.sum(count * mean, axis=1) / n
     spread = mean - row_mean[:, None]
     m2 = tl.sum(_partials(stats_ptr, rows, row_mask, mean_slot + 1, SPLIT), axis=1)
@@ -701,8 +702,8 @@ def _row_stats_kernel(eps_c_ptr, eps_u_ptr, z_ptr, table_ptr, w_ptr, step_ptr, s
 
 TILE_ELEMENTS = 2048  # per program: 8 values per thread at 8 warps, two 16-byte fp32 vectors
 MAX_GRID_ROWS = 65535  # CUDA's limit on the grid's second axis; the kernels stride past it
-MAX_SPLIT = 64  # slices per row in the reduction pass: the step kernel reads SPLIT partials
-STATS_PROGRAMS = 1024  # enough reduction programs to keep every SM of a large GPU streaming
+MAX_SPLIT = 32  # slices per row in the reduction pass: ≥ 256 programs at B = 8 for a big D, and
+                # the step kernel's SPLIT·5 partial reads stay ~2% of a tile's bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -744,13 +745,11 @@ def launch_config(batch: int, numel: int) -> LaunchConfig:
     return LaunchConfig(block_rows, block_d, num_warps)
 
 
-def stats_split(batch: int, numel: int, config: LaunchConfig) -> int:
-    """Slices per row for the reduction pass (a power of two): about STATS_PROGRAMS programs in
-    all, never more slices than tiles in a row, at most MAX_SPLIT."""
-    tiles = triton.cdiv(numel, config.block_d)
-    row_blocks = triton.cdiv(batch, config.block_rows)
-    wanted = triton.cdiv(STATS_PROGRAMS, row_blocks)
-    return min(MAX_SPLIT, _next_power_of_2(tiles), _next_power_of_2(wanted))
+def stats_split(numel: int, config: LaunchConfig) -> int:
+    """Slices per row for the reduction pass (a power of two): one per tile of the row, at most
+    MAX_SPLIT. A function of the row's size only, so a row's sums are added in the same order
+    whatever the batch around it."""
+    return min(MAX_SPLIT, _next_power_of_2(triton.cdiv(numel, config.block_d)))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -824,7 +823,7 @@ def _launch_row_stats(ops: StepOperands, mode: int, config: LaunchConfig):
     if mode == RULE_PLAIN:
         return ops.z, 1
     batch, numel = ops.z.shape[0], ops.z[0].numel()
-    split = stats_split(batch, numel, config)
+    split = stats_split(numel, config)
     chunk = triton.cdiv(triton.cdiv(numel, config.block_d), split) * config.block_d
     stats = torch.empty(batch, STAT_SLOTS, split, dtype=torch.float32, device=ops.z.device)
     w_mode, w_ptr, w_value = _row_operand(ops.w, ops.z, float)
