@@ -8,7 +8,7 @@ ahead of the GPU. Outside the guidance interval the network runs on B rows, not 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -162,7 +162,7 @@ class Sampler:
         """The captured loop for this chunk size and plan: a 2B-row graph for guided steps and a
         B-row graph for the others, each captured only when some step needs it."""
         kinds = tuple(sorted(set(doubled)))
-        key = (batch, kinds, plan)
+        key = (batch, kinds, replace(plan, seed=0))  # the seed is a device tensor: no re-capture
         if key not in self._graphs:
             self._graphs[key] = CudaGraphLoop(
                 self.net, num_classes=self.num_classes, batch=batch, shape=plan.shape,
