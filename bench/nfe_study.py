@@ -1,0 +1,477 @@
+"""The study of quality per network evaluation: FID / precision / recall against NFE for every
+sampler × grid, the guidance rules at large w, and the paper's step-count convention — one command.
+
+    python -m cfgengine.bench.nfe_study all --estimate   # predicted cost on this machine
+    python -m cfgengine.bench.nfe_study all              # digits and shapes, results + plots
+
+Three parts, each a set of sampling arms scored with `cfgengine eval`'s metrics (classifier
+features, class-stratified bootstrap intervals; a difference is called only when intervals are
+disjoint):
+  A. samplers (ancestral v = 0.3, DDIM η = 0, DPM-Solver++(2M)) × grids (cosine, cosine-authors,
+     uniform, karras) × T, at w ∈ {0.3, 1, 2}; per combination, the fewest NFE whose FID interval
+     overlaps the one of the paper's sampler at T = 256 (ancestral, cosine).
+  B. guidance rules at w ∈ {1, 2, 4}: CFG, CFG(rescale=0.7), ZeroStar, APG settings and CFG limited
+     to λ intervals (Kynkäänniemi et al. 2024: guidance in the middle of the noise range improves
+     FID at equal w while saving compute).
+  C. the last evaluation at λmax (cosine) against the authors' grid (cosine-authors) at
+     T ∈ {16, 64, 256}, and the noise v = 1 leaves in the output (from the table, exactly).
+NFE is counted honestly: `nfe` network calls per sample (a guided step is ONE doubled forward) and
+`rows` forwarded per sample (2 per guided step, 1 per step outside a guidance interval — the FLOPs
+in units of one single-row forward).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfgengine.metrics import Interval, compare
+
+SAMPLER_SETTINGS = {"ancestral": {"v": 0.3}, "ddim": {"eta": 0.0}, "dpmpp_2m": {}}
+GRID_NAMES = ("cosine", "cosine-authors", "uniform", "karras")
+KYNKAANNIEMI = (-0.95, 3.32)  # EDM σ ∈ (0.19, 1.61] as λ = −2·ln σ
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One sampling configuration of the study; `rule` names `guidance` in the results."""
+
+    part: str
+    sampler: str
+    grid: str
+    steps: int
+    w: tuple[float, ...]
+    rule: str = "cfg"
+    v: float | None = None
+
+    def settings(self) -> dict:
+        extra = dict(SAMPLER_SETTINGS[self.sampler])
+        if self.v is not None:
+            extra["v"] = self.v
+        return extra
+
+
+@dataclass(frozen=True)
+class NfeStudyConfig:
+    """One dataset's study: the model, samples per cell and the arms' axes."""
+
+    data: str
+    model: str  # "default", or "train" for a tiny model trained like the first study's
+    n: int  # class-balanced samples per (arm, w) cell
+    steps: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    samplers: tuple[str, ...] = tuple(SAMPLER_SETTINGS)
+    grids: tuple[str, ...] = GRID_NAMES
+    w_samplers: tuple[float, ...] = (0.3, 1.0, 2.0)
+    w_rules: tuple[float, ...] = (1.0, 2.0, 4.0)
+    rules: tuple[str, ...] = ("cfg", "rescale-0.7", "zero_star", "apg", "apg-momentum",
+                              "interval-kynkaanniemi", "interval-low", "interval-high")
+    rule_steps: int = 64
+    convention_steps: tuple[int, ...] = (16, 64, 256)
+    reference_steps: int = 256
+    max_steps_per_arm: int = 256  # arms of part A above this T are left out (said in results)
+    rounds: int = 200
+    seed: int = 0
+    batch_size: int = 1000
+    out: str = "bench/results/nfe-study"
+    notes: tuple[str, ...] = field(default=())
+
+
+STUDIES: dict[str, NfeStudyConfig] = {
+    "digits": NfeStudyConfig(data="digits", model="train", n=500),
+    # the default model costs ~20× a digits row: fewer samples, T ≤ 64 except the reference
+    "shapes": NfeStudyConfig(data="shapes", model="default", n=200, steps=(8, 16, 32, 64, 256),
+                             max_steps_per_arm=64, convention_steps=(16, 64),
+                             notes=("part A arms above T = 64 and the T = 256 convention cells "
+                                    "are left out on shapes (the default model costs ~20× a "
+                                    "digits row on this CPU); only the reference runs at 256",)),
+    "quick": NfeStudyConfig(data="digits", model="tiny-random", n=24, steps=(4, 8),
+                            samplers=("ancestral", "dpmpp_2m"), grids=("cosine", "karras"),
+                            w_samplers=(1.0,), w_rules=(2.0,), rules=("cfg", "interval-low"),
+                            rule_steps=4, convention_steps=(4,), reference_steps=8, rounds=20,
+                            out="nfe-study-quick"),
+}
+
+
+def guidance_rule(name: str):
+    """The guidance object of a named rule (None is plain CFG)."""
+    from cfgengine import APG, CFG, ZeroStar
+
+    rules = {"cfg": CFG(), "rescale-0.7": CFG(rescale=0.7), "zero_star": ZeroStar(),
+             "apg": APG(eta=0.0, norm_threshold=15.0),
+             "apg-momentum": APG(eta=0.0, momentum=-0.5, norm_threshold=15.0),
+             "interval-kynkaanniemi": CFG(interval=KYNKAANNIEMI),
+             "interval-low": CFG(interval=(-20.0, 0.0)), "interval-high": CFG(interval=(0.0, 20.0))}
+    return rules[name]
+
+
+def arms(study: NfeStudyConfig) -> list[Arm]:
+    """Every arm of the three parts; an arm shared by two parts is sampled once."""
+    a = [Arm("A", s, g, t, study.w_samplers) for s, g, t in
+         itertools.product(study.samplers, study.grids, study.steps)
+         if t <= study.max_steps_per_arm or (s, g, t) == ("ancestral", "cosine",
+                                                         study.reference_steps)]
+    b = [Arm("B", "ancestral", "cosine", study.rule_steps, study.w_rules, rule)
+         for rule in study.rules]
+    c = [Arm("C", "ancestral", g, t, study.w_samplers, v=None if v == 0.3 else v)
+         for g, t, v in itertools.product(("cosine", "cosine-authors"), study.convention_steps,
+                                          (0.3, 1.0))]
+    unique, seen = [], set()
+    for arm in a + b + c:
+        key = dataclasses.astuple(replace(arm, part=""))
+        if key not in seen:
+            seen.add(key)
+            unique.append(arm)
+    return unique
+
+
+def evaluations(arm: Arm, logsnr_range=(-20.0, 20.0)) -> tuple[int, int]:
+    """(network calls, rows forwarded) per sample: a guided step is one doubled forward (2 rows);
+    a step outside the rule's interval forwards one row."""
+    from cfgengine.schedule import logsnr_grid
+
+    interval = getattr(guidance_rule(arm.rule), "interval", None)
+    if interval is None:
+        return arm.steps, 2 * arm.steps
+    grid = logsnr_grid(arm.steps, *logsnr_range, grid=arm.grid)
+    guided = int(((grid >= interval[0]) & (grid <= interval[1])).sum())
+    return arm.steps, arm.steps + guided
+
+
+def residual_noise(grid: str, steps: int, v: float) -> tuple[float, float]:
+    """(std of the noise the last transition leaves in the output, in uint8 levels: s_{T−2}/α_{T−1};
+    σ_{T−1}). At λ_{T−1} the network's σ·ε̃ can remove only a σ_{T−1}-sized part of that noise."""
+    from cfgengine.tables import coefficient_table
+
+    table = coefficient_table(steps, "ancestral", v=v, grid=grid).double()
+    alpha_last, sigma_last = table[-1, 0], table[-1, 1]
+    return float(table[-2, 4] / alpha_last * 127.5), float(sigma_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and scoring
+
+
+@dataclass
+class Scorer:
+    """The feature space, reference statistics and bootstrap settings shared by every cell."""
+
+    extractor: object
+    reference: object
+    radii: np.ndarray
+    eval_config: object
+
+
+def make_scorer(model, study: NfeStudyConfig, ckpt: str) -> Scorer:
+    from cfgengine import evaluate, metrics
+
+    config = evaluate.EvalConfig((ckpt,), w=(0.0,), n=max(study.n, 4), seed=study.seed,
+                                 rounds=study.rounds)
+    extractor, key = evaluate.load_extractor(None, model.dataset)
+    ref = metrics.reference(model.dataset, extractor, key, evaluate._cache_dir(config))
+    return Scorer(extractor, ref, metrics.knn_radii(ref.features, config.k), config)
+
+
+def sample_arm(model, arm: Arm, study: NfeStudyConfig):
+    """uint8 images, labels and w of one arm: every w of it in one sampling pass."""
+    from cfgengine import evaluate, sample
+    from cfgengine.figures import to_uint8_images
+
+    labels = evaluate.cell_labels(study.n, model.num_classes).repeat(len(arm.w))
+    w = torch.tensor(arm.w).repeat_interleave(study.n)
+    x = sample(model, labels, w=w, steps=arm.steps, sampler=arm.sampler, grid=arm.grid,
+               guidance=guidance_rule(arm.rule), seed=study.seed, batch_size=study.batch_size,
+               **arm.settings())
+    return to_uint8_images(x), labels.numpy(), w.numpy()
+
+
+def run_arm(model, arm: Arm, study: NfeStudyConfig, scorer: Scorer) -> list[dict]:
+    from cfgengine import evaluate
+
+    start = time.perf_counter()
+    images, labels, w = sample_arm(model, arm, study)
+    seconds = time.perf_counter() - start
+    config = replace(scorer.eval_config, w=arm.w)
+    rows = evaluate.score_configuration(images, labels, w, scorer.extractor, scorer.reference,
+                                        scorer.radii, config)
+    nfe, forwarded = evaluations(arm, getattr(model, "logsnr_range", (-20.0, 20.0)))
+    base = dict(dataclasses.asdict(arm), nfe=nfe, rows=forwarded,
+                seconds=seconds / len(arm.w))
+    return [dict(base, **row) for row in rows]
+
+
+def load_model(study: NfeStudyConfig):
+    """(model, checkpoint path) of the study."""
+    import cfgengine
+
+    if study.model == "default":
+        return cfgengine.load("default"), "default"
+    if study.model == "tiny-random":  # the quick study: a barely trained tiny net
+        from cfgengine.train import TrainConfig, train
+
+        out = Path(study.out) / "model"
+        train(TrainConfig(data=study.data, preset="tiny", steps=2, batch_size=8, out=str(out)))
+        return cfgengine.load(out / "model.safetensors"), str(out / "ckpt.pt")
+    from cfgengine.bench.study import StudyConfig, train_models
+
+    (ckpt,) = train_models(StudyConfig(data=study.data, p_uncond=(0.2,)))
+    return cfgengine.load(ckpt), ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings
+
+
+def _interval(cell: dict, metric: str = "fid") -> Interval:
+    return Interval(**cell[metric])
+
+
+def _find(cells, **match) -> dict | None:
+    return next((c for c in cells if all(c.get(k) == v for k, v in match.items())), None)
+
+
+def fewest_nfe(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
+    """Per (sampler, grid, w): the fewest T whose FID interval overlaps the reference's."""
+    out = []
+    for sampler, grid, w in itertools.product(study.samplers, study.grids, study.w_samplers):
+        ref = _find(cells, sampler="ancestral", grid="cosine", steps=study.reference_steps, w=w,
+                    rule="cfg", v=None)
+        arm_cells = sorted((c for c in cells if c["sampler"] == sampler and c["grid"] == grid
+                            and c["w"] == w and c["rule"] == "cfg" and c["v"] is None),
+                           key=lambda c: c["steps"])
+        match = next((c for c in arm_cells if ref is not None
+                      and _interval(c).overlaps(_interval(ref))), None)
+        out.append(dict(sampler=sampler, grid=grid, w=w,
+                        fewest_nfe=None if match is None else match["nfe"],
+                        reference_fid=None if ref is None else ref["fid"]["value"]))
+    return out
+
+
+def recommend(matches: list[dict]) -> dict | None:
+    """The (sampler, grid) whose worst case over w needs the fewest NFE to match the reference."""
+    worst = {}
+    for m in matches:
+        key = (m["sampler"], m["grid"])
+        nfe = m["fewest_nfe"] if m["fewest_nfe"] is not None else float("inf")
+        worst[key] = max(worst.get(key, 0), nfe)
+    (sampler, grid), nfe = min(worst.items(), key=lambda item: item[1])
+    return None if nfe == float("inf") else dict(sampler=sampler, grid=grid, steps=int(nfe))
+
+
+def rule_findings(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
+    """Each rule against plain CFG at the same w: FID, precision, recall, accuracy verdicts."""
+    out = []
+    for rule, w in itertools.product(study.rules, study.w_rules):
+        cell = _find(cells, rule=rule, w=w, steps=study.rule_steps, sampler="ancestral")
+        base = _find(cells, rule="cfg", w=w, steps=study.rule_steps, sampler="ancestral",
+                     grid="cosine", v=None)
+        if cell is None or base is None or rule == "cfg":
+            continue
+        verdicts = {m: compare(_interval(cell, m), _interval(base, m))
+                    for m in ("fid", "precision", "recall", "accuracy") if m in cell}
+        out.append(dict(rule=rule, w=w, rows=cell["rows"], cfg_rows=base["rows"],
+                        **{f"{m}_vs_cfg": v for m, v in verdicts.items()}))
+    return out
+
+
+def interval_claim(findings: list[dict]) -> dict:
+    """Kynkäänniemi et al.: guidance limited to the middle of the noise range lowers FID at equal
+    w while saving compute. Holds where FID is significantly lower; contradicted where higher."""
+    rows = [f for f in findings if f["rule"] == "interval-kynkaanniemi"]
+    verdicts = [f["fid_vs_cfg"] for f in rows]
+    verdict = ("holds" if verdicts and all(v == "lower" for v in verdicts) else
+               "contradicted" if "higher" in verdicts else
+               "holds in part" if "lower" in verdicts else "inconclusive")
+    return dict(claim="guidance interval lowers FID at equal w with fewer rows", verdict=verdict,
+                cells=rows)
+
+
+def convention(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
+    """cosine (last evaluation at λmax) against cosine-authors, per T and v: FID verdict and the
+    residual noise of the last transition."""
+    out = []
+    for t, v, w in itertools.product(study.convention_steps, (0.3, 1.0), study.w_samplers):
+        a = _find(cells, grid="cosine", steps=t, w=w, rule="cfg", sampler="ancestral",
+                  v=None if v == 0.3 else v)
+        b = _find(cells, grid="cosine-authors", steps=t, w=w, rule="cfg", sampler="ancestral",
+                  v=None if v == 0.3 else v)
+        if a is None or b is None:
+            continue
+        noise_a, noise_b = residual_noise("cosine", t, v), residual_noise("cosine-authors", t, v)
+        out.append(dict(steps=t, v=v, w=w, fid_cosine=a["fid"], fid_authors=b["fid"],
+                        cosine_vs_authors=compare(_interval(a), _interval(b)),
+                        residual_levels_cosine=noise_a[0], residual_levels_authors=noise_b[0],
+                        last_sigma_authors=noise_b[1]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def markdown(result: dict) -> str:
+    s = result["study"]
+    lines = [f"# Quality per network evaluation: {s['data']}\n",
+             f"{s['n']} class-balanced samples per cell, seed {s['seed']}, {s['rounds']} "
+             f"bootstrap rounds; model {result['ckpt']}; {result['seconds'] / 60:.1f} min on "
+             f"{result['device']}.", *[f"Note: {n}." for n in s["notes"]], "",
+             "## A. Fewest NFE matching the paper's sampler at T = 256 (FID intervals overlap)\n",
+             "| sampler | grid | " + " | ".join(f"w = {w:g}" for w in s["w_samplers"]) + " |",
+             "|---|---|" + "---|" * len(s["w_samplers"])]
+    for sampler, grid in itertools.product(s["samplers"], s["grids"]):
+        row = [m for m in result["fewest_nfe"] if m["sampler"] == sampler and m["grid"] == grid]
+        lines.append(f"| {sampler} | {grid} | " + " | ".join(
+            "—" if m["fewest_nfe"] is None else str(m["fewest_nfe"]) for m in row) + " |")
+    lines += ["", f"Recommended: {result['recommendation']}", "",
+              "## B. Guidance rules against CFG at equal w (T = "
+              f"{s['rule_steps']}, ancestral)\n",
+              "| rule | w | rows/sample (CFG) | FID | precision | recall | accuracy |",
+              "|---|---|---|---|---|---|---|"]
+    for f in result["rules"]:
+        lines.append(f"| {f['rule']} | {f['w']:g} | {f['rows']} ({f['cfg_rows']}) | "
+                     f"{f['fid_vs_cfg']} | {f['precision_vs_cfg']} | {f['recall_vs_cfg']} | "
+                     f"{f.get('accuracy_vs_cfg', '—')} |")
+    claim = result["interval_claim"]
+    lines += ["", f"Claim (Kynkäänniemi et al. 2024): {claim['claim']} — **{claim['verdict']}**",
+              "", "## C. The last evaluation at λmax (cosine vs cosine-authors)\n",
+              "| T | v | w | FID cosine | FID authors | cosine vs authors | residual noise "
+              "(uint8 levels) cosine / authors |", "|---|---|---|---|---|---|---|"]
+    for c in result["convention"]:
+        lines.append(f"| {c['steps']} | {c['v']:g} | {c['w']:g} | {_fmt(c['fid_cosine'])} | "
+                     f"{_fmt(c['fid_authors'])} | {c['cosine_vs_authors']} | "
+                     f"{c['residual_levels_cosine']:.3g} / {c['residual_levels_authors']:.3g} |")
+    return "\n".join(lines) + "\n\n" + cells_table(result["cells"])
+
+
+def _fmt(interval: dict) -> str:
+    return f"{interval['value']:.3g} [{interval['low']:.3g}, {interval['high']:.3g}]"
+
+
+def cells_table(cells: list[dict]) -> str:
+    lines = ["## Every cell\n", "| part | sampler | grid | T | v | rule | w | nfe | rows | FID | "
+             "precision | recall | accuracy |", "|---|" * 13]
+    for c in cells:
+        lines.append(f"| {c['part']} | {c['sampler']} | {c['grid']} | {c['steps']} | "
+                     f"{c['v'] if c['v'] is not None else '—'} | {c['rule']} | {c['w']:g} | "
+                     f"{c['nfe']} | {c['rows']} | {_fmt(c['fid'])} | {_fmt(c['precision'])} | "
+                     f"{_fmt(c['recall'])} | {_fmt(c['accuracy']) if 'accuracy' in c else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """FID against NFE, one panel per w, one line per sampler × grid; the reference's interval
+    shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, cells = result["study"], [c for c in result["cells"] if c["rule"] == "cfg"
+                                 and c["v"] is None]
+    fig, axes = plt.subplots(1, len(s["w_samplers"]), figsize=(5 * len(s["w_samplers"]), 4),
+                             squeeze=False)
+    for ax, w in zip(axes[0], s["w_samplers"]):
+        for sampler, grid in itertools.product(s["samplers"], s["grids"]):
+            line = sorted((c for c in cells if c["sampler"] == sampler and c["grid"] == grid
+                           and c["w"] == w), key=lambda c: c["nfe"])
+            if line:
+                ax.plot([c["nfe"] for c in line], [c["fid"]["value"] for c in line], marker="o",
+                        label=f"{sampler} / {grid}")
+        ref = _find(cells, sampler="ancestral", grid="cosine", steps=s["reference_steps"], w=w)
+        if ref:
+            ax.axhspan(ref["fid"]["low"], ref["fid"]["high"], color="grey", alpha=0.25)
+        ax.set(xscale="log", xlabel="NFE (network calls per sample)", ylabel="FID",
+               title=f"{s['data']}, w = {w:g}")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_study(study: NfeStudyConfig, log=print) -> dict:
+    """Sample and score every arm, judge, write results.json / results.md / fid_vs_nfe.png."""
+    from cfgengine.atomic import atomic_paths
+
+    start = time.perf_counter()
+    model, ckpt = load_model(study)
+    scorer = make_scorer(model, study, ckpt)
+    cells = []
+    for i, arm in enumerate(arms(study)):
+        cells += run_arm(model, arm, study, scorer)
+        log(f"[{i + 1}/{len(arms(study))}] {arm} in {cells[-1]['seconds'] * len(arm.w):.1f} s")
+    result = dict(study=json.loads(json.dumps(dataclasses.asdict(study))), ckpt=ckpt,
+                  cells=cells, device=f"CPU {platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} torch thread(s)", seconds=time.perf_counter() - start,
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    result["fewest_nfe"] = fewest_nfe(cells, study)
+    result["recommendation"] = recommend(result["fewest_nfe"])
+    result["rules"] = rule_findings(cells, study)
+    result["interval_claim"] = interval_claim(result["rules"])
+    result["convention"] = convention(cells, study)
+    out = Path(study.out) / study.data
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(out / "results.json", out / "results.md", out / "fid_vs_nfe.png") as paths:
+        Path(paths[0]).write_text(json.dumps(result, indent=1) + "\n")
+        Path(paths[1]).write_text(markdown(result))
+        plot(result, Path(paths[2]))
+    return result
+
+
+def estimate(study: NfeStudyConfig) -> float:
+    """Predicted seconds: rows forwarded by every arm × the measured cost of a row on this
+    machine, plus ~4 s of metrics per cell."""
+    model, _ = load_model(study) if study.model != "train" else (None, None)
+    if model is None:
+        from cfgengine.unet import UNet, preset
+
+        model = UNet(preset("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
+    batch = min(512, study.batch_size)
+    z, lam = torch.randn(batch, *model.sample_shape), torch.zeros(batch)
+    labels = torch.zeros(batch, dtype=torch.long)
+    with torch.inference_mode():
+        model(z, lam, labels)
+        start = time.perf_counter()
+        model(z, lam, labels)
+    per_row = (time.perf_counter() - start) / batch
+    plan = arms(study)
+    rows = sum(evaluations(a)[1] * study.n * len(a.w) for a in plan)
+    cells = sum(len(a.w) for a in plan)
+    print(f"{study.data}: {len(plan)} arms, {cells} cells, {rows / 1e6:.1f} M rows at "
+          f"{per_row * 1e3:.3f} ms/row")
+    return rows * per_row + 4.0 * cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.nfe_study",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=(*STUDIES, "all"), help="digits, shapes, all or quick")
+    parser.add_argument("--estimate", action="store_true", help="print the predicted cost only")
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
+    parser.add_argument("--out", default=None, help="results folder (default: the study's)")
+    args = parser.parse_args(argv)
+    from cfgengine.bench.study import _thread_limits
+
+    names = ("digits", "shapes") if args.name == "all" else (args.name,)
+    with _thread_limits(args.threads):
+        for name in names:
+            study = STUDIES[name] if args.out is None else replace(STUDIES[name], out=args.out)
+            if args.estimate:
+                print(f"{name}: about {estimate(study) / 60:.1f} min on this machine")
+            else:
+                result = run_study(study)
+                print(f"{name}: recommended {result['recommendation']}; interval claim "
+                      f"{result['interval_claim']['verdict']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
