@@ -22,7 +22,7 @@ def _modules() -> list[str]:
         names.append(package)
         names += [f"{package}.{info.name}" for info in
                   pkgutil.iter_modules(importlib.import_module(package).__path__)
-                  if not info.ispkg]
+                  if not info.ispkg and info.name != "__main__"]  # entry points run on import
     return names
 
 
