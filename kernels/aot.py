@@ -33,6 +33,9 @@ ARCHS = {"80": 80, "90": 90}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SAMPLE_SHAPE = (3, 16, 16)  # 768 elements: a multiple of 16, as a real image row is
 BATCH = 4
+# kernels whose only stores are a few fp32 partials per row (no storage tensor): loads must still
+# be 128-bit vectors, stores need not be
+PARTIALS_KERNELS = ("_row_stats_kernel",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +135,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        vectorised = self.widest_load >= 128 and self.widest_store >= 128
+        stores = self.widest_store >= 128 or self.kernel in PARTIALS_KERNELS
+        vectorised = self.widest_load >= 128 and stores
         return self.spill_bytes == 0 and (vectorised or not self.needs_vectors)
 
     def line(self) -> str:
@@ -191,48 +195,94 @@ def compile_launch(launch: Launch, case: Case, arch: int) -> Report:
 # ---------------------------------------------------------------------------------------------
 
 
-def _operands(dtype: torch.dtype, guided: bool):
+RULES = ("cfg", "rescale", "zero_star", "apg")
+
+
+def _rule(name: str):
+    from cfgengine.guidance import APG, CFG, ZeroStar
+
+    return {"cfg": CFG(), "rescale": CFG(rescale=0.7), "zero_star": ZeroStar(),
+            "apg": APG(eta=0.5, momentum=-0.5, norm_threshold=2.0)}[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How one call of the step is made: storage dtype, guided or not, given or in-kernel noise,
+    step and w as Python scalars ("scalar"), 0-d device tensors ("0d", the CUDA-graph loop) or
+    per-row tensors ("rows", serving), z' into both halves of a [2B] buffer, x̂ written, the guidance
+    rule, the threshold (a number or "dynamic") and DPM-Solver++(2M)'s x̂_prev term."""
+
+    dtype: torch.dtype
+    guided: bool = True
+    noise: bool = False
+    mode: str = "scalar"
+    out2: bool = False
+    x_hat: bool = False
+    rule: str = "cfg"
+    clip: str = "1.0"
+    dpmpp: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [DTYPE_NAMES[self.dtype], "guided" if self.guided else "unguided",
+                 "noise-given" if self.noise else "noise-in-kernel", self.mode]
+        parts += [flag for flag, on in (("out2", self.out2), ("x_hat", self.x_hat),
+                                        ("dpmpp", self.dpmpp)) if on]
+        parts += [] if self.rule == "cfg" else [self.rule]
+        parts += [] if self.clip == "1.0" else [f"clip={self.clip}"]
+        return " ".join(parts)
+
+
+def _step_call(o: StepOptions) -> Callable[[], object]:
+    from cfgengine.guidance import DynamicThreshold
+    from cfgengine.kernels import guided_step
     from cfgengine.tables import coefficient_table
 
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn((BATCH, *SAMPLE_SHAPE), generator=gen).to(dtype)
-    eps2 = torch.randn(((2 if guided else 1) * BATCH, *SAMPLE_SHAPE), generator=gen).to(dtype)
-    return eps2, z, coefficient_table(8, "ancestral")
-
-
-def _step_case(dtype: torch.dtype, guided: bool, noise: bool, mode: str, out2: bool,
-               x_hat: bool) -> Case:
-    """A guided_step call: storage dtype, guided or not, given or in-kernel noise, step and w as
-    Python scalars ("scalar"), 0-d device tensors ("0d", the CUDA-graph loop) or per-row tensors
-    ("rows", serving), z' into both halves of a [2B] buffer, x̂ written."""
-    from cfgengine.kernels import guided_step
-
     def call():
-        eps2, z, table = _operands(dtype, guided)
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn((BATCH, *SAMPLE_SHAPE), generator=gen).to(o.dtype)
+        eps2 = torch.randn(((2 if o.guided else 1) * BATCH, *SAMPLE_SHAPE), generator=gen)
+        table = coefficient_table(8, "dpmpp_2m" if o.dpmpp else "ancestral")
         step, w, seed = {"scalar": (3, 0.7, 5),
                          "0d": (torch.tensor(3), torch.tensor(0.7), torch.tensor(5)),
-                         "rows": (torch.arange(BATCH) % 7, torch.rand(BATCH), 5)}[mode]
-        kwargs = dict(noise=torch.randn_like(z) if noise else None, seed=seed,
-                      sample_ids=torch.arange(BATCH) + 2**33 if mode == "rows" else None,
-                      out2=torch.empty_like(eps2) if out2 and guided else None,
-                      x_hat_out=torch.empty_like(z) if x_hat else None, clip=1.0)
-        return guided_step(eps2, z, w, table, step, impl="triton", **kwargs)
-    name = (f"{DTYPE_NAMES[dtype]} {'guided' if guided else 'unguided'} "
-            f"{'noise-given' if noise else 'noise-in-kernel'} {mode}"
-            f"{' out2' if out2 and guided else ''}{' x_hat' if x_hat else ''}")
-    return Case(name, dtype, call)
+                         "rows": (torch.arange(BATCH) % 7, torch.rand(BATCH), 5)}[o.mode]
+        prev = torch.randn_like(z) if o.dpmpp else None
+        return guided_step(
+            eps2.to(o.dtype), z, w, table, step, impl="triton", rule=_rule(o.rule),
+            state=torch.zeros(z.shape) if o.rule == "apg" else None, x_hat_prev=prev,
+            clip=DynamicThreshold() if o.clip == "dynamic" else float(o.clip),
+            noise=torch.randn_like(z) if o.noise else None, seed=seed,
+            sample_ids=torch.arange(BATCH) + 2**33 if o.mode == "rows" else None,
+            out2=torch.empty_like(eps2.to(o.dtype)) if o.out2 else None,
+            x_hat_out=prev if o.dpmpp else (torch.empty_like(z) if o.x_hat else None))
+    return call
+
+
+def _case(o: StepOptions) -> Case:
+    return Case(o.name, o.dtype, _step_call(o))
 
 
 def cases(which: str = "all") -> list[Case]:
-    """"main": what the sampler launches most (each dtype, guided or not, scalar and 0-d step,
-    in-kernel noise); "all": every combination of the step's options."""
+    """"main": what the sampler launches most — each dtype guided or not at scalar and 0-d step
+    with in-kernel noise, plus (fp32) every rule, the dynamic threshold and the dpmpp term; "all":
+    every combination of the plain step's options, every rule × step mode × threshold, and the
+    dpmpp term, for each storage dtype."""
     dtypes = tuple(DTYPE_NAMES)
     if which == "main":
-        return [_step_case(d, g, False, m, g and m == "0d", False)
-                for d, g, m in itertools.product(dtypes, (True, False), ("scalar", "0d"))]
-    return [_step_case(d, g, n, m, o, x) for d, g, n, m, o, x in itertools.product(
+        plain = [StepOptions(d, g, mode=m, out2=g and m == "0d")
+                 for d, g, m in itertools.product(dtypes, (True, False), ("scalar", "0d"))]
+        extra = [StepOptions(torch.float32, rule=r) for r in RULES[1:]]
+        extra += [StepOptions(torch.float32, clip="dynamic"),
+                  StepOptions(torch.float32, guided=True, dpmpp=True, x_hat=True)]
+        return [_case(o) for o in plain + extra]
+    plain = [StepOptions(d, g, n, m, o, x) for d, g, n, m, o, x in itertools.product(
         dtypes, (True, False), (False, True), ("scalar", "0d", "rows"), (False, True),
         (False, True)) if not (o and not g)]
+    rules = [StepOptions(d, mode=m, rule=r, clip=c) for d, r, m, c in itertools.product(
+        dtypes, RULES[1:], ("scalar", "0d", "rows"), ("1.0", "dynamic"))]
+    dpmpp = [StepOptions(d, mode=m, dpmpp=True) for d, m in itertools.product(dtypes,
+                                                                             ("scalar", "0d"))]
+    return [_case(o) for o in plain + rules + dpmpp]
 
 
 def run(archs: list[int], which: str, progress: Callable[[str], None] = print) -> list[Report]:
