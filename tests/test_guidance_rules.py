@@ -359,3 +359,24 @@ def test_dynamic_threshold_quantile_is_torch_quantile_linear(numel):
     for p in (1e-3, 0.123, 0.5, 0.9, 0.995, 1.0):
         want = torch.quantile(x_hat.abs(), p, dim=1).clamp(1.0, 2.5)
         assert torch.equal(dynamic_threshold_scale(x_hat, DynamicThreshold(p, 2.5)), want)
+
+
+SYNCS = ("item", "__bool__", "tolist", "numpy", "__int__", "__float__", "__index__")
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("host sync inside the step")
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_no_rule_waits_on_the_device(clip, monkeypatch):
+    """Every rule and threshold with tensor w, step and table: nothing reads a tensor back."""
+    t = inputs(seed=14, shape=(3, 5, 7))
+    table = torch.tensor([ROWS["ddim"], ROWS["dpmpp_2m"]], dtype=torch.float32)
+    state = t["state"].clone()
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, _forbidden)
+    for rule in RULES.values():
+        guided_step(t["eps2"], t["z"], W, table, torch.tensor(1), rule=rule, state=state,
+                    clip=CLIPS[clip], x_hat_prev=t["x_prev"], seed=torch.tensor(3),
+                    impl="torch")
