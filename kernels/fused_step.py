@@ -357,7 +357,8 @@ def _per_row(ptr, value, rows, row_mask, MODE: tl.constexpr, DTYPE: tl.constexpr
 
 @_jit()
 def _table_column(table_ptr, step, table_len, row_mask, column: tl.constexpr, missing):
-    """table[step_i, column] for each row as (BLOCK_R, 1) fp32; `missing` off the table."""
+    """table[step_i, column] of the [T, 6] table for each row as (BLOCK_R, 1) fp32; `missing`
+    off the table."""
     valid = row_mask & (step >= 0) & (step < table_len)
     return tl.load(table_ptr + step * 6 + column, mask=valid, other=missing)[:, None]
 
@@ -372,7 +373,7 @@ def _data_prediction(z, eps_ptr, offs, mask, alpha, sigma):
 @_jit()
 def _partials(stats_ptr, rows, row_mask, slot: tl.constexpr, SPLIT: tl.constexpr):
     """The SPLIT partials of one statistic for each row, (BLOCK_R, SPLIT) fp32."""
-    first = (rows.to(tl.int64) * 5 + slot)[:, None] * SPLIT  # stats[row, slot, 0]
+    first = (rows.to(tl.int64) * 5 + slot)[:, None] * SPLIT  # stats[row, slot, 0]; 5 slots
     ptrs = stats_ptr + first + tl.arange(0, SPLIT)[None, :]
     return tl.load(ptrs, mask=row_mask[:, None], other=1.0)  # 1: no 0/0 on rows past the batch
 
@@ -598,7 +599,7 @@ def _tile_summary(x, mask, n_b):
 @_jit()
 def _store_partial(stats_ptr, rows, row_mask, split, slot: tl.constexpr, value,
                    SPLIT: tl.constexpr):
-    """stats[row, slot, split] = value for each row."""
+    """stats[row, slot, split] = value for each row (stats is [B, STAT_SLOTS = 5, SPLIT])."""
     tl.store(stats_ptr + (rows.to(tl.int64) * 5 + slot) * SPLIT + split, value, mask=row_mask)
 
 
