@@ -45,15 +45,16 @@ def stages(out_dir: Path, date: str) -> list[Stage]:
     py = sys.executable
     return [
         Stage("install", [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                          "--no-build-isolation", "-e", str(ROOT)], 0.08),
+                          "--no-build-isolation", "-e", str(ROOT)], 0.06),
         Stage("tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        f"--junitxml={out_dir / f'.gpu-tests-{date}.xml'}", *GPU_TESTS], 0.30,
+                        f"--junitxml={out_dir / f'.gpu-tests-{date}.xml'}", *GPU_TESTS], 0.26,
               (f"gpu-tests-{date}.json",)),
-        Stage("step", [py, "-m", "cfgengine.bench.step", "--device", "cuda", "--sizes", "4", "64",
-                       "--out",
-                       str(out_dir / f"step-cuda-{date}.json")], 0.17, (f"step-cuda-{date}.json",)),
+        # every rule, one size well past L2, fp32 and bf16, in-kernel noise: one compile per case
+        Stage("step", [py, "-m", "cfgengine.bench.step", "--device", "cuda", "--sizes", "64",
+                       "--dtypes", "float32", "bfloat16", "--noise", "in-kernel", "--out",
+                       str(out_dir / f"step-cuda-{date}.json")], 0.26, (f"step-cuda-{date}.json",)),
         Stage("eta", [py, "-m", "cfgengine.cli", "bench", "--sweep", "gpu-eta", "--out-dir",
-                      str(out_dir), "--name", f"e2e-gpu-eta-{date}"], 0.17,
+                      str(out_dir), "--name", f"e2e-gpu-eta-{date}"], 0.14,
               tuple(f"e2e-gpu-eta-{date}.{k}" for k in ("json", "md", "png"))),
         Stage("e2e", [py, "-m", "cfgengine.cli", "bench", "--sweep", "gpu-short", "--out-dir",
                       str(out_dir), "--name", f"e2e-gpu-short-{date}"], 0.28,
