@@ -9,6 +9,7 @@ maps cfgengine's null label K = num_classes to the model's null class embedding.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 from pathlib import Path
@@ -120,7 +121,8 @@ class DiffusersDenoiser(nn.Module):
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         t = self.timestep_map(logsnr)  # (N,) fractional timesteps
-        out = self.net(z, timestep=t, class_labels=self.label_map[labels], return_dict=False)[0]
+        x = z.to(self.net.dtype)  # a net cast to fp16 for export takes fp16 input
+        out = self.net(x, timestep=t, class_labels=self.label_map[labels], return_dict=False)[0]
         prediction = out[:, : self.sample_shape[0]]  # learned variance: the first C channels
         return self.eps_from_prediction(prediction.float(), z.float(), logsnr).to(z.dtype)
 
@@ -285,7 +287,9 @@ def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.M
                          f"{' or '.join(classes)} there")
     if not (folder / name).is_dir():
         raise ValueError(f"{folder}: model_index.json names {name}, but there is no {name}/")
-    return classes[class_name].from_pretrained(folder / name).eval()
+    # accelerate only makes loading leaner; without it diffusers warns unless told not to use it
+    lean = importlib.util.find_spec("accelerate") is not None
+    return classes[class_name].from_pretrained(folder / name, low_cpu_mem_usage=lean).eval()
 
 
 def _scheduler_config(folder: Path, index: dict) -> dict:
