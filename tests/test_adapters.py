@@ -2,6 +2,7 @@
 diffusers nets, DDIMScheduler's own timesteps and step(), np.interp, the VAE, ONNX Runtime."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -118,6 +119,8 @@ def test_timestep_map_interpolates_in_logsnr(unet_folder, unet_model):
     ref = np.interp(lam.double().numpy(), table.double().numpy()[::-1], np.arange(1000.0)[::-1])
     torch.testing.assert_close(unet_model.timestep_map(lam).double(), torch.from_numpy(ref),
                                rtol=0, atol=2e-3)
+    halved = copy.deepcopy(unet_model.timestep_map).half()  # as a fp16 export casts the net
+    assert torch.equal(halved.logsnr_table, unet_model.timestep_map.logsnr_table)
 
 
 def test_eps_is_the_raw_nets_output(unet_folder, unet_model, dit_folder, dit_model):
