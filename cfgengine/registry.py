@@ -1,11 +1,12 @@
-"""Model names and files → what `cfgengine.sample` runs (`cfgengine.load`): the built-in models
-(`default`, `gmm`), cfgengine's own weight files, and exported artifacts."""
+"""Model names, files and folders → what `cfgengine.sample` runs (`cfgengine.load`): the built-in
+models (`default`, `gmm`), cfgengine's own weight files, exported artifacts, and diffusers
+pipeline folders (cfgengine/adapters.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
-from cfgengine import toy
+from cfgengine import adapters, toy
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
                                   read_safetensors)
 from cfgengine.unet import UNet
@@ -38,8 +39,9 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
 
 
 def load(model: str | Path):
-    """A built-in name (`default`, `gmm`) or a model file → what `cfgengine.sample` runs: a UNet in
-    eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx / .pt2 / .plan."""
+    """A built-in name (`default`, `gmm`), a model file or a diffusers pipeline folder → what
+    `cfgengine.sample` runs: a UNet in eval mode with EMA weights for .pt / .safetensors, a backend
+    for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json."""
     name = str(model)
     if name in BUILTINS:
         return BUILTINS[name]()
@@ -47,6 +49,10 @@ def load(model: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"{name}: no such file, and not a built-in model "
                                 f"({', '.join(BUILTINS)})")
+    if adapters.is_pipeline_folder(path):
+        return adapters.load_folder(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: a folder, but not a diffusers pipeline (no model_index.json)")
     if path.suffix not in LOADERS:
         raise ValueError(f"{name}: not a model file cfgengine can read ({', '.join(LOADERS)})")
     return LOADERS[path.suffix](path)

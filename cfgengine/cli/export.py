@@ -16,7 +16,8 @@ def add(sub) -> None:
                        description="Export the denoiser for cfgengine.load / cfgengine sample "
                                    "--ckpt; the loaded file runs conditional and null rows as one "
                                    "doubled batch, and B rows where guidance is off.")
-    p.add_argument("model", help="model file (.pt, .safetensors) or built-in name (default)")
+    p.add_argument("model", help="model file (.pt, .safetensors), built-in name (default) or "
+                                 "diffusers pipeline folder")
     p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
                    help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "
                         "untested here, needs TensorRT and a CUDA GPU)")

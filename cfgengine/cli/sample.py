@@ -153,7 +153,8 @@ def run(args) -> int:
                       guidance=rule, clip="auto" if args.threshold is None else args.threshold,
                       seed=args.seed, batch_size=args.batch, progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
-    write_outputs(args, model, x.cpu(), labels)
+    decode = getattr(model, "decode", None)  # latent models: the PNG and --npz hold images
+    write_outputs(args, model, (decode(x) if decode else x).cpu(), labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
           f"samples/s, backend {engine.backend}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
