@@ -58,24 +58,27 @@ class Sampler:
     def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
                steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
                clip: float | str | None = "auto", seed: int = 0,
-               shape: tuple[int, ...] | None = None, batch_size: int | None = None,
-               n: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Samples x̂ [N, *S]; sample i depends only on (seed, i, labels[i], w[i], settings)."""
+               sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+               batch_size: int | None = None, n: int | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], labels[i], w[i],
+        settings). `sample_ids` (Tensor[N], default 0..N−1) keys each row's noise."""
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
-            return self._sample(labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size,
-                                n, progress)
+            return self._sample(labels, w, steps, sampler, v, eta, clip, seed, sample_ids, shape,
+                                batch_size, n, progress)
 
-    def _sample(self, labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size, n,
-                progress) -> torch.Tensor:
+    def _sample(self, labels, w, steps, sampler, v, eta, clip, seed, sample_ids, shape,
+                batch_size, n, progress) -> torch.Tensor:
         plan = self._plan(steps, sampler, v, eta, clip, seed, shape)
         labels, count = self._check_labels(labels, n)
         w = self._check_w(w, count)
+        ids = self._check_sample_ids(sample_ids, count)
         size = _check_batch_size(batch_size, count)
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
         guided = labels is not None and bool((w != 0).any())  # once, before any loop
         bar = _progress_bar(progress, len(chunks) * plan.steps)
         parts = [self._sample_chunk(plan, _rows(labels, a, b), _rows(w, a, b),
-                                    torch.arange(a, b, device=self.device), guided, bar)
+                                    ids[a:b], guided, bar)
                  for a, b in chunks]
         if bar is not None:
             bar.close()
@@ -182,6 +185,18 @@ class Sampler:
             raise ValueError("w must be finite")
         return w.expand(count).to(self.device)
 
+    def _check_sample_ids(self, sample_ids, count: int) -> torch.Tensor:
+        """int64 ids on the device; ValueError unless a 1-D integer Tensor[count] of ids ≥ 0."""
+        if sample_ids is None:
+            return torch.arange(count, device=self.device)
+        if not isinstance(sample_ids, torch.Tensor) or sample_ids.dim() != 1 \
+                or sample_ids.numel() != count or sample_ids.is_floating_point() \
+                or sample_ids.is_complex() or sample_ids.dtype == torch.bool:
+            raise ValueError(f"sample_ids must be a 1-D integer Tensor[{count}]")
+        if bool((sample_ids < 0).any()):
+            raise ValueError("sample_ids must be ≥ 0")
+        return sample_ids.to(self.device, torch.int64)
+
     def _check_finite(self, x_hat: torch.Tensor) -> None:
         if not bool(torch.isfinite(x_hat).all()):  # one check after the loop, never per step
             raise FloatingPointError(f"sampling produced NaN/inf at precision {self.precision}")
@@ -209,11 +224,13 @@ def _progress_bar(enabled: bool, total: int):
 
 def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
            steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
-           clip: float | str | None = "auto", seed: int = 0, shape: tuple[int, ...] | None = None,
+           clip: float | str | None = "auto", seed: int = 0,
+           sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
            batch_size: int | None = None, n: int | None = None,
            device: torch.device | str | None = None, backend: str | None = None,
            precision: str | None = None, progress: bool = False) -> torch.Tensor:
     """Guided samples x̂ [N, *S] from a Denoiser or backend (DESIGN.md §3); one-shot `Sampler`."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
     return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, clip=clip,
-                         seed=seed, shape=shape, batch_size=batch_size, n=n, progress=progress)
+                         seed=seed, sample_ids=sample_ids, shape=shape, batch_size=batch_size, n=n,
+                         progress=progress)

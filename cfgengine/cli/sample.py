@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from cfgengine import distributed
 from cfgengine.atomic import atomic_paths, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.figures import save_panels, to_uint8_images
@@ -29,7 +30,9 @@ def add(sub) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
                    help="class ids (default: all)")
-    p.add_argument("--n", type=int, default=None, help="samples per class")
+    p.add_argument("--per-class", "--n", dest="n", type=int, default=None,
+                   help="samples per class (--n is an old spelling that torchrun's own parser "
+                        "rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
@@ -54,24 +57,29 @@ def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tens
     if n is None:
         n = 400 if len(model.sample_shape) == 1 else 4
     if n < 1:
-        raise UserError(f"--n must be ≥ 1, got {n}")
+        raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
     return torch.tensor(classes).repeat_interleave(n)
 
 
+@distributed.command  # under torchrun: each rank samples its shard of ids, rank 0 writes
 def run(args) -> int:
     for flag in ("out", "npz"):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag) is not None and distributed.is_main():
             check_writable(getattr(args, flag), f"--{flag}")
     model = load(args.ckpt)
     labels = sample_labels(model, args.classes, args.n)
-    engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
+    engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
+                     precision=args.precision)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
-    x = engine.sample(labels.repeat(len(args.w)), w=w, steps=args.steps, sampler=args.sampler,
-                      v=args.v, eta=args.eta, seed=args.seed, batch_size=args.batch,
-                      progress=sys.stderr.isatty())
+    x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
+                                sampler=args.sampler, v=args.v, eta=args.eta, seed=args.seed,
+                                batch_size=args.batch,
+                                progress=sys.stderr.isatty() and distributed.is_main())
     seconds = time.perf_counter() - start
-    write_outputs(args, model, x.cpu(), labels)
+    if x is None:
+        return 0  # not rank 0: it writes
+    write_outputs(args, model, x, labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
           f"samples/s, backend {engine.backend}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
