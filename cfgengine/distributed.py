@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,8 +54,17 @@ class PeerFailed(Exception):
     """Another rank failed (it reports the error); this rank stops without a word."""
 
 
+@dataclass
+class _Status:
+    """How this process stands in the failure protocol (module docstring)."""
+
+    voted: bool = False  # a vote has already reported a failure
+    reporter: bool = False  # this rank reports the job's error
+    lockstep: bool = False  # inside `lockstep()`: votes cannot be matched
+
+
 _world = World()
-_reporter = False  # set on the rank whose error the job reports
+_status = _Status()
 
 
 def launched() -> bool:
@@ -73,7 +83,8 @@ def is_main() -> bool:
 
 def init() -> World:
     """Join torchrun's process group (once); a no-op for a single process."""
-    global _world
+    global _world, _status
+    _status = _Status()
     if not launched() or dist.is_initialized():
         return _world
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -118,10 +129,47 @@ def _vote(failed: bool) -> int:
     return int(flag)
 
 
+def _meet(error: Exception | None) -> None:
+    """One vote, `error` being this rank's failure (or None). Returns when no rank failed; else
+    raises `error` on the lowest failing rank (it reports) and PeerFailed on the others."""
+    first = _vote(error is not None)
+    if first == _world.size:
+        return
+    _status.voted = True
+    if first != _world.rank:
+        raise PeerFailed
+    _status.reporter = True
+    raise error
+
+
 def agree() -> None:
     """Meet the other ranks; PeerFailed if one of them has failed."""
-    if _vote(False) < _world.size:
-        raise PeerFailed
+    _meet(None)
+
+
+def on_main(write: Callable):
+    """`write()` on rank 0 (its result there, None elsewhere), then every rank meets: if it
+    raised, rank 0 reports the error and the others stop."""
+    if _world.size == 1:
+        return write()
+    result, error = None, None
+    if _world.main:
+        try:
+            result = write()
+        except Exception as err:  # every kind: the peers must hear of it at the vote
+            error = err
+    _meet(error)
+    return result
+
+
+@contextmanager
+def lockstep():
+    """A region where peers may sit in collectives this rank cannot match with a vote (DDP's
+    gradient all-reduces): an error inside is reported by the rank that hit it, unvoted; its
+    peers' collectives then break and torchrun stops them."""
+    _status.lockstep = True
+    yield
+    _status.lockstep = False  # not reached on an error: the command wrapper must not vote
 
 
 def command(run: Callable) -> Callable:
@@ -129,40 +177,48 @@ def command(run: Callable) -> Callable:
     failure on any rank into one reported error (see the module docstring)."""
     @functools.wraps(run)
     def wrapper(args) -> int:
+        joined = not dist.is_initialized()  # a caller that joined the group itself keeps it
         init()
         try:
             return _run_voting(run, args)
         finally:
-            close()
+            if joined:
+                close()
     return wrapper
 
 
 def _run_voting(run: Callable, args) -> int:
     try:
         result = run(args)
+        agree()  # a rank that failed after the last collective still stops the job
+        return result
     except PeerFailed:
         return 0  # the failing rank reports; torchrun names it as the root cause
     except dist.DistError as err:
         return _lost_peer(err)
-    except Exception:
-        if _vote(True) == _world.rank:
-            global _reporter
-            _reporter = True
-            raise  # the lowest failing rank reports its error
-        return 2
-    try:
-        agree()  # a rank that failed after the last collective still stops the job
-    except PeerFailed:
-        return 0
-    return result
+    except Exception as err:
+        return _report(err)
+
+
+def _report(error: Exception) -> int:
+    """This rank failed outside a vote: vote now (unless it already did, or cannot), so that one
+    rank reports; 0 when a peer reports instead."""
+    if not (_status.voted or _status.lockstep):
+        try:
+            _meet(error)
+        except PeerFailed:
+            return 0
+        except dist.DistError:
+            pass  # the peers are gone: report our own error
+    _status.reporter = True
+    raise error
 
 
 def _lost_peer(err: Exception) -> int:
     """A collective broke because a peer died without voting: that peer, or torchrun, reports it.
     Wait for torchrun's SIGTERM; say one line only if it never comes."""
-    if _world.size > 1:
-        time.sleep(PEER_GRACE_S)
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    time.sleep(PEER_GRACE_S)
+    first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
     print(f"cfgengine: error: rank {_world.rank} lost its peers: {first_line}", file=sys.stderr)
     return 2
 
@@ -170,7 +226,7 @@ def _lost_peer(err: Exception) -> int:
 def reports_errors() -> bool:
     """Whether this process prints a user error that escaped before the ranks met: under torchrun
     every rank parses the same command line, so rank 0 speaks for all of them."""
-    return not launched() or _reporter or os.environ.get("RANK") == "0"
+    return not launched() or _status.reporter or os.environ.get("RANK") == "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +289,7 @@ def check_identical(tensors, what: str) -> None:
     each, compared by min and max all-reduces)."""
     if _world.size == 1:
         return
+    agree()
     sums = torch.stack([t.detach().double().sum().cpu() for t in tensors])
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -272,6 +329,7 @@ def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     0's weights at the start), or `model` itself for one process."""
     if _world.size == 1:
         return model
+    agree()  # its constructor broadcasts: a rank that failed before must have said so
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
@@ -311,6 +369,7 @@ def rank_streams(data_rng: torch.Generator, noise_rng: torch.Generator) -> dict:
     torch} states]} on rank 0 of several; {} for one process or on the other ranks."""
     if _world.size == 1:
         return {}
+    agree()
     states = [gather_states(s) for s in (data_rng.get_state(), noise_rng.get_state(),
                                           torch.get_rng_state())]
     if not _world.main:

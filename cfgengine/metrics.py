@@ -51,7 +51,7 @@ def moments(features: np.ndarray, center: np.ndarray) -> np.ndarray:
     """float64 [1 + F + F²]: the count, Σ (f − c) and Σ (f − c)(f − c)ᵀ of features [N, F] about
     a fixed centre c (e.g. the reference mean, to keep the sums' cancellation small). Sums add up
     across shards — an all-reduce gives the moments of the union (EDM2's FID statistics)."""
-    f = np.asarray(features, dtype=np.float64).reshape(len(features), -1) - center
+    f = np.asarray(features, dtype=np.float64).reshape(-1, len(center)) - center  # rows may be 0
     return np.concatenate([[len(f)], f.sum(0), (f.T @ f).ravel()])
 
 

@@ -197,7 +197,8 @@ def write_checkpoint(state: TrainState, config: TrainConfig, dataset: ImageDatas
     """OUT/ckpt.pt, atomically, by rank 0 (every rank joins: it gathers their RNG states)."""
     path = Path(config.out) / "ckpt.pt"
     contents = checkpoint_contents(state, config, dataset)
-    return checkpoint.save_checkpoint(contents, path) if distributed.is_main() else path
+    distributed.on_main(lambda: checkpoint.save_checkpoint(contents, path))
+    return path
 
 
 def write_samples(state: TrainState, config: TrainConfig, dataset: ImageDataset) -> Path:
@@ -243,18 +244,17 @@ def run(config: TrainConfig, contents: dict | None, progress: bool) -> TrainStat
         distributed.restore_streams(state.data_rng, state.noise_rng, contents, config.seed)
     state.net = distributed.data_parallel(state.model)
     try:
-        _loop(state, config, dataset, device, progress)
+        with distributed.lockstep():  # DDP's all-reduces run inside
+            _loop(state, config, dataset, device, progress)
     except KeyboardInterrupt:
         if distributed.world().size == 1:  # ranks may stop mid-collective: keep the last one
             write_checkpoint(state, config, dataset)  # the exact point to resume from
         raise
     distributed.check_identical(state.ema.parameters(), "EMA weights")
     write_checkpoint(state, config, dataset)
-    if distributed.is_main():
-        checkpoint.save_ema_weights(state.ema.state_dict(),
-                                    checkpoint.config_dict(state.model.config),
-                                    checkpoint.dataset_dict(dataset.info),
-                                    ema_weights_path(config))
+    distributed.on_main(lambda: checkpoint.save_ema_weights(
+        state.ema.state_dict(), checkpoint.config_dict(state.model.config),
+        checkpoint.dataset_dict(dataset.info), ema_weights_path(config)))
     return state
 
 
@@ -272,6 +272,6 @@ def _loop(state: TrainState, config: TrainConfig, dataset: ImageDataset, device:
             bar.set_postfix(loss=f"{loss.item():.4f}")  # a host sync every 10 steps only
         if state.step % config.ckpt_every == 0:
             write_checkpoint(state, config, dataset)
-        if state.step % config.sample_every == 0 and distributed.is_main():
-            write_samples(state, config, dataset)
+        if state.step % config.sample_every == 0:
+            distributed.on_main(lambda: write_samples(state, config, dataset))
     bar.close()

@@ -26,7 +26,9 @@ def add(sub) -> None:
     p.add_argument("--steps", type=int, default=256, help="sampling steps T ≥ 2 (default: 256)")
     p.add_argument("--sampler", "--solver", dest="sampler", choices=SAMPLERS, default="ancestral",
                    help="the sampling algorithm (--solver is an old spelling)")
-    p.add_argument("--v", type=float, default=0.3, help="ancestral variance interpolation v")
+    p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
+                   help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
+                        "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
                    help="class ids (default: all)")
