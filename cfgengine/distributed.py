@@ -194,10 +194,19 @@ def _run_voting(run: Callable, args) -> int:
         return result
     except PeerFailed:
         return 0  # the failing rank reports; torchrun names it as the root cause
-    except dist.DistError as err:
-        return _lost_peer(err)
     except Exception as err:
-        return _report(err)
+        return _lost_peer(err) if _broken_collective(err) else _report(err)
+
+
+def _broken_collective(err: Exception) -> bool:
+    """Whether `err` is a collective that broke (a peer vanished): torch raises DistError, or,
+    from inside autograd (DDP's gradient all-reduce), a RuntimeError carrying gloo's or NCCL's
+    message."""
+    if _world.size == 1:
+        return False
+    text = str(err)
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and ("gloo/transport" in text or "NCCL" in text))
 
 
 def _report(error: Exception) -> int:
