@@ -38,7 +38,9 @@ def torchrun(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.
                **(env or {})}
     for name in distributed.ENV + ("LOCAL_RANK",):  # never inherit an outer job's rendezvous
         environ.pop(name, None)
-    return subprocess.run([str(BIN / "torchrun"), *LAUNCH, *args], cwd=cwd, env=environ,
+    script = BIN / "torchrun"  # the venv's; else torch's module (same parser, same agent)
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return subprocess.run([*launcher, *LAUNCH, *args], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=300)
 
 
