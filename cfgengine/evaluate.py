@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfgengine import metrics
+from cfgengine import distributed, metrics
 from cfgengine.atomic import atomic_path, atomic_paths
 from cfgengine.figures import to_uint8_images
 
@@ -48,7 +48,8 @@ class EvalConfig:
         if not self.steps or min(self.steps) < 2:
             raise ValueError(f"--steps: every T must be ≥ 2, got {list(self.steps)}")
         if self.n < max(self.k + 1, 2):
-            raise ValueError(f"--n must be ≥ k + 1 = {self.k + 1} (k-NN manifolds), got {self.n}")
+            raise ValueError(f"--per-cell/--n must be ≥ k + 1 = {self.k + 1} (k-NN manifolds), "
+                             f"got {self.n}")
         if self.k < 1 or self.rounds < 2 or self.batch_size < 1:
             raise ValueError("--k ≥ 1, --bootstrap ≥ 2 and --batch ≥ 1 are required")
         if len(set(self.w)) != len(self.w) or len(set(self.steps)) != len(self.steps):
@@ -116,14 +117,17 @@ def cell_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 def sample_configuration(spec: ModelSpec, config: EvalConfig, steps: int):
-    """All w of one (model, T) in ONE sampling pass: uint8 NHWC [len(w)·n], labels, w."""
-    from cfgengine.sampler import sample
+    """All w of one (model, T) in ONE sampling pass: uint8 NHWC [len(w)·n], labels, w — under
+    torchrun, this rank's shard of those rows."""
+    from cfgengine.sampler import Sampler
 
     labels = cell_labels(config.n, spec.model.num_classes).repeat(len(config.w))
     w = torch.tensor(config.w).repeat_interleave(config.n)  # (len(w)·n,)
-    x = sample(spec.model, labels, w=w, steps=steps, sampler=config.sampler, v=config.v,
-               seed=config.seed, batch_size=config.batch_size)  # (len(w)·n, C, H, W)
-    return to_uint8_images(x), labels.numpy(), w.numpy()
+    x = distributed.sample_shard(Sampler(spec.model), labels, w, steps=steps,
+                                 sampler=config.sampler, v=config.v, seed=config.seed,
+                                 batch_size=config.batch_size)  # (shard rows, C, H, W)
+    rows = distributed.shard(len(labels))
+    return to_uint8_images(x), labels[rows].numpy(), w[rows].numpy()
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, w: np.ndarray) -> None:
@@ -133,10 +137,12 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, w: np.ndarra
 
 
 def score_cell(features: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
-               ref: metrics.Reference, real_radii: np.ndarray, config: EvalConfig) -> dict:
+               ref: metrics.Reference, real_radii: np.ndarray, config: EvalConfig,
+               gaussian: metrics.Gaussian | None = None) -> dict:
     """Every metric of one cell with its bootstrap interval: generated samples resampled within
     their requested class; recall's per-real-image hits resampled with the generated manifold
-    held fixed (its interval is conditional on that set)."""
+    held fixed (its interval is conditional on that set). `gaussian`: the cell's fit from
+    all-reduced moments, FID's point estimate (default: fitted to `features`)."""
     precision_hits, recall_hits = metrics.manifold_hits(ref.features, features, config.k,
                                                         real_radii)
     statistics = {
@@ -150,24 +156,36 @@ def score_cell(features: np.ndarray, probs: np.ndarray | None, labels: np.ndarra
         statistics["inception_score"] = (lambda i: metrics.inception_score(probs[i]), labels)
         statistics["accuracy"] = (lambda i: hits[i].mean(), labels)
     sizes = {"recall": len(recall_hits)}
+    values = {} if gaussian is None else {"fid": metrics.frechet_distance(gaussian, ref.gaussian)}
     return {name: asdict(metrics.bootstrap(stat, sizes.get(name, len(labels)), strata=strata,
-                                           rounds=config.rounds, seed=config.seed))
+                                           rounds=config.rounds, seed=config.seed,
+                                           value=values.get(name)))
             for name, (stat, strata) in statistics.items()}
 
 
-def score_configuration(images: np.ndarray, labels: np.ndarray, w: np.ndarray, extractor,
-                        ref: metrics.Reference, real_radii: np.ndarray, config: EvalConfig) -> list:
-    """One result dict per w of a sampled configuration (features of the quantised uint8 images,
-    as an evaluator reading the shards would see them)."""
-    from cfgengine.data import from_uint8
+def cell_moments(features: np.ndarray, w: np.ndarray, config: EvalConfig,
+                 ref: metrics.Reference) -> np.ndarray:
+    """float64 [len(config.w), 1 + F + F²]: each w cell's feature `moments` about the reference
+    mean, summed over every rank (one all-reduce)."""
+    center = ref.gaussian.mu
+    local = np.stack([metrics.moments(features[w == np.float32(value)], center)
+                      for value in config.w])
+    return distributed.all_reduce_sum(local)
 
-    features, probs = metrics.extract(extractor, from_uint8(images))
+
+def score_configuration(features: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
+                        w: np.ndarray, totals: np.ndarray, ref: metrics.Reference,
+                        real_radii: np.ndarray, config: EvalConfig) -> list:
+    """One result dict per w of a sampled configuration, from the features of the quantised
+    uint8 images (as an evaluator reading the shards would see them) and `cell_moments`."""
     rows = []
-    for value in config.w:
+    for value, total in zip(config.w, totals):
         mask = w == np.float32(value)
         cell_probs = None if probs is None else probs[mask]
+        gaussian = metrics.gaussian_from_moments(total, ref.gaussian.mu)
         rows.append({"w": value, "n": int(mask.sum()),
-                     **score_cell(features[mask], cell_probs, labels[mask], ref, real_radii, config)})
+                     **score_cell(features[mask], cell_probs, labels[mask], ref, real_radii,
+                                  config, gaussian)})
     return rows
 
 
@@ -180,25 +198,36 @@ def run_eval(config: EvalConfig, log=print) -> dict:
     ref = metrics.reference(dataset, extractor, key, _cache_dir(config))
     real_radii = metrics.knn_radii(ref.features, config.k)
     out = Path(config.out_dir)
-    (out / "samples").mkdir(parents=True, exist_ok=True)  # only once every input has been read
+    if distributed.is_main():  # only once every input has been read; rank 0 writes
+        (out / "samples").mkdir(parents=True, exist_ok=True)
     cells = []
     for spec in specs:
         for steps in config.steps:
             cells += _evaluate_configuration(spec, steps, config, extractor, ref, real_radii, log)
     results = {"config": asdict(config), "dataset": dataset, "feature_key": key,
                "reference_n": len(ref.features), "cells": cells}
-    write_report(results, out)
+    if distributed.is_main():
+        write_report(results, out)
     return results
 
 
 def _evaluate_configuration(spec: ModelSpec, steps: int, config: EvalConfig, extractor,
                             ref: metrics.Reference, real_radii: np.ndarray, log) -> list:
+    from cfgengine.data import from_uint8
+
     start = time.perf_counter()
-    images, labels, w = sample_configuration(spec, config, steps)
+    images, labels, w = sample_configuration(spec, config, steps)  # this rank's shard
     seconds = time.perf_counter() - start
+    features, probs = metrics.extract(extractor, from_uint8(images))
+    totals = cell_moments(features, w, config, ref)
+    count = len(config.w) * config.n  # rank 0 gathers what P/R and the bootstraps resample
+    images, labels, w, features, probs = (distributed.gather_rows(rows, count)
+                                          for rows in (images, labels, w, features, probs))
+    if not distributed.is_main():
+        return []
     shard = Path(config.out_dir) / "samples" / f"{_slug(spec.name)}-T{steps}.npz"
     write_shard(shard, images, labels, w)
-    rows = score_configuration(images, labels, w, extractor, ref, real_radii, config)
+    rows = score_configuration(features, probs, labels, w, totals, ref, real_radii, config)
     log(f"{spec.name} T={steps}: {len(images)} samples in {seconds:.1f} s -> {shard}")
     return [{"model": spec.name, "ckpt": spec.path, "p_uncond": spec.p_uncond, "steps": steps,
              "sample_seconds": seconds / len(config.w), **row} for row in rows]

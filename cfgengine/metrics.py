@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cfgengine import distributed
 from cfgengine.atomic import atomic_path
 
 # A feature extractor maps images [N, C, H, W] in [−1, 1] to (features [N, F], probs [N, K] | None).
@@ -44,6 +45,23 @@ def gaussian_fit(features: np.ndarray) -> Gaussian:
     if f.ndim != 2 or len(f) < 2:
         raise ValueError(f"features must be [N ≥ 2, F], got shape {f.shape}")
     return Gaussian(f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), len(f))
+
+
+def moments(features: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """float64 [1 + F + F²]: the count, Σ (f − c) and Σ (f − c)(f − c)ᵀ of features [N, F] about
+    a fixed centre c (e.g. the reference mean, to keep the sums' cancellation small). Sums add up
+    across shards — an all-reduce gives the moments of the union (EDM2's FID statistics)."""
+    f = np.asarray(features, dtype=np.float64).reshape(-1, len(center)) - center  # rows may be 0
+    return np.concatenate([[len(f)], f.sum(0), (f.T @ f).ravel()])
+
+
+def gaussian_from_moments(total: np.ndarray, center: np.ndarray) -> Gaussian:
+    """`gaussian_fit` from summed `moments`: μ = c + S₁/n, Σ = (S₂ − S₁S₁ᵀ/n)/(n − 1)."""
+    n, dim = int(round(total[0])), len(center)
+    if n < 2:
+        raise ValueError(f"a Gaussian fit needs at least 2 rows, got {n}")
+    s1, s2 = total[1:1 + dim], total[1 + dim:].reshape(dim, dim)
+    return Gaussian(center + s1 / n, (s2 - np.outer(s1, s1) / n) / (n - 1), n)
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -156,7 +174,7 @@ class Interval:
 
 def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *,
               strata: np.ndarray | None = None, rounds: int = 200, level: float = 0.95,
-              seed: int = 0) -> Interval:
+              seed: int = 0, value: float | None = None) -> Interval:
     """statistic(all indices) with the percentile interval of statistic(indices resampled with
     replacement) over `rounds` resamples (Efron & Tibshirani 1993, §13.3).
 
@@ -164,7 +182,9 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *,
     samples were drawn: with class-balanced cells, unstratified resamples vary the class counts,
     and with them the between-class covariance that dominates classifier features — that
     inflated FID's spread 4-10× against independent seeds. The interval is re-centred on the
-    point estimate: duplicated rows shrink the covariance, biasing resampled FID upwards."""
+    point estimate: duplicated rows shrink the covariance, biasing resampled FID upwards.
+    `value` overrides statistic(all indices) where the caller has it already (from all-reduced
+    moments)."""
     if rounds < 2 or not 0 < level < 1:
         raise ValueError("bootstrap needs rounds ≥ 2 and 0 < level < 1")
     gen = np.random.default_rng(seed)
@@ -174,7 +194,7 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *,
               for _ in range(rounds)]
     tail = 50 * (1 - level)
     low, median, high = np.percentile(values, [tail, 50, 100 - tail])
-    value = float(statistic(np.arange(n)))
+    value = float(statistic(np.arange(n))) if value is None else float(value)
     return Interval(value, value - float(median - low), value + float(high - median))
 
 
@@ -257,7 +277,7 @@ def reference(dataset_name: str, extractor: Extractor, key: str, cache_dir: str 
         return cached
     features, _ = extract(extractor, real_images(dataset_name, n, seed))
     ref = Reference(features, gaussian_fit(features), key)
-    if path is not None:
+    if path is not None and distributed.is_main():  # one writer under torchrun
         _write_reference(path, ref)
     return ref
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cfgengine import checkpoint
+from cfgengine import checkpoint, distributed
 from cfgengine.data import ImageDataset, load_dataset
 from cfgengine.schedule import alpha_sigma, sample_logsnr
 from cfgengine.unet import UNet, preset
@@ -39,7 +39,8 @@ class TrainConfig:
     image_size: int | None = _flag(None, "image side for shapes/folder (shapes: 16)")
     preset: str = _flag("default", "UNet preset: tiny, small, default, base")
     steps: int = _flag(3500, "total optimizer steps")
-    batch_size: int = 64
+    batch_size: int = _flag(64, "batch per process: under torchrun the global batch is "
+                                "batch_size × world size")
     lr: float = _flag(1e-3, "AdamW learning rate after warm-up")
     warmup: int = _flag(200, "linear learning-rate warm-up steps")
     weight_decay: float = 0.0
@@ -79,6 +80,7 @@ class TrainState:
     data_rng: torch.Generator
     noise_rng: torch.Generator
     step: int = 0
+    net: nn.Module | None = None  # what the loss calls, if not `model`: its DDP wrapper
 
 
 def drop_labels(labels: torch.Tensor, num_classes: int, p_uncond: float,
@@ -120,7 +122,8 @@ def train_step(state: TrainState, dataset: ImageDataset, config: TrainConfig,
     x, labels = dataset.batch(config.batch_size, state.data_rng)
     x, labels = x.to(device), labels.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = diffusion_loss(state.model, x, labels, config.p_uncond, state.noise_rng)
+        loss = diffusion_loss(state.net or state.model, x, labels, config.p_uncond,
+                              state.noise_rng)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
@@ -161,7 +164,8 @@ def checkpoint_contents(state: TrainState, config: TrainConfig, dataset: ImageDa
             "model": state.model.state_dict(), "ema": state.ema.state_dict(),
             "optimizer": state.optimizer.state_dict(), "step": state.step,
             "rng": {"data": state.data_rng.get_state(), "noise": state.noise_rng.get_state(),
-                    "torch": torch.get_rng_state()}}
+                    "torch": torch.get_rng_state(),
+                    **distributed.rank_streams(state.data_rng, state.noise_rng)}}
 
 
 def restore(state: TrainState, contents: dict) -> TrainState:
@@ -190,9 +194,11 @@ def resumed_config(contents: dict, **overrides) -> TrainConfig:
 
 
 def write_checkpoint(state: TrainState, config: TrainConfig, dataset: ImageDataset) -> Path:
-    """OUT/ckpt.pt, atomically."""
+    """OUT/ckpt.pt, atomically, by rank 0 (every rank joins: it gathers their RNG states)."""
     path = Path(config.out) / "ckpt.pt"
-    return checkpoint.save_checkpoint(checkpoint_contents(state, config, dataset), path)
+    contents = checkpoint_contents(state, config, dataset)
+    distributed.on_main(lambda: checkpoint.save_checkpoint(contents, path))
+    return path
 
 
 def write_samples(state: TrainState, config: TrainConfig, dataset: ImageDataset) -> Path:
@@ -229,20 +235,26 @@ def resume(path: str | Path, progress: bool = False, **overrides) -> TrainState:
 def run(config: TrainConfig, contents: dict | None, progress: bool) -> TrainState:
     """The training loop from a fresh or restored state: checkpoints every `ckpt_every` steps and on
     Ctrl-C, sample grids every `sample_every`, EMA weights written at the end."""
-    dataset = load_dataset(config.data, config.image_size)
-    device = resolve_device(config.device)
+    dataset = distributed.shard_dataset(load_dataset(config.data, config.image_size))
+    device = resolve_device(distributed.local_device(config.device))
     state = new_state(config, dataset, device)
+    distributed.seed_streams(state.data_rng, state.noise_rng, config.seed)
     if contents is not None:
         restore(state, contents)
+        distributed.restore_streams(state.data_rng, state.noise_rng, contents, config.seed)
+    state.net = distributed.data_parallel(state.model)
     try:
-        _loop(state, config, dataset, device, progress)
+        with distributed.lockstep():  # DDP's all-reduces run inside
+            _loop(state, config, dataset, device, progress)
     except KeyboardInterrupt:
-        write_checkpoint(state, config, dataset)  # the exact point to resume from
+        if distributed.world().size == 1:  # ranks may stop mid-collective: keep the last one
+            write_checkpoint(state, config, dataset)  # the exact point to resume from
         raise
+    distributed.check_identical(state.ema.parameters(), "EMA weights")
     write_checkpoint(state, config, dataset)
-    checkpoint.save_ema_weights(state.ema.state_dict(),
-                                  checkpoint.config_dict(state.model.config),
-                                  checkpoint.dataset_dict(dataset.info), ema_weights_path(config))
+    distributed.on_main(lambda: checkpoint.save_ema_weights(
+        state.ema.state_dict(), checkpoint.config_dict(state.model.config),
+        checkpoint.dataset_dict(dataset.info), ema_weights_path(config)))
     return state
 
 
@@ -261,5 +273,5 @@ def _loop(state: TrainState, config: TrainConfig, dataset: ImageDataset, device:
         if state.step % config.ckpt_every == 0:
             write_checkpoint(state, config, dataset)
         if state.step % config.sample_every == 0:
-            write_samples(state, config, dataset)
+            distributed.on_main(lambda: write_samples(state, config, dataset))
     bar.close()

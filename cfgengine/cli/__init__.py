@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cfgengine import distributed
 from cfgengine.cli import (bench, classifier_accuracy, eval, export, sample, train,
                            train_classifier)
 from cfgengine.cli.args import Parser, UserError
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.run(args) or 0
     except (UserError, ValueError, FloatingPointError, OSError) as err:
-        print(f"cfgengine: error: {err}", file=sys.stderr)  # one line: no traceback for these
+        if distributed.reports_errors():  # under torchrun: one rank speaks for all
+            print(f"cfgengine: error: {err}", file=sys.stderr)  # one line: no traceback for these
         return 2
     except KeyboardInterrupt:
         print("cfgengine: interrupted", file=sys.stderr)

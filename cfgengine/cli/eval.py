@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cfgengine import distributed
 from cfgengine.cli.args import UserError, comma_list, guidance_weights
 
 
@@ -18,7 +19,9 @@ def add(sub) -> None:
                         "comma list; one sampling pass covers them all (default: %(default)s)")
     p.add_argument("--steps", type=comma_list(int, "--steps"), default=[64],
                    help="sampling steps T, comma list (default: 64)")
-    p.add_argument("--n", type=int, default=1000, help="class-balanced samples per cell")
+    p.add_argument("--per-cell", "--n", dest="n", type=int, default=1000,
+                   help="class-balanced samples per cell (--n is an old spelling that torchrun's "
+                        "own parser rejects as ambiguous)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="eval", help="results folder (its parent must exist)")
     p.add_argument("--features", default=None,
@@ -33,6 +36,7 @@ def add(sub) -> None:
     p.set_defaults(run=run)
 
 
+@distributed.command  # under torchrun: each rank samples and embeds its shard, rank 0 scores
 def run(args) -> int:
     from cfgengine.evaluate import EvalConfig, run_eval
 
@@ -42,8 +46,9 @@ def run(args) -> int:
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir: {out} is a file")
-    if not out.resolve().parent.is_dir():
+    if distributed.is_main() and not out.resolve().parent.is_dir():
         raise UserError(f"--out-dir: parent folder of {out} does not exist")
-    run_eval(config)  # models and features are checked before anything is written
-    print(f"results -> {out / 'results.json'}, {out / 'results.md'}")
+    run_eval(config, log=print if distributed.is_main() else lambda *_: None)
+    if distributed.is_main():  # models and features are checked before anything is written
+        print(f"results -> {out / 'results.json'}, {out / 'results.md'}")
     return 0

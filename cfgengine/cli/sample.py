@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from cfgengine import distributed
 from cfgengine.atomic import atomic_paths, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.figures import save_panels, to_uint8_images
@@ -31,13 +32,17 @@ def add(sub) -> None:
     p.add_argument("--steps", type=int, default=256, help="sampling steps T ≥ 2 (default: 256)")
     p.add_argument("--sampler", "--solver", dest="sampler", choices=SAMPLERS, default="ancestral",
                    help="the sampling algorithm (--solver is an old spelling)")
-    p.add_argument("--v", type=float, default=0.3, help="ancestral variance interpolation v")
+    p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
+                   help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
+                        "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     add_grid_flags(p)
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
                    help="class ids (default: all)")
-    p.add_argument("--n", type=int, default=None, help="samples per class")
+    p.add_argument("--per-class", "--n", dest="n", type=int, default=None,
+                   help="samples per class (--n is an old spelling that torchrun's own parser "
+                        "rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
@@ -134,25 +139,31 @@ def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tens
     if n is None:
         n = 400 if len(model.sample_shape) == 1 else 4
     if n < 1:
-        raise UserError(f"--n must be ≥ 1, got {n}")
+        raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
     return torch.tensor(classes).repeat_interleave(n)
 
 
+@distributed.command  # under torchrun: each rank samples its shard of ids, rank 0 writes
 def run(args) -> int:
     for flag in ("out", "npz"):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag) is not None and distributed.is_main():
             check_writable(getattr(args, flag), f"--{flag}")
     rule = guidance_rule(args)
     model = load(args.ckpt)
     labels = sample_labels(model, args.classes, args.n)
-    engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
+    engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
+                     precision=args.precision)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
-    x = engine.sample(labels.repeat(len(args.w)), w=w, steps=args.steps, sampler=args.sampler,
-                      v=args.v, eta=args.eta, grid=args.grid, logsnr_range=args.logsnr_range,
-                      guidance=rule, clip="auto" if args.threshold is None else args.threshold,
-                      seed=args.seed, batch_size=args.batch, progress=sys.stderr.isatty())
+    x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
+                                sampler=args.sampler, v=args.v, eta=args.eta, grid=args.grid,
+                                logsnr_range=args.logsnr_range, guidance=rule,
+                                clip="auto" if args.threshold is None else args.threshold,
+                                seed=args.seed, batch_size=args.batch,
+                                progress=sys.stderr.isatty() and distributed.is_main())
     seconds = time.perf_counter() - start
+    if x is None:
+        return 0  # not rank 0: it writes
     decode = getattr(model, "decode", None)  # latent models: the PNG and --npz hold images
     write_outputs(args, model, (decode(x) if decode else x).cpu(), labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "

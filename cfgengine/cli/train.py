@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cfgengine import distributed
 from cfgengine.cli.args import add_config_flags, given
 
 # old spellings a user may have typed, still accepted
@@ -22,15 +23,17 @@ def add(sub) -> None:
     p.set_defaults(run=run)
 
 
+@distributed.command  # under torchrun: DDP, rank 0 writes
 def run(args) -> int:
     from cfgengine import train
 
     settings = given(args, train.TrainConfig)
-    progress = sys.stderr.isatty()
+    progress = sys.stderr.isatty() and distributed.is_main()
     if args.resume is not None:
         state = train.resume(args.resume, progress, **settings)
     else:
         state = train.train(train.TrainConfig(**settings), progress)
-    print(f"trained to step {state.step}: checkpoint {Path(state.config.out) / 'ckpt.pt'}, "
-          f"EMA weights {train.ema_weights_path(state.config)}")
+    if distributed.is_main():
+        print(f"trained to step {state.step}: checkpoint {Path(state.config.out) / 'ckpt.pt'}, "
+              f"EMA weights {train.ema_weights_path(state.config)}")
     return 0
