@@ -73,7 +73,8 @@ def _check_number(name: str, value, lo: float, hi: float, *, open_lo: bool = Fal
 @dataclasses.dataclass(frozen=True)
 class CFG:
     """Classifier-free guidance, paper eq. 6: ε̃ = ε_c + w·(ε_c − ε_u); with rescale = φ > 0,
-    Lin et al. 2023 §3.4: ε̃ = φ·ε̃·std(ε_c)/std(ε̃) + (1 − φ)·ε̃ (diffusers `rescale_noise_cfg`)."""
+    Lin et al. 2023 §3.4: ε̃ = φ·ε̃·std(ε_c)/std(ε̃) + (1 − φ)·ε̃, std per sample, unbiased
+    (diffusers `rescale_noise_cfg`)."""
     rescale: float = 0.0
     interval: Interval = None
 
@@ -113,7 +114,8 @@ class APG:
 @dataclasses.dataclass(frozen=True)
 class DynamicThreshold:
     """Imagen's dynamic thresholding (Saharia et al. 2022), passed as `clip=`: s = quantile(|x̂|, p)
-    per sample, s = clamp(s, 1, max_value), x̂ = clamp(x̂, −s, s)/s (diffusers `_threshold_sample`)."""
+    per sample, s = clamp(s, 1, max_value), x̂ = clamp(x̂, −s, s)/s (diffusers
+    `_threshold_sample`)."""
     p: float = 0.995
     max_value: float = 1.0
 

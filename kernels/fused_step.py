@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 
+import numpy as np
 import torch
 
 from cfgengine import rng
@@ -77,9 +78,9 @@ def _use_triton(impl: str, z: torch.Tensor) -> bool:
 
     On CPU "auto" stays the eager reference, measured against torch.compile of it
     (bench/results/step-cpu-*.json): compiled, a step runs 6–30× faster, but each dtype, shape
-    and flag set compiles for 20–40 s (cold cache), which a CPU run earns back only after hundreds of steps
-    of megabytes each — and every short run and test would pay it. A caller holding state across
-    runs (the Sampler) is the place to opt into compiling.
+    and flag set compiles for 20–40 s (cold cache), which a CPU run earns back only after
+    hundreds of steps of megabytes each — and every short run and test would pay it. A caller
+    holding state across runs (the Sampler) is the place to opt into compiling.
     """
     if impl == "auto":
         return z.device.type == "cuda" and triton is not None
@@ -106,20 +107,23 @@ def table_rows(table: torch.Tensor, step: int | torch.Tensor, batch: int) -> tor
 
 
 # ---------------------------------------------------------------------------------------------
-# The torch reference: the definition. Per sample i, sums ⟨a, b⟩ run over all its elements (D);
-# std is unbiased. Memory traffic per step, in B·D values of the storage dtype, counting what a
-# fused implementation must move (the Triton path below moves exactly this):
-#   CFG, ZeroStar-free ε̃ (plain eq. 6)   read ε_c, ε_u, z, write z'                         4
-#   CFG(rescale > 0)     + a reduction pass reading ε_c, ε_u (two std per sample)          4 + 2
-#   ZeroStar             + a reduction pass reading ε_c, ε_u (⟨ε_c, ε_u⟩, ⟨ε_u, ε_u⟩)       4 + 2
-#   APG                  reduction pass: read ε_c, ε_u, z (+ m when β ≠ 0), write m (‖m‖²,
-#                        ⟨m, D_c⟩, ⟨D_c, D_c⟩); step pass: read ε_c, z, m, write z'     4 (5) + 4
-#                        (no state: the step pass re-reads ε_u instead of m, nothing written: 3 + 4)
-#   clip = c             nothing extra (a clamp in registers)                                 +0
-#   DynamicThreshold     write x̂ (fp32), the per-sample quantile of |x̂| (torch.kthvalue: a
-#                        selection over |x̂|, several passes), then re-read x̂ and z      ≈ +6 or more
-#   c_p ≠ 0 (dpmpp_2m)   read x̂_prev, write x̂ (x_hat_out)                                   +2
-#   given noise          read n (rows with s ≠ 0)                                             +1
+# The torch reference: the definition. Per sample i, sums ⟨a, b⟩ run over all its D elements; std
+# is unbiased. Memory traffic per step, in B·D values, that a fused implementation must move (the
+# Triton path below moves exactly this; S = storage dtype, F = fp32):
+#   CFG()                read ε_c, ε_u, z; write z'                                        4 S
+#   CFG(rescale > 0)     + reduction pass: read ε_c, ε_u (count, mean, M2 of ε_c and ε̃)   4+2 S
+#   ZeroStar             + reduction pass: read ε_c, ε_u (⟨ε_c, ε_u⟩, ⟨ε_u, ε_u⟩)            4+2 S
+#   APG, β ≠ 0           reduction pass: read ε_c, ε_u, z, m, write m (‖m‖², ⟨m, D_c⟩,
+#                        ⟨D_c, D_c⟩); step pass: read ε_c, z, m, write z'            3+3 S, 3 F
+#                        (β = 0 with a state: m is written, not read: 2 F; no state at
+#                        all: the step pass re-reads ε_u instead of m: 7 S)
+#   clip = c             nothing (a clamp in registers)                                     +0
+#   DynamicThreshold     the rule's first pass stops at x̂ and writes it (F), torch takes the
+#                        per-sample quantile of |x̂| (|x̂| materialised, read, written, then two
+#                        kthvalue selections of several passes each), the second pass reads
+#                        x̂ (F) and z (S) again: +1 S +2 F and the quantile, ≈ +6 F or more
+#   c_p ≠ 0 (dpmpp_2m)   read x̂_prev, write x̂ (x_hat_out, may alias x_hat_prev)              +2
+#   given noise          read n (rows with s ≠ 0 only)                                      +1 S
 # The eager torch below materialises every intermediate; it is the definition, not the fast path.
 # ---------------------------------------------------------------------------------------------
 
@@ -222,8 +226,9 @@ def dynamic_threshold_scale(x_hat: torch.Tensor, clip: DynamicThreshold) -> torc
     torch.quantile refuses inputs over 2²⁴ elements and sorts; the ranks are host numbers (p and
     n are), so nothing waits on the device."""
     flat = x_hat.reshape(x_hat.shape[0], -1).abs()  # (B, D)
-    rank = torch.tensor(clip.p, dtype=torch.float32) * (flat.shape[1] - 1)  # a CPU scalar
-    below, weight = math.floor(rank.item()), (rank - math.floor(rank.item())).item()
+    rank = np.float32(clip.p) * np.float32(flat.shape[1] - 1)  # float32, as torch.quantile
+    below = math.floor(rank)
+    weight = float(rank - np.float32(below))
     lo = torch.kthvalue(flat, below + 1, dim=1).values
     hi = lo if weight == 0.0 else torch.kthvalue(flat, below + 2, dim=1).values
     return torch.lerp(lo, hi, weight).clamp(1.0, clip.max_value)
@@ -311,15 +316,16 @@ def check_rule_args(rule, state, clip) -> None:
 #                       reduces its k-th contiguous slice of each row to a few fp32 partials
 #                       stats[i, :, k] — rescale: count and (mean, M2) of ε_c and of eq. 6's ε
 #                       (Chan's pairwise merge, no cancellation); ZeroStar: ⟨ε_c, ε_u⟩, ⟨ε_u, ε_u⟩;
-#                       APG: ‖m‖², ⟨m, D_c⟩, ⟨D_c, D_c⟩ after m ← (D_c − D_u) + β·m, which it writes.
+#                       APG: ‖m‖², ⟨m, D_c⟩, ⟨D_c, D_c⟩ after m ← (D_c − D_u) + β·m, which it
+#                       writes.
 #                       Slices, not atomics: the sums are deterministic and row i reads row i only.
 #   _guided_step_kernel grid (blocks of D, row blocks); one program owns BLOCK_R rows × BLOCK_D
 #                       elements and computes, in fp32 from any storage dtype, rounding once per
 #                       store:
 #     (α, σ, c_z, c_x, s, c_p) = table[step_i]                (NaN α when step_i is off the table)
-#     ε̃  = ε_c + w_i·(ε_c − ε_u)                                CFG (eq. 6, the reference's rounding)
-#        · (1 + φ·(std(ε_c)/std(ε̃) − 1))                        CFG(rescale = φ), from the SPLIT partials
-#     ε̃  = ε_c + w_i·(ε_c − s*·ε_u), s* = ⟨ε_c, ε_u⟩/(⟨ε_u, ε_u⟩ + 1e−8)       ZeroStar
+#     ε̃  = ε_c + w_i·(ε_c − ε_u)                   CFG (eq. 6, in the reference's rounding)
+#        · (1 + φ·(std(ε_c)/std(ε̃) − 1))           CFG(rescale = φ), from the SPLIT partials
+#     ε̃  = ε_c + w_i·(ε_c − s*·ε_u), s* = ⟨ε_c, ε_u⟩/(⟨ε_u, ε_u⟩ + 1e−8)    ZeroStar
 #     x̂  = (z − σ·ε̃)/α, or for APG x̂ = D_c + w_i·(Δ⊥ + η·Δ∥), Δ = m·min(1, r/‖m‖)
 #     x̂  = clamp(x̂, −c, c), or clamp(x̂, −s_i, s_i)/s_i with s_i DynamicThreshold's scale
 #     z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n,  n = noise[i, j], or output j % 4 of Philox4x32-10
@@ -351,7 +357,8 @@ def _per_row(ptr, value, rows, row_mask, MODE: tl.constexpr, DTYPE: tl.constexpr
 
 @_jit()
 def _table_column(table_ptr, step, table_len, row_mask, column: tl.constexpr, missing):
-    """table[step_i, column] for each row as (BLOCK_R, 1) fp32; `missing` off the table."""
+    """table[step_i, column] of the [T, 6] table for each row as (BLOCK_R, 1) fp32; `missing`
+    off the table."""
     valid = row_mask & (step >= 0) & (step < table_len)
     return tl.load(table_ptr + step * 6 + column, mask=valid, other=missing)[:, None]
 
@@ -366,7 +373,8 @@ def _data_prediction(z, eps_ptr, offs, mask, alpha, sigma):
 @_jit()
 def _partials(stats_ptr, rows, row_mask, slot: tl.constexpr, SPLIT: tl.constexpr):
     """The SPLIT partials of one statistic for each row, (BLOCK_R, SPLIT) fp32."""
-    ptrs = stats_ptr + (rows.to(tl.int64) * 5 + slot)[:, None] * SPLIT + tl.arange(0, SPLIT)[None, :]
+    first = (rows.to(tl.int64) * 5 + slot)[:, None] * SPLIT  # stats[row, slot, 0]; 5 slots
+    ptrs = stats_ptr + first + tl.arange(0, SPLIT)[None, :]
     return tl.load(ptrs, mask=row_mask[:, None], other=1.0)  # 1: no 0/0 on rows past the batch
 
 
@@ -378,7 +386,8 @@ def _row_total(stats_ptr, rows, row_mask, slot: tl.constexpr, SPLIT: tl.constexp
 
 @_jit()
 def _row_std(stats_ptr, rows, row_mask, mean_slot: tl.constexpr, SPLIT: tl.constexpr):
-    """Unbiased std of a row from its slices' (count, mean, M2) (Chan et al.'s merge): (BLOCK_R, 1)."""
+    """Unbiased std of each row from its slices' (count, mean, M2), Chan et al.'s merge:
+    (BLOCK_R, 1)."""
     count = _partials(stats_ptr, rows, row_mask, 0, SPLIT)
     mean = _partials(stats_ptr, rows, row_mask, mean_slot, SPLIT)
     n = tl.where(row_mask, tl.sum(count, axis=1), 2.0)  # rows past the batch: no 0/0
@@ -590,7 +599,7 @@ def _tile_summary(x, mask, n_b):
 @_jit()
 def _store_partial(stats_ptr, rows, row_mask, split, slot: tl.constexpr, value,
                    SPLIT: tl.constexpr):
-    """stats[row, slot, split] = value for each row."""
+    """stats[row, slot, split] = value for each row (stats is [B, STAT_SLOTS = 5, SPLIT])."""
     tl.store(stats_ptr + (rows.to(tl.int64) * 5 + slot) * SPLIT + split, value, mask=row_mask)
 
 

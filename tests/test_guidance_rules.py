@@ -22,7 +22,7 @@ B = W.numel()
 TOL = 1e-5  # fp32 step against float64 math (sums over ≤ 105 elements)
 
 
-# --- float64 math, from the design text -----------------------------------------------------------
+# --- float64 math, from the design text ----------------------------------------------------------
 
 def alpha_sigma(logsnr: float) -> tuple[float, float]:
     """α² = sigmoid(λ), σ² = sigmoid(−λ)."""
@@ -98,7 +98,7 @@ def f64_step(eps2, z, w, row, rule, state, x_prev, clip, noise):
     return tuple(torch.stack(v).reshape(z.shape) for v in (z_next, x_hats, states))
 
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- helpers -------------------------------------------------------------------------------------
 
 def inputs(seed: int, shape, scale: float = 1.0):
     gen = torch.Generator().manual_seed(seed)
@@ -131,7 +131,7 @@ RULES = {
 CLIPS = {"none": None, "static": 1.0, "dynamic": DynamicThreshold(p=0.9, max_value=1.6)}
 
 
-# --- the rules against float64 ---------------------------------------------------------------------
+# --- the rules against float64 -------------------------------------------------------------------
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("clip", CLIPS)
@@ -224,7 +224,7 @@ def test_x_hat_out_may_alias_x_hat_prev():
     assert torch.equal(aliased, separate) and torch.equal(buffer, separate_x)
 
 
-# --- against diffusers ----------------------------------------------------------------------------
+# --- against diffusers ---------------------------------------------------------------------------
 
 def identity_row() -> list[float]:
     """α = σ = 1, z' = x̂: with z = 0 the step returns −ε̃ (or APG's x̂ with D = −ε)."""
@@ -288,7 +288,7 @@ def test_dynamic_threshold_equals_diffusers_threshold_sample(p, max_value):
     assert rel_err(x_hat, want) <= 1e-6
 
 
-# --- parameters ------------------------------------------------------------------------------------
+# --- parameters ----------------------------------------------------------------------------------
 
 BAD_RULES = [
     (lambda: CFG(rescale=1.5), "rescale must be a number in \\[0, 1\\]"),
@@ -347,3 +347,36 @@ def test_table_must_have_six_columns():
     t = inputs(seed=13, shape=(13,))
     with pytest.raises(ValueError, match="float32 \\[T, 6\\]"):
         guided_step(t["eps2"], t["z"], W, torch.zeros(4, 5), 0, impl="torch")
+
+
+@pytest.mark.parametrize("numel", [2, 7, 1001, 3 * 64 * 64])
+def test_dynamic_threshold_quantile_is_torch_quantile_linear(numel):
+    """The per-sample scale takes its quantile by two selections, the way torch.quantile computes
+    the "linear" one (which refuses inputs over 2²⁴ elements): equal to it, bit for bit."""
+    from cfgengine.kernels.fused_step import dynamic_threshold_scale
+
+    x_hat = 3.0 * torch.randn(3, numel, generator=torch.Generator().manual_seed(numel))
+    for p in (1e-3, 0.123, 0.5, 0.9, 0.995, 1.0):
+        want = torch.quantile(x_hat.abs(), p, dim=1).clamp(1.0, 2.5)
+        assert torch.equal(dynamic_threshold_scale(x_hat, DynamicThreshold(p, 2.5)), want)
+
+
+SYNCS = ("item", "__bool__", "tolist", "numpy", "__int__", "__float__", "__index__")
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("host sync inside the step")
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_no_rule_waits_on_the_device(clip, monkeypatch):
+    """Every rule and threshold with tensor w, step and table: nothing reads a tensor back."""
+    t = inputs(seed=14, shape=(3, 5, 7))
+    table = torch.tensor([ROWS["ddim"], ROWS["dpmpp_2m"]], dtype=torch.float32)
+    state = t["state"].clone()
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, _forbidden)
+    for rule in RULES.values():
+        guided_step(t["eps2"], t["z"], W, table, torch.tensor(1), rule=rule, state=state,
+                    clip=CLIPS[clip], x_hat_prev=t["x_prev"], seed=torch.tensor(3),
+                    impl="torch")
