@@ -56,8 +56,12 @@ class CudaGraphLoop:
         apg = isinstance(rule, APG)  # its momentum is per-sample state
         self.state = torch.zeros((batch, *shape), device=device) if apg else None
         self.x_hat = torch.zeros((batch, *shape), device=device) if multistep else None
-        self.graphs = {doubled: capture(lambda doubled=doubled: self._step(doubled))
-                       for doubled in kinds}
+        self.graphs = {doubled: self._capture(doubled) for doubled in kinds}
+
+    def _capture(self, doubled: bool) -> torch.cuda.CUDAGraph:
+        """One kind of step, captured; its warm-up starts at step 0 so it stays on the table."""
+        self.step.zero_()
+        return capture(lambda: self._step(doubled))
 
     def _step(self, doubled: bool) -> None:
         """λ for this step → net on z2 (2B rows, or its first B) → fused step into z2 → step += 1
