@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from cfgengine import toy
+from cfgengine import toy, trust
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
                                   read_safetensors)
 from cfgengine.unet import UNet
@@ -21,9 +21,18 @@ def _load_safetensors(path: Path) -> UNet:
     return build_unet(meta["model_config"], meta["dataset"], weights, path)
 
 
-def _load_exported(path: Path):
+# exported formats that are native code (DESIGN: data vs code files): loaded only when trusted
+CODE_SUFFIXES = {".pt2": "an AOTInductor package (.pt2)", ".plan": "a TensorRT plan",
+                 ".engine": "a TensorRT plan"}
+
+
+def _load_exported(path: Path, trust_code: bool = False):
     from cfgengine import export  # lazy: onnx / onnxruntime are optional
 
+    if path.suffix in CODE_SUFFIXES:
+        trust.check_trusted(path, CODE_SUFFIXES[path.suffix], trust_code)
+        if path.suffix == ".pt2":
+            return export.load(path, trust_code=True)  # just checked: hash the file once
     return export.load(path)
 
 
@@ -37,9 +46,11 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
 }
 
 
-def load(model: str | Path):
+def load(model: str | Path, *, trust_code: bool = False):
     """A built-in name (`default`, `gmm`) or a model file → what `cfgengine.sample` runs: a UNet in
-    eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx / .pt2 / .plan."""
+    eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx / .pt2 / .plan.
+    `.pt2` and `.plan` files are code: they load only if trusted (`cfgengine.trust`) or with
+    `trust_code=True`."""
     name = str(model)
     if name in BUILTINS:
         return BUILTINS[name]()
@@ -49,4 +60,6 @@ def load(model: str | Path):
                                 f"({', '.join(BUILTINS)})")
     if path.suffix not in LOADERS:
         raise ValueError(f"{name}: not a model file cfgengine can read ({', '.join(LOADERS)})")
+    if LOADERS[path.suffix] is _load_exported:
+        return _load_exported(path, trust_code)
     return LOADERS[path.suffix](path)

@@ -14,6 +14,7 @@ import torch
 from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend
 from cfgengine.export.program import Traced, trace
+from cfgengine import trust
 from cfgengine.atomic import atomic_path
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -38,14 +39,19 @@ def export_program(traced: Traced, path: str | Path) -> Path:
     with atomic_path(path, ".pt2") as tmp:
         torch._inductor.aoti_compile_and_package(traced.program, package_path=tmp,
                                                  inductor_configs=configs)
+    trust.record(path)  # written here by cfgengine export: this user may load it again
     return path
 
 
-def load(path: str | Path, *, device: torch.device | str | None = None) -> "AotiBackend":
-    """The backend of a cfgengine `.pt2`; `device` defaults to (and must match) the package's."""
+def load(path: str | Path, *, device: torch.device | str | None = None,
+         trust_code: bool = False) -> "AotiBackend":
+    """The backend of a cfgengine `.pt2`; `device` defaults to (and must match) the package's.
+    A package is native code: it loads only when trusted (`cfgengine.trust`), checked on the
+    file's bytes before anything in it is extracted or dlopen'ed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
+    trust.check_trusted(path, "an AOTInductor package (.pt2)", trust_code)
     try:
         compiled = torch._inductor.aoti_load_package(str(path))
         stored = compiled.get_metadata()

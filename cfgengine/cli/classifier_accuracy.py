@@ -20,7 +20,7 @@ def add(sub) -> None:
 def run(args) -> int:
     from cfgengine import classifier
 
-    model = load(args.ckpt)
+    model = load(args.ckpt, trust_code=args.trust_code)
     if not getattr(model, "dataset", None):
         raise UserError(f"{args.ckpt}: not a model trained by cfgengine on a known dataset")
     judge = classifier.load_classifier(model.dataset)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cfgengine.cli.args import UserError, comma_list, guidance_weights
+from cfgengine.cli.args import UserError, add_trust_flag, comma_list, guidance_weights
 
 
 def add(sub) -> None:
@@ -30,6 +30,7 @@ def add(sub) -> None:
     p.add_argument("--batch", type=int, default=2000, help="rows per sampling forward")
     p.add_argument("--cache-dir", default=None, help="reference statistics cache "
                    "(default: ~/.cache/cfgengine)")
+    add_trust_flag(p, "--ckpt or --features")
     p.set_defaults(run=run)
 
 
@@ -38,7 +39,7 @@ def run(args) -> int:
 
     config = EvalConfig(tuple(args.ckpt), tuple(args.w), tuple(args.steps), args.n, args.seed,
                         args.out_dir, args.features, args.k, args.bootstrap, args.batch,
-                        cache_dir=args.cache_dir)
+                        cache_dir=args.cache_dir, trust_code=args.trust_code)
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir: {out} is a file")

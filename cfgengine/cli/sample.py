@@ -62,7 +62,7 @@ def run(args) -> int:
     for flag in ("out", "npz"):
         if getattr(args, flag) is not None:
             check_writable(getattr(args, flag), f"--{flag}")
-    model = load(args.ckpt)
+    model = load(args.ckpt, trust_code=args.trust_code)
     labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
