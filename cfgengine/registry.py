@@ -7,12 +7,12 @@ from typing import Any, Callable
 
 from cfgengine import toy, trust
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
-                                  read_safetensors)
+                                  read_safetensors, require_keys)
 from cfgengine.unet import UNet
 
 
 def _load_pt(path: Path) -> UNet:
-    contents = read_checkpoint(path)
+    contents = require_keys(read_checkpoint(path), ("model_config", "dataset", "ema"), path)
     return build_unet(contents["model_config"], contents["dataset"], contents["ema"], path)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cfgengine.atomic import check_writable
+from cfgengine.atomic import check_distinct, check_writable
 from cfgengine.cli.args import UserError
-from cfgengine.registry import load
+from cfgengine.registry import BUILTINS, load
 
 
 def add(sub) -> None:
@@ -37,6 +37,7 @@ def output_path(args) -> Path:
         raise UserError(f"-o: a {args.format} export must be named *{SUFFIXES[args.format]}, "
                         f"got {out}")
     check_writable(out, "-o")
+    check_distinct({"-o": out}, {"model": None if args.model in BUILTINS else args.model})
     return out
 
 

@@ -7,10 +7,10 @@ import time
 import numpy as np
 import torch
 
-from cfgengine.atomic import atomic_paths, check_writable
+from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.figures import save_panels, to_uint8_images
-from cfgengine.registry import load
+from cfgengine.registry import BUILTINS, load
 from cfgengine.runtime import BACKENDS, PRECISIONS
 from cfgengine.sampler import Sampler
 from cfgengine.tables import SAMPLERS
@@ -58,10 +58,17 @@ def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tens
     return torch.tensor(classes).repeat_interleave(n)
 
 
-def run(args) -> int:
+def check_output_flags(args) -> None:
+    """Outputs writable, regular, and distinct from each other and from the model file."""
     for flag in ("out", "npz"):
         if getattr(args, flag) is not None:
             check_writable(getattr(args, flag), f"--{flag}")
+    model_file = None if args.ckpt in BUILTINS else args.ckpt
+    check_distinct({"--out": args.out, "--npz": args.npz}, {"--ckpt": model_file})
+
+
+def run(args) -> int:
+    check_output_flags(args)
     model = load(args.ckpt, trust_code=args.trust_code)
     labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
