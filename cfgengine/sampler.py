@@ -5,6 +5,7 @@ sync (no `.item()`, no branch on a device value), so it can run ahead of the GPU
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ class Sampler:
         self.num_classes = model.num_classes
         self.sample_shape = tuple(model.sample_shape)
         self.clip = getattr(model, "clip", None)
+        self.model_name = str(getattr(model, "path", None) or type(model).__name__)
         self.guided_net, self.net = split_model(model, self.backend)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
@@ -58,32 +60,38 @@ class Sampler:
     def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
                steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
                clip: float | str | None = "auto", seed: int = 0,
+               sample_ids: torch.Tensor | None = None,
                shape: tuple[int, ...] | None = None, batch_size: int | None = None,
                n: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Samples x̂ [N, *S]; sample i depends only on (seed, i, labels[i], w[i], settings)."""
+        """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], labels[i], w[i],
+        settings). `sample_ids` (Tensor[N], default 0..N−1) keys each row's noise, so row k of
+        a large run is regenerated alone with sample_ids=torch.tensor([k])."""
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
             return self._sample(labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size,
-                                n, progress)
+                                n, progress, sample_ids)
 
     def _sample(self, labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size, n,
-                progress) -> torch.Tensor:
+                progress, sample_ids=None) -> torch.Tensor:
         plan = self._plan(steps, sampler, v, eta, clip, seed, shape)
         labels, count = self._check_labels(labels, n)
+        ids = _check_sample_ids(sample_ids, count, self.device)
         w = self._check_w(w, count)
         size = _check_batch_size(batch_size, count)
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
         guided = labels is not None and bool((w != 0).any())  # once, before any loop
         bar = _progress_bar(progress, len(chunks) * plan.steps)
-        parts = [self._sample_chunk(plan, _rows(labels, a, b), _rows(w, a, b),
-                                    torch.arange(a, b, device=self.device), guided, bar)
-                 for a, b in chunks]
+        finite = FiniteFlag(plan.steps, self.device)  # shared by the chunks, read once below
+        parts = [self._sample_chunk(plan, _rows(labels, a, b), _rows(w, a, b), ids[a:b], guided,
+                                    bar, finite) for a, b in chunks]
+        finite.check(self.model_name, self.precision)
         if bar is not None:
             bar.close()
         x_hat = torch.cat(parts)
         self._check_finite(x_hat)
         return x_hat
 
-    def _sample_chunk(self, plan: Plan, labels, w, sample_ids, guided: bool, bar) -> torch.Tensor:
+    def _sample_chunk(self, plan: Plan, labels, w, sample_ids, guided: bool, bar,
+                      finite: "FiniteFlag | None" = None) -> torch.Tensor:
         """The loop over T steps for one chunk of rows; no host sync inside."""
         table, logsnr = self._table(plan)
         batch = sample_ids.shape[0]
@@ -98,8 +106,10 @@ class Sampler:
             return x_hat
         quiet = self._quiet_steps(plan)
         silence = torch.zeros_like(z) if any(quiet) else None
+        finite = finite or FiniteFlag(plan.steps, self.device)
         for t in range(plan.steps):
             eps2 = self._eps(z, logsnr[t].expand(batch), labels, guided)  # (2B|B, *S)
+            finite.update(eps2, t)  # before the step: its clip would hide ±inf
             z = guided_step(eps2, z, w, table, t, clip=plan.clip, seed=plan.seed,
                             sample_ids=sample_ids, noise=silence if quiet[t] else None)
             if bar is not None:
@@ -110,10 +120,12 @@ class Sampler:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
             if guided:
-                return self.guided_net(z, logsnr, labels)
+                return _check_rows(self.guided_net(z, logsnr, labels), 2 * z.shape[0],
+                                   self.model_name)
             if self.net is not None:
-                return self.net(z, logsnr, labels)
-            return self.guided_net(z, logsnr, labels)[: z.shape[0]]
+                return _check_rows(self.net(z, logsnr, labels), z.shape[0], self.model_name)
+            return _check_rows(self.guided_net(z, logsnr, labels), 2 * z.shape[0],
+                               self.model_name)[: z.shape[0]]
 
     def _graph(self, plan: Plan, batch: int, guided: bool) -> CudaGraphLoop:
         key = (batch, guided, plan.shape, plan.steps, plan.sampler, plan.v, plan.eta, plan.clip)
@@ -147,8 +159,10 @@ class Sampler:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not clip > 0):
             raise ValueError(f"clip must be 'auto', None or a positive number, got {clip!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+                or not 0 <= seed < 2**63:  # numpy integers are integers too
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        seed = int(seed)
         shape = tuple(shape) if shape is not None else self.sample_shape
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
@@ -187,6 +201,54 @@ class Sampler:
             raise FloatingPointError(f"sampling produced NaN/inf at precision {self.precision}")
 
 
+def _check_rows(eps: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """eps if it has `rows` rows (shape metadata: no sync); a B-row answer where 2B are due
+    would make every guided step silently unguided."""
+    if eps.shape[0] != rows:
+        raise ValueError(f"{name}: returned {eps.shape[0]} rows where {rows} are due (a guided "
+                         "call computes the conditional and the null rows: 2B)")
+    return eps
+
+
+class FiniteFlag:
+    """First and last step whose network output held NaN/inf, kept on the device (0-d tensors
+    updated every step, no host sync) and read once after the loop."""
+
+    def __init__(self, steps: int, device: torch.device):
+        self.steps = steps
+        self.first = torch.full((), steps, dtype=torch.int64, device=device)
+        self.last = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def update(self, eps: torch.Tensor, t: int) -> None:
+        bad = ~torch.isfinite(eps).all()
+        self.first = torch.where(bad & (self.first == self.steps), t, self.first)
+        self.last = torch.where(bad, t, self.last)
+
+    def check(self, name: str, precision: str) -> None:
+        last = int(self.last)  # the loop's one read of the flag
+        if last >= 0:
+            raise FloatingPointError(f"{name}: the network returned NaN/inf at steps "
+                                     f"{int(self.first)}..{last} of {self.steps} "
+                                     f"(precision {precision})")
+
+
+def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Tensor:
+    """The noise key of each row: 0..N−1 by default, else a Tensor[N] of ids in [0, 2^63)."""
+    if ids is None:
+        return torch.arange(count, device=device)
+    if isinstance(ids, (list, tuple)) or (not isinstance(ids, torch.Tensor)
+                                          and hasattr(ids, "__array__")):
+        ids = torch.as_tensor(ids)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() \
+            or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError("sample_ids must be a 1-D integer tensor (LongTensor[N])")
+    if ids.numel() != count:
+        raise ValueError(f"sample_ids has {ids.numel()} entries for {count} samples")
+    if bool((ids < 0).any()):
+        raise ValueError("sample_ids must be ≥ 0")
+    return ids.to(device, torch.int64)
+
+
 def _rows(t: torch.Tensor | None, start: int, stop: int):
     return None if t is None else t[start:stop]
 
@@ -209,11 +271,12 @@ def _progress_bar(enabled: bool, total: int):
 
 def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
            steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
-           clip: float | str | None = "auto", seed: int = 0, shape: tuple[int, ...] | None = None,
+           clip: float | str | None = "auto", seed: int = 0,
+           sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
            batch_size: int | None = None, n: int | None = None,
            device: torch.device | str | None = None, backend: str | None = None,
            precision: str | None = None, progress: bool = False) -> torch.Tensor:
     """Guided samples x̂ [N, *S] from a Denoiser or backend (DESIGN.md §3); one-shot `Sampler`."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
     return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, clip=clip,
-                         seed=seed, shape=shape, batch_size=batch_size, n=n, progress=progress)
+                         seed=seed, sample_ids=sample_ids, shape=shape, batch_size=batch_size, n=n, progress=progress)

@@ -59,7 +59,26 @@ def load(path: str | Path, *, device: torch.device | str | None = None,
         raise ValueError(f"{path}: not a loadable AOTInductor package "
                          f"({type(err).__name__})") from err
     meta = metadata.parse(stored.get(metadata.KEY), path)
-    return AotiBackend(meta, path, _device(stored.get(_DEVICE_KEY, "cpu"), device, path), compiled)
+    backend = AotiBackend(meta, path, _device(stored.get(_DEVICE_KEY, "cpu"), device, path),
+                          compiled)
+    probe(backend)
+    return backend
+
+
+def probe(backend: "AotiBackend") -> None:
+    """One call at the smallest batch with the largest class id and the recorded sample shape:
+    metadata that does not fit the compiled graph (num_classes, sample_shape) fails here in
+    one line instead of mid-sampling in C++."""
+    meta = backend.meta
+    batch = meta.min_batch
+    z = torch.zeros((batch, *meta.sample_shape), device=backend.device)
+    labels = torch.full((batch,), meta.num_classes - 1, device=backend.device)
+    try:
+        backend(z, torch.zeros(batch, device=backend.device), labels)
+    except ValueError as err:
+        raise ValueError(f"{backend.path}: metadata does not fit the compiled package "
+                         f"(num_classes {meta.num_classes}, sample shape {meta.sample_shape}): "
+                         f"{str(err).split(': ', 1)[-1]}") from err
 
 
 def _device(built_for: str, asked: torch.device | str | None, path: Path) -> torch.device:

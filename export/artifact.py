@@ -39,8 +39,17 @@ class Backend:
     def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """eps2 [2B, *S]: rows 0..B−1 conditional, B..2B−1 null; same dtype as z."""
         self.check_inputs(z, logsnr, labels)
-        eps2 = self.run(self._prepare(z, torch.float32), self._prepare(logsnr, torch.float32),
-                        self._prepare(labels, torch.int64))  # (2B, *S)
+        try:
+            eps2 = self.run(self._prepare(z, torch.float32), self._prepare(logsnr, torch.float32),
+                            self._prepare(labels, torch.int64))  # (2B, *S)
+        except Exception as err:  # the runtime's own (often 70-line C++) errors: one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"{self.path}: the {self.backend_name} runtime failed on a batch of "
+                             f"{z.shape[0]}: {first}") from err
+        if tuple(eps2.shape) != (2 * z.shape[0], *self.sample_shape):
+            raise ValueError(f"{self.path}: returned eps of shape {tuple(eps2.shape)} for a "
+                             f"batch of {z.shape[0]}; a guided export returns "
+                             f"{(2 * z.shape[0], *self.sample_shape)} (conditional + null rows)")
         return eps2.to(z.dtype)
 
     def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,8 +69,9 @@ class Backend:
                              f"{tuple(logsnr.shape)} and {tuple(labels.shape)}")
         if not meta.min_batch <= batch <= meta.max_batch:
             raise ValueError(f"{self.path}: batch {batch} is outside the exported range "
-                             f"[{meta.min_batch}, {meta.max_batch}]; pass batch_size= to sample "
-                             "or re-export with a larger --max-batch")
+                             f"[{meta.min_batch}, {meta.max_batch}]; sample in smaller batches "
+                             "(--batch, or batch_size= in Python) or re-export with a larger "
+                             "--max-batch")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, device={str(self.device)!r})"
