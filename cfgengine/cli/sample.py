@@ -9,6 +9,7 @@ import torch
 
 from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
+from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.registry import BUILTINS, load
 from cfgengine.runtime import BACKENDS, PRECISIONS
@@ -32,6 +33,10 @@ def add(sub) -> None:
     p.add_argument("--n", type=int, default=None, help="samples per class")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-id", type=int, default=0,
+                   help="noise key of the first row (rows get FIRST-ID, FIRST-ID+1, …): with "
+                        "--classes C --n 1 --first-id K, regenerates row K of a larger run "
+                        "alone (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto = cudagraph on CUDA, torch on CPU; exported files use their own")
@@ -67,15 +72,25 @@ def check_output_flags(args) -> None:
     check_distinct({"--out": args.out, "--npz": args.npz}, {"--ckpt": model_file})
 
 
+def sample_ids(first_id: int, rows: int) -> torch.Tensor:
+    """FIRST-ID, FIRST-ID+1, … : the noise keys of the rows (sampler `sample_ids`)."""
+    if not 0 <= first_id < 2**63 - rows:
+        raise UserError(f"--first-id must be in [0, 2^63 − {rows}), got {first_id}")
+    return torch.arange(rows, dtype=torch.int64) + first_id
+
+
 def run(args) -> int:
     check_output_flags(args)
     model = load(args.ckpt, trust_code=args.trust_code)
     labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
+    rows = len(labels) * len(args.w)
+    ids = sample_ids(args.first_id, rows)
+    batch = plan_batch(rows, engine.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = engine.sample(labels.repeat(len(args.w)), w=w, steps=args.steps, sampler=args.sampler,
-                      v=args.v, eta=args.eta, seed=args.seed, batch_size=args.batch,
+                      v=args.v, eta=args.eta, seed=args.seed, sample_ids=ids, batch_size=batch,
                       progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     write_outputs(args, model, x.cpu(), labels)
