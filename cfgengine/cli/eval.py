@@ -1,6 +1,7 @@
 """`cfgengine eval`: FID / IS / precision / recall / accuracy per (model, T, w)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cfgengine.cli.args import UserError, add_trust_flag, comma_list, guidance_weights
@@ -45,6 +46,9 @@ def run(args) -> int:
         raise UserError(f"--out-dir: {out} is a file")
     if not out.resolve().parent.is_dir():
         raise UserError(f"--out-dir: parent folder of {out} does not exist")
+    writable = out if out.is_dir() else out.resolve().parent
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir: {writable} is not writable")
     run_eval(config)  # models and features are checked before anything is written
     print(f"results -> {out / 'results.json'}, {out / 'results.md'}")
     return 0
