@@ -63,6 +63,7 @@ def check_trusted(path: str | Path, what: str, trust_code: bool = False) -> None
     """ValueError (one line: why and how) unless `path` may run code: recorded, or trust_code."""
     if trust_code or is_trusted(path):
         return
-    raise ValueError(f"{path}: refusing to load: {what} runs native code and this file was not "
-                     f"written by `cfgengine export` on this machine (trust file {trust_file()}); "
-                     "if you trust its source, pass --trust-code (trust_code=True)")
+    raise ValueError(f"{path}: refusing to load: {what} is code that runs when loaded, and this "
+                     f"file was not written by `cfgengine export` on this machine (trust file "
+                     f"{trust_file()}); if you trust its source, pass --trust-code "
+                     "(trust_code=True)")
