@@ -23,9 +23,9 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="eval", help="results folder (its parent must exist)")
     p.add_argument("--features", default=None,
-                   help="feature network: a classifier .safetensors, or a .pt2 / TorchScript "
-                        "network such as Inception; no downloads (default: the dataset's "
-                        "shipped classifier)")
+                   help="feature network: a classifier .safetensors, a torch.export .pt2 "
+                        "(read as data), or TorchScript such as Inception (code: needs "
+                        "--trust-code); no downloads (default: the dataset's shipped classifier)")
     p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per interval")
     p.add_argument("--batch", type=int, default=2000, help="rows per sampling forward")
