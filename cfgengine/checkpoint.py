@@ -24,9 +24,23 @@ ASSETS = Path(__file__).parent / "assets"  # the embedded model and classifiers
 
 
 def save_checkpoint(contents: dict, path: str | Path) -> Path:
-    """Write a training checkpoint (`contents` plus format and version) atomically."""
+    """Write a training checkpoint (`contents` plus format and version) atomically; OSError in
+    one line if the write fails (disk full: torch says "unexpected pos"), the old file kept."""
     payload = {"format": FORMAT, "version": VERSION, **contents}
-    return write_atomic(lambda tmp: torch.save(payload, tmp), path)
+    try:
+        return write_atomic(lambda tmp: torch.save(payload, tmp), path)
+    except (RuntimeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise OSError(f"{path}: could not write the checkpoint (disk full?): {first}; the "
+                      "previous checkpoint, if any, is unchanged") from err
+
+
+def require_keys(contents: dict, keys: tuple[str, ...], path: str | Path) -> dict:
+    """`contents` if it has every key in `keys`; ValueError naming the missing ones."""
+    missing = [k for k in keys if k not in contents]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)} (damaged or edited)")
+    return contents
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -106,10 +120,15 @@ def build_unet(model_config: dict, dataset: dict, weights: dict[str, torch.Tenso
     """A UNet from a stored config and weights, in eval mode with gradients off, carrying the
     dataset's `class_names` and `dataset` name."""
     names = {f.name for f in fields(UNetConfig)}
+    _check_stored_types(model_config, dataset, weights, source)
     if not set(model_config) <= names:
         raise ValueError(f"{source}: unknown model settings {sorted(set(model_config) - names)}")
-    config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()})
-    net = UNet(config)
+    try:
+        config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in model_config.items()})
+        net = UNet(config)
+    except (TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+        raise ValueError(f"{source}: stored model config is not valid ({type(err).__name__})") from err
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:
@@ -117,6 +136,21 @@ def build_unet(model_config: dict, dataset: dict, weights: dict[str, torch.Tenso
     net.class_names = tuple(dataset.get("class_names", ()))
     net.dataset = dataset.get("name", "")
     return net.eval().requires_grad_(False)
+
+
+def _check_stored_types(model_config, dataset, weights, source) -> None:
+    """ValueError unless the stored config and dataset are JSON objects of the expected kinds
+    (edited metadata would otherwise surface as AttributeError / IndexError)."""
+    if not isinstance(model_config, dict) or not isinstance(dataset, dict):
+        raise ValueError(f"{source}: model_config and dataset must be JSON objects")
+    names = dataset.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{source}: dataset class_names must be a list of strings")
+    if not isinstance(dataset.get("name", ""), str):
+        raise ValueError(f"{source}: dataset name must be a string")
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor)
+                                                for t in weights.values()):
+        raise ValueError(f"{source}: weights must be a dict of tensors")
 
 
 def dataset_dict(info) -> dict:

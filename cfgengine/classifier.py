@@ -49,6 +49,23 @@ class ClassifierTrainConfig:
     seed: int = 0
     out: str | None = None
 
+    def __post_init__(self):
+        """Every setting checked before any work (steps 0 or holdout nan trained to nothing)."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size,
+                    "heldout_size": self.heldout_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+        for name in ("lr", "weight_decay", "input_noise", "holdout"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got "
+                                 f"{getattr(self, name)}")
+        if self.lr == 0 or not 0 < self.holdout < 1:
+            raise ValueError(f"--lr must be > 0 and --holdout in (0, 1), got {self.lr}, "
+                             f"{self.holdout}")
+        if not 0 <= self.seed < 2**63 or (self.image_size is not None and self.image_size < 1):
+            raise ValueError("--seed must be in [0, 2^63) and --image-size ≥ 1")
+
 
 class Classifier(nn.Module):
     """CNN → globally pooled features [N, 4·width] (`features`) → class logits [N, K] (`forward`)."""
@@ -95,6 +112,9 @@ def train_classifier(config: ClassifierTrainConfig, progress: bool = False) -> t
 
     dataset = load_dataset(config.data, config.image_size)
     train_set, (x_held, y_held) = heldout_split(dataset, config)
+    if len(y_held) == 0 or (isinstance(train_set, ArrayDataset) and len(train_set.y) == 0):
+        raise ValueError(f"--holdout {config.holdout} leaves an empty held-out or training set "
+                         f"for {config.data}")
     channels, size, _ = dataset.shape
     torch.manual_seed(config.seed)
     net = Classifier(ClassifierConfig(dataset.num_classes, channels, size))

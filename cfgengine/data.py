@@ -289,7 +289,11 @@ def npz(path: str | Path) -> ArrayDataset:
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
         raise ValueError(f"{path}: 'y' must be integer [N], got {y.dtype} {list(y.shape)}")
     if names is None:
-        names = [str(k) for k in range(int(y.max()) + 1 if len(y) else 0)]
+        classes = int(y.max()) + 1 if len(y) else 0
+        if classes > len(y):  # 1e9 would build a billion names (MemoryError) and a huge table
+            raise ValueError(f"{path}: labels go up to {classes - 1} for {len(y)} examples; "
+                             "labels must be class ids 0..K-1")
+        names = [str(k) for k in range(classes)]
     info = DatasetInfo(path.stem, tuple(str(n) for n in names), _chw(x.shape[1:], path))
     return ArrayDataset(from_uint8(x), torch.from_numpy(y.astype(np.int64)), info)
 
@@ -299,8 +303,10 @@ BUILTIN_DATASETS = ("shapes", "digits", "gmm")
 
 def load_dataset(spec: str, image_size: int | None = None) -> ImageDataset:
     """`shapes`, `digits`, `gmm`, a folder of class sub-folders, or an `.npz` file."""
+    if not str(spec).strip():  # Path("") is the current folder: never a dataset by accident
+        raise ValueError("--data is empty: give shapes, digits, gmm, a folder or an .npz file")
     if spec == "shapes":
-        return Shapes(image_size or 16)
+        return Shapes(16 if image_size is None else image_size)  # 0 is an error, not 16
     if spec in ("digits", "gmm"):
         dataset = digits() if spec == "digits" else Mixture()
         if image_size not in (None, dataset.shape[1]):

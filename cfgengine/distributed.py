@@ -313,11 +313,13 @@ def check_identical(tensors, what: str) -> None:
 
 def sample_shard(engine, labels: torch.Tensor, w: torch.Tensor, **options) -> torch.Tensor:
     """`engine.sample` (a Sampler) on this rank's shard of the rows of `labels` and `w`, with
-    their global sample ids: x̂ [shard rows, *S] on the CPU (empty when the shard is)."""
+    their global sample ids (`sample_ids` of all rows, default 0..N−1): x̂ [shard rows, *S] on the
+    CPU (empty when the shard is)."""
     rows = shard(len(labels))
     if rows.stop == rows.start:
         return torch.empty((0, *(options.get("shape") or engine.sample_shape)))
-    ids = torch.arange(rows.start, rows.stop)
+    all_ids = options.pop("sample_ids", None)
+    ids = torch.arange(rows.start, rows.stop) if all_ids is None else all_ids[rows]
     return engine.sample(labels[rows], w=w[rows], sample_ids=ids, **options).cpu()
 
 

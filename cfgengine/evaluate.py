@@ -39,6 +39,7 @@ class EvalConfig:
     sampler: str = "ancestral"
     v: float = 0.3
     cache_dir: str | None = None  # None: ~/.cache/cfgengine
+    trust_code: bool = False  # run .pt2 / TorchScript code files not exported on this machine
 
     def __post_init__(self):
         if not self.ckpts:
@@ -66,11 +67,11 @@ class ModelSpec:
     model: object
 
 
-def load_models(paths: tuple[str, ...]) -> list[ModelSpec]:
+def load_models(paths: tuple[str, ...], trust_code: bool = False) -> list[ModelSpec]:
     """Load every model; all must be image models trained on one dataset with a known name."""
     from cfgengine.registry import load
 
-    specs = [_spec(path, load(path)) for path in paths]
+    specs = [_spec(path, load(path, trust_code=trust_code)) for path in paths]
     datasets = {getattr(s.model, "dataset", "") for s in specs}
     if len(datasets) != 1 or "" in datasets:
         raise ValueError(f"eval compares models of one known dataset, got {sorted(datasets)}")
@@ -97,7 +98,34 @@ def _recorded_p_uncond(path: str) -> float | None:
     return None
 
 
-def load_extractor(features: str | None, dataset: str):
+def check_sample_shapes(specs: list[ModelSpec], dataset: str) -> tuple[int, ...]:
+    """The reference images' shape; ValueError if a model samples another shape (scoring an
+    8×8 model against 16×16 real images would be meaningless)."""
+    from cfgengine.data import load_dataset
+
+    shape = tuple(load_dataset(dataset).shape)
+    for spec in specs:
+        if tuple(spec.model.sample_shape) != shape:
+            raise ValueError(f"{spec.path}: samples of shape {tuple(spec.model.sample_shape)}, "
+                             f"but the {dataset} reference images are {shape}")
+    return shape
+
+
+def probe_extractor(extractor, shape: tuple[int, ...], features: str | None) -> None:
+    """ValueError (one line) unless the feature network maps 2 images of `shape` to features
+    [2, F] (and probs [2, K]): a wrong network fails here, before any sampling."""
+    try:
+        feats, probs = extractor(torch.zeros((2, *shape)))
+    except Exception as err:  # a foreign network raises whatever its first layer raises
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"--features {features}: cannot score images of shape {shape}: "
+                         f"{first}") from err
+    if feats.dim() != 2 or feats.shape[0] != 2 or (probs is not None and probs.shape[0] != 2):
+        raise ValueError(f"--features {features}: returned features of shape "
+                         f"{tuple(feats.shape)} for 2 images, expected [2, F]")
+
+
+def load_extractor(features: str | None, dataset: str, trust_code: bool = False):
     """(extractor, cache key): the dataset's shipped classifier, a classifier .safetensors file, or
     a feature network file (.pt2 torch.export or TorchScript, e.g. Inception the user has)."""
     from cfgengine.classifier import classifier_path, load_classifier
@@ -108,7 +136,7 @@ def load_extractor(features: str | None, dataset: str):
         return metrics.classifier_extractor(net), metrics.file_digest(path)
     if not Path(features).is_file():
         raise FileNotFoundError(f"--features {features}: no such file")
-    return metrics.network_extractor(features), metrics.file_digest(features)
+    return metrics.network_extractor(features, trust_code), metrics.file_digest(features)
 
 
 def cell_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -192,9 +220,11 @@ def score_configuration(features: np.ndarray, probs: np.ndarray | None, labels: 
 def run_eval(config: EvalConfig, log=print) -> dict:
     """Sample and score every configuration; writes shards, then results.json, results.md and the
     plots into `config.out_dir` (all atomically). Returns the results."""
-    specs = load_models(config.ckpts)
+    specs = load_models(config.ckpts, config.trust_code)
     dataset = specs[0].model.dataset
-    extractor, key = load_extractor(config.features, dataset)
+    shape = check_sample_shapes(specs, dataset)
+    extractor, key = load_extractor(config.features, dataset, config.trust_code)
+    probe_extractor(extractor, shape, config.features)
     ref = metrics.reference(dataset, extractor, key, _cache_dir(config))
     real_radii = metrics.knn_radii(ref.features, config.k)
     out = Path(config.out_dir)

@@ -227,12 +227,12 @@ def classifier_extractor(net: torch.nn.Module) -> Extractor:
     return run
 
 
-def network_extractor(path: str | Path) -> Extractor:
+def network_extractor(path: str | Path, trust_code: bool = False) -> Extractor:
     """A feature network file the user already has (e.g. Inception-v3; we never download one): a
     torch.export program (.pt2) or a TorchScript module (other suffixes, the format most published
     Inception ports use). Called on float images [N, 3, H, W] in [0, 255] — grey images repeated to
     three channels — it returns features [N, F], or a tuple (features, logits)."""
-    module = _load_network(Path(path))
+    module = _load_network(Path(path), trust_code)
 
     def run(x: torch.Tensor):
         x = (x.float().clamp(-1, 1) + 1) * 127.5
@@ -243,12 +243,61 @@ def network_extractor(path: str | Path) -> Extractor:
     return run
 
 
-def _load_network(path: Path):
+def _load_network(path: Path, trust_code: bool = False):
+    """A torch.export program is data once every pickled member passes the weights-only
+    unpickler (checked here first, so torch.export.load never takes its pickle fallback);
+    TorchScript is code: it loads only when trusted (cfgengine.trust)."""
+    from cfgengine import trust
+
     if path.suffix == ".pt2":
+        check_weights_only_archive(path)
         return torch.export.load(str(path)).module()
+    trust.check_trusted(path, "a TorchScript module", trust_code)
     with warnings.catch_warnings():  # TorchScript is deprecated, yet it is how Inception ships
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def check_weights_only_archive(path: Path) -> None:
+    """ValueError unless `path` is a zip whose pickled members (sample inputs, pickled weights
+    or constants) all load with torch.load(weights_only=True): nothing in it can run on
+    unpickling. Raw tensor payloads that the archive's JSON configs describe are bytes only."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = {name: archive.read(name) for name in archive.namelist()
+                    if "/data/" in f"/{name}" and not name.endswith("/")}
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a torch.export .pt2 archive ({type(err).__name__})") from err
+    raw = _raw_payloads(data)
+    for name, payload in data.items():
+        if name.endswith(".json") or name in raw:
+            continue
+        try:
+            torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as err:  # any unpickling failure means the member is not plain data
+            raise ValueError(f"{path}: refusing feature network: member {name} is not plain "
+                             "tensors (a pickle that could run code)") from err
+
+
+def _raw_payloads(data: dict[str, bytes]) -> set[str]:
+    """Members a pt2 payload config (`*_config.json`) marks as raw tensor bytes (use_pickle
+    false): the loader reads them with torch.as_strided, never unpickles them."""
+    import json
+
+    raw = set()
+    for name, payload in data.items():
+        if not name.endswith("_config.json"):
+            continue
+        folder = name.rsplit("/", 1)[0]
+        try:
+            entries = json.loads(payload).get("config", {}).values()
+            raw |= {f"{folder}/{e['path_name']}" for e in entries if e.get("use_pickle") is False}
+        except (ValueError, AttributeError, TypeError, KeyError):
+            continue  # an unreadable config marks nothing raw: its members get checked
+    return raw
 
 
 def file_digest(path: str | Path) -> str:

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from cfgengine import adapters, toy
+from cfgengine import adapters, toy, trust
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
-                                  read_safetensors)
+                                  read_safetensors, require_keys)
 from cfgengine.unet import UNet
 
 
 def _load_pt(path: Path) -> UNet:
-    contents = read_checkpoint(path)
+    contents = require_keys(read_checkpoint(path), ("model_config", "dataset", "ema"), path)
     return build_unet(contents["model_config"], contents["dataset"], contents["ema"], path)
 
 
@@ -22,9 +22,18 @@ def _load_safetensors(path: Path) -> UNet:
     return build_unet(meta["model_config"], meta["dataset"], weights, path)
 
 
-def _load_exported(path: Path):
+# exported formats that are native code (DESIGN: data vs code files): loaded only when trusted
+CODE_SUFFIXES = {".pt2": "an AOTInductor package (.pt2)", ".plan": "a TensorRT plan",
+                 ".engine": "a TensorRT plan"}
+
+
+def _load_exported(path: Path, trust_code: bool = False):
     from cfgengine import export  # lazy: onnx / onnxruntime are optional
 
+    if path.suffix in CODE_SUFFIXES:
+        trust.check_trusted(path, CODE_SUFFIXES[path.suffix], trust_code)
+        if path.suffix == ".pt2":
+            return export.load(path, trust_code=True)  # just checked: hash the file once
     return export.load(path)
 
 
@@ -38,10 +47,12 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
 }
 
 
-def load(model: str | Path):
+def load(model: str | Path, *, trust_code: bool = False):
     """A built-in name (`default`, `gmm`), a model file or a diffusers pipeline folder → what
     `cfgengine.sample` runs: a UNet in eval mode with EMA weights for .pt / .safetensors, a backend
-    for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json."""
+    for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json.
+    `.pt2` and `.plan` files are code: they load only if trusted (`cfgengine.trust`) or with
+    `trust_code=True`."""
     name = str(model)
     if name in BUILTINS:
         return BUILTINS[name]()
@@ -55,4 +66,6 @@ def load(model: str | Path):
         raise ValueError(f"{name}: a folder, but not a diffusers pipeline (no model_index.json)")
     if path.suffix not in LOADERS:
         raise ValueError(f"{name}: not a model file cfgengine can read ({', '.join(LOADERS)})")
+    if LOADERS[path.suffix] is _load_exported:
+        return _load_exported(path, trust_code)
     return LOADERS[path.suffix](path)

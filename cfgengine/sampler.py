@@ -8,6 +8,7 @@ ahead of the GPU. Outside the guidance interval the network runs on B rows, not 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -81,6 +82,7 @@ class Sampler:
         self.clip = getattr(model, "clip", None)
         self.logsnr_range = tuple(getattr(model, "logsnr_range", None) or LOGSNR_RANGE)
         self.model_grid = getattr(model, "logsnr_grid", None)  # e.g. a diffusers scheduler's
+        self.model_name = str(getattr(model, "path", None) or type(model).__name__)
         self.guided_net, self.net = split_model(model, self.backend)
         self._steps: dict[tuple, Steps] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
@@ -104,14 +106,16 @@ class Sampler:
     def _sample(self, plan: Plan, labels, w, sample_ids, batch_size, n, progress) -> torch.Tensor:
         labels, count = self._check_labels(labels, n)
         w = self._check_w(w, count)
-        sample_ids = self._check_sample_ids(sample_ids, count)
+        sample_ids = _check_sample_ids(sample_ids, count, self.device)
         size = _check_batch_size(batch_size, count)
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
         guided = labels is not None and bool((w != 0).any())  # once, before any loop
         steps = self._steps_of(plan)
         bar = _progress_bar(progress, len(chunks) * plan.steps)
+        finite = FiniteFlag(plan.steps, self.device)  # shared by the chunks, read once below
         parts = [self._sample_chunk(plan, steps, _rows(labels, a, b), w[a:b], sample_ids[a:b],
-                                    guided, bar) for a, b in chunks]
+                                    guided, bar, finite) for a, b in chunks]
+        finite.check(self.model_name, self.precision)
         if bar is not None:
             bar.close()
         x_hat = torch.cat(parts)
@@ -119,7 +123,7 @@ class Sampler:
         return x_hat
 
     def _sample_chunk(self, plan: Plan, steps: Steps, labels, w, sample_ids, guided: bool,
-                      bar) -> torch.Tensor:
+                      bar, finite: FiniteFlag | None = None) -> torch.Tensor:
         """The loop over T steps for one chunk of rows; no host sync inside. The chunk owns its
         per-sample state (APG momentum, DPM-Solver++'s x̂_prev), zero before the first step."""
         batch = sample_ids.shape[0]
@@ -134,8 +138,10 @@ class Sampler:
             return x_hat
         state, x_hat = self._buffers(plan, z)
         silence = torch.zeros_like(z) if any(steps.quiet) else None
+        finite = finite or FiniteFlag(plan.steps, self.device)
         for t in range(plan.steps):
             eps2 = self._eps(z, steps.logsnr[t].expand(batch), labels, doubled[t])  # (2B|B, *S)
+            finite.update(eps2, t)  # before the step: its clip would hide ±inf
             z = guided_step(eps2, z, w, steps.table, t, rule=plan.rule, state=state,
                             x_hat_prev=x_hat, x_hat_out=x_hat, clip=plan.clip, seed=plan.seed,
                             sample_ids=sample_ids, noise=silence if steps.quiet[t] else None)
@@ -152,10 +158,12 @@ class Sampler:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
             if doubled:
-                return self.guided_net(z, logsnr, labels)
+                return _check_rows(self.guided_net(z, logsnr, labels), 2 * z.shape[0],
+                                   self.model_name)
             if self.net is not None:
-                return self.net(z, logsnr, labels)
-            return self.guided_net(z, logsnr, labels)[: z.shape[0]]
+                return _check_rows(self.net(z, logsnr, labels), z.shape[0], self.model_name)
+            return _check_rows(self.guided_net(z, logsnr, labels), 2 * z.shape[0],
+                               self.model_name)[: z.shape[0]]
 
     def _graph(self, plan: Plan, steps: Steps, batch: int,
                doubled: tuple[bool, ...]) -> CudaGraphLoop:
@@ -188,8 +196,10 @@ class Sampler:
               shape) -> Plan:
         lam = self._grid(steps, grid, logsnr_range, logsnr)
         check_sampler_args(lam.numel(), sampler, v, eta)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+                or not 0 <= seed < 2**63:  # numpy integers are integers too
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        seed = int(seed)
         shape = tuple(shape) if shape is not None else self.sample_shape
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
@@ -249,21 +259,57 @@ class Sampler:
             raise ValueError("w must be finite")
         return w.expand(count).to(self.device)
 
-    def _check_sample_ids(self, sample_ids, count: int) -> torch.Tensor:
-        """The noise key of each row: int64 [N] in [0, 2^63), default 0..N−1."""
-        if sample_ids is None:
-            return torch.arange(count, device=self.device)
-        if not isinstance(sample_ids, torch.Tensor) or sample_ids.dim() != 1 \
-                or sample_ids.numel() != count or sample_ids.is_floating_point() \
-                or sample_ids.is_complex() or sample_ids.dtype == torch.bool:
-            raise ValueError(f"sample_ids must be a 1-D integer Tensor[{count}]")
-        if bool((sample_ids < 0).any()):
-            raise ValueError("sample_ids must be non-negative")
-        return sample_ids.to(self.device, torch.int64)
-
     def _check_finite(self, x_hat: torch.Tensor) -> None:
         if not bool(torch.isfinite(x_hat).all()):  # one check after the loop, never per step
             raise FloatingPointError(f"sampling produced NaN/inf at precision {self.precision}")
+
+
+def _check_rows(eps: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """eps if it has `rows` rows (shape metadata: no sync); a B-row answer where 2B are due
+    would make every guided step silently unguided."""
+    if eps.shape[0] != rows:
+        raise ValueError(f"{name}: returned {eps.shape[0]} rows where {rows} are due (a guided "
+                         "call computes the conditional and the null rows: 2B)")
+    return eps
+
+
+class FiniteFlag:
+    """First and last step whose network output held NaN/inf, kept on the device (0-d tensors
+    updated every step, no host sync) and read once after the loop."""
+
+    def __init__(self, steps: int, device: torch.device):
+        self.steps = steps
+        self.first = torch.full((), steps, dtype=torch.int64, device=device)
+        self.last = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def update(self, eps: torch.Tensor, t: int) -> None:
+        bad = ~torch.isfinite(eps).all()
+        self.first = torch.where(bad & (self.first == self.steps), t, self.first)
+        self.last = torch.where(bad, t, self.last)
+
+    def check(self, name: str, precision: str) -> None:
+        last = int(self.last)  # the loop's one read of the flag
+        if last >= 0:
+            raise FloatingPointError(f"{name}: the network returned NaN/inf at steps "
+                                     f"{int(self.first)}..{last} of {self.steps} "
+                                     f"(precision {precision})")
+
+
+def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Tensor:
+    """The noise key of each row: 0..N−1 by default, else a Tensor[N] of ids in [0, 2^63)."""
+    if ids is None:
+        return torch.arange(count, device=device)
+    if isinstance(ids, (list, tuple)) or (not isinstance(ids, torch.Tensor)
+                                          and hasattr(ids, "__array__")):
+        ids = torch.as_tensor(ids)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() \
+            or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError("sample_ids must be a 1-D integer tensor (LongTensor[N])")
+    if ids.numel() != count:
+        raise ValueError(f"sample_ids has {ids.numel()} entries for {count} samples")
+    if bool((ids < 0).any()):
+        raise ValueError("sample_ids must be ≥ 0")
+    return ids.to(device, torch.int64)
 
 
 def _check_rule(guidance):

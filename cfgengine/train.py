@@ -9,6 +9,11 @@ whose states are checkpointed with the step, model, EMA and optimizer.
 from __future__ import annotations
 
 import copy
+import math
+import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -66,6 +71,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.grad_clip <= 0 or self.warmup < 0:
             raise ValueError("lr and grad_clip must be positive, warmup ≥ 0")
+        check_finite_settings(self)
+
+
+def check_finite_settings(config: "TrainConfig") -> None:
+    """ValueError for a NaN/inf float setting (`--lr inf` or `--grad-clip nan` would train every
+    weight to NaN; `--sample-w nan` would fail only at the first grid, after a checkpoint)."""
+    for name in ("lr", "weight_decay", "ema_decay", "grad_clip", "p_uncond", "sample_w"):
+        if not math.isfinite(getattr(config, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got "
+                             f"{getattr(config, name)}")
+    if config.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be ≥ 0, got {config.weight_decay}")
+    if not config.data.strip():
+        raise ValueError("--data is empty: give a dataset name, a folder or an .npz file")
+    if config.image_size is not None and config.image_size < 1:
+        raise ValueError(f"--image-size must be ≥ 1, got {config.image_size}")
+    if not 0 <= config.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2^63), got {config.seed}")
 
 
 @dataclass
@@ -137,9 +160,11 @@ def train_step(state: TrainState, dataset: ImageDataset, config: TrainConfig,
 
 def resolve_device(name: str) -> torch.device:
     """`auto` → CUDA when available, else the CPU."""
+    from cfgengine.runtime import check_device
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name, None)  # ValueError for cuda on a CPU-only torch
 
 
 def new_state(config: TrainConfig, dataset: ImageDataset, device: torch.device) -> TrainState:
@@ -222,14 +247,57 @@ def ema_weights_path(config: TrainConfig) -> Path:
 
 def train(config: TrainConfig, progress: bool = False) -> TrainState:
     """Train from scratch to `config.steps` (see `run`)."""
+    check_outputs(config)
     return run(config, None, progress)
+
+
+RESUME_KEYS = ("config", "model_config", "dataset", "model", "ema", "optimizer", "step", "rng")
 
 
 def resume(path: str | Path, progress: bool = False, **overrides) -> TrainState:
     """Continue the run saved in `path` to its (or the overridden) `steps`; bit-identical to a run
-    that was never interrupted. `overrides`: RESUMABLE settings only."""
+    that was never interrupted. `overrides`: RESUMABLE settings only. The run continues in the
+    folder that holds `path` (a moved or copied run never touches the original)."""
     contents = checkpoint.read_checkpoint(path)
-    return run(resumed_config(contents, **overrides), contents, progress)
+    checkpoint.require_keys(contents, RESUME_KEYS, path)
+    config = resumed_config(contents, **beside_checkpoint(path, contents, overrides))
+    check_outputs(config, path)
+    return run(config, contents, progress)
+
+
+def beside_checkpoint(path: str | Path, contents: dict, overrides: dict) -> dict:
+    """`overrides` with `out` = the folder of `path` unless given, and a stored `ema_weights`
+    inside the stored run folder moved along to the same place inside the new one."""
+    overrides = dict(overrides)
+    overrides.setdefault("out", str(Path(path).parent))
+    saved = contents["config"]
+    stored_ema = saved.get("ema_weights", saved.get("export"))
+    if "ema_weights" not in overrides and stored_ema:
+        try:
+            inside = Path(stored_ema).relative_to(Path(saved.get("out", "")))
+            overrides["ema_weights"] = str(Path(overrides["out"]) / inside)
+        except ValueError:
+            pass  # an EMA file outside the run folder is the user's explicit choice
+    return overrides
+
+
+def check_outputs(config: TrainConfig, resume_from: str | Path | None = None) -> None:
+    """Before any work: the run folder can be made and written, and the EMA weights file is a
+    regular file distinct from the checkpoint, the resumed file and the dataset."""
+    from cfgengine.atomic import check_distinct, check_writable
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a run folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: cannot create or write {out} ({existing} is not writable)")
+    ema = ema_weights_path(config)
+    if ema.parent.exists() or not ema.parent.is_relative_to(out):
+        check_writable(ema, "--ema-weights")
+    data = config.data if Path(config.data).is_file() else None
+    check_distinct({"--ema-weights": ema}, {"the checkpoint": out / "ckpt.pt",
+                                            "--resume": resume_from, "--data": data})
 
 
 def run(config: TrainConfig, contents: dict | None, progress: bool) -> TrainState:
@@ -265,13 +333,59 @@ def _loop(state: TrainState, config: TrainConfig, dataset: ImageDataset, device:
     bar = tqdm(total=config.steps, initial=state.step, disable=not progress, unit="step",
                dynamic_ncols=True)
     state.model.train()
-    while state.step < config.steps:
-        loss = train_step(state, dataset, config, device)
-        bar.update(1)
-        if state.step % 10 == 0 or state.step == config.steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")  # a host sync every 10 steps only
-        if state.step % config.ckpt_every == 0:
-            write_checkpoint(state, config, dataset)
-        if state.step % config.sample_every == 0:
-            distributed.on_main(lambda: write_samples(state, config, dataset))
+    health = LossHealth(state.step, device)
+    with deferred_interrupt() as interrupted:
+        while state.step < config.steps:
+            loss = train_step(state, dataset, config, device)
+            health.update(loss)
+            bar.update(1)
+            if state.step % 10 == 0 or state.step == config.steps:
+                health.check(state, config)  # the one host sync of every 10 steps
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if state.step % config.ckpt_every == 0:
+                health.check(state, config)
+                write_checkpoint(state, config, dataset)
+            if state.step % config.sample_every == 0:
+                distributed.on_main(lambda: write_samples(state, config, dataset))
+            if interrupted.is_set():  # Ctrl-C lands here, between whole steps
+                health.check(state, config)
+                raise KeyboardInterrupt
     bar.close()
+    health.check(state, config)
+
+
+@contextmanager
+def deferred_interrupt():
+    """While active, SIGINT only sets the yielded Event; the loop raises KeyboardInterrupt after
+    the step in progress completes, so the checkpoint written then holds a consistent state (a
+    KeyboardInterrupt mid-step would save RNG states already advanced into the next step)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event  # signal handlers live in the main thread only
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class LossHealth:
+    """A device-side flag ORed with `loss is non-finite` every step (no host sync), read at the
+    loop's existing sync points: a non-finite loss stops training before the next checkpoint,
+    so the last checkpoint on disk is the last good one."""
+
+    def __init__(self, step: int, device: torch.device):
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.good_step = step  # the last step known to be finite
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.bad |= ~torch.isfinite(loss)
+
+    def check(self, state: TrainState, config: TrainConfig) -> None:
+        if bool(self.bad):
+            raise FloatingPointError(
+                f"training loss became NaN/inf between steps {self.good_step + 1} and "
+                f"{state.step} (lr {config.lr:g}, grad_clip {config.grad_clip:g}); stopped, the "
+                f"last checkpoint in {config.out} was kept")
+        self.good_step = state.step

@@ -14,6 +14,7 @@ import torch
 from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend
 from cfgengine.export.program import Traced, trace
+from cfgengine import trust
 from cfgengine.atomic import atomic_path
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -38,14 +39,19 @@ def export_program(traced: Traced, path: str | Path) -> Path:
     with atomic_path(path, ".pt2") as tmp:
         torch._inductor.aoti_compile_and_package(traced.program, package_path=tmp,
                                                  inductor_configs=configs)
+    trust.record(path)  # written here by cfgengine export: this user may load it again
     return path
 
 
-def load(path: str | Path, *, device: torch.device | str | None = None) -> "AotiBackend":
-    """The backend of a cfgengine `.pt2`; `device` defaults to (and must match) the package's."""
+def load(path: str | Path, *, device: torch.device | str | None = None,
+         trust_code: bool = False) -> "AotiBackend":
+    """The backend of a cfgengine `.pt2`; `device` defaults to (and must match) the package's.
+    A package is native code: it loads only when trusted (`cfgengine.trust`), checked on the
+    file's bytes before anything in it is extracted or dlopen'ed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
+    trust.check_trusted(path, "an AOTInductor package (.pt2)", trust_code)
     try:
         compiled = torch._inductor.aoti_load_package(str(path))
         stored = compiled.get_metadata()
@@ -53,7 +59,26 @@ def load(path: str | Path, *, device: torch.device | str | None = None) -> "Aoti
         raise ValueError(f"{path}: not a loadable AOTInductor package "
                          f"({type(err).__name__})") from err
     meta = metadata.parse(stored.get(metadata.KEY), path)
-    return AotiBackend(meta, path, _device(stored.get(_DEVICE_KEY, "cpu"), device, path), compiled)
+    backend = AotiBackend(meta, path, _device(stored.get(_DEVICE_KEY, "cpu"), device, path),
+                          compiled)
+    probe(backend)
+    return backend
+
+
+def probe(backend: "AotiBackend") -> None:
+    """One call at the smallest batch with the largest class id and the recorded sample shape:
+    metadata that does not fit the compiled graph (num_classes, sample_shape) fails here in
+    one line instead of mid-sampling in C++."""
+    meta = backend.meta
+    batch = meta.min_batch
+    z = torch.zeros((batch, *meta.sample_shape), device=backend.device)
+    labels = torch.full((batch,), meta.num_classes - 1, device=backend.device)
+    try:
+        backend(z, torch.zeros(batch, device=backend.device), labels)
+    except ValueError as err:
+        raise ValueError(f"{backend.path}: metadata does not fit the compiled package "
+                         f"(num_classes {meta.num_classes}, sample shape {meta.sample_shape}): "
+                         f"{str(err).split(': ', 1)[-1]}") from err
 
 
 def _device(built_for: str, asked: torch.device | str | None, path: Path) -> torch.device:

@@ -53,8 +53,20 @@ class Backend:
         return self._run(z, logsnr, labels).to(z.dtype)
 
     def _run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.run(self._prepare(z, torch.float32), self._prepare(logsnr, torch.float32),
-                        self._prepare(labels, torch.int64))
+        """One run on checked rows; the runtime's own (often 70-line C++) errors and a graph that
+        does not return one row per input row become one line."""
+        try:
+            eps = self.run(self._prepare(z, torch.float32), self._prepare(logsnr, torch.float32),
+                           self._prepare(labels, torch.int64))
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"{self.path}: the {self.backend_name} runtime failed on a batch of "
+                             f"{z.shape[0]}: {first}") from err
+        if tuple(eps.shape) != (z.shape[0], *self.sample_shape):
+            raise ValueError(f"{self.path}: returned eps of shape {tuple(eps.shape)} for a batch "
+                             f"of {z.shape[0]}; the graph must return one row per input row "
+                             "(the conditional and the null rows of a guided step)")
+        return eps
 
     def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ε for every row of checked, contiguous fp32/int64 inputs on `device`."""
@@ -75,8 +87,9 @@ class Backend:
                              f"{tuple(logsnr.shape)} and {tuple(labels.shape)}")
         if not meta.min_batch <= batch <= max_batch:
             raise ValueError(f"{self.path}: batch {batch} is outside the exported range "
-                             f"[{meta.min_batch}, {max_batch}]; pass batch_size= to sample "
-                             "or re-export with a larger --max-batch")
+                             f"[{meta.min_batch}, {max_batch}]; sample in smaller batches "
+                             "(--batch, or batch_size= in Python) or re-export with a larger "
+                             "--max-batch")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, device={str(self.device)!r})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,6 +22,8 @@ FORMAT = "cfgengine-export"
 VERSION = 2
 KEY = "cfgengine"  # the metadata key under which the JSON is stored in every format
 PROGRAM = "denoiser"  # what the graph computes: ε for each row (not the doubled batch)
+DIGEST_KEY = "cfgengine-digest"  # ONNX: `digest(json, graph bytes)` beside the JSON
+
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,48 @@ def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
         logsnr_range = check_logsnr_range(stored["logsnr_range"])
     except ValueError as err:
         raise ValueError(f"{path}: metadata {err}") from None
-    stored = dict(stored, sample_shape=tuple(stored["sample_shape"]),
-                  class_names=tuple(stored["class_names"]), logsnr_range=logsnr_range)
-    return ExportMeta(**stored)
+    try:
+        stored = dict(stored, sample_shape=tuple(stored["sample_shape"]),
+                      class_names=tuple(stored["class_names"]), logsnr_range=logsnr_range)
+    except TypeError:
+        raise ValueError(f"{path}: metadata sample_shape / class_names are not lists") from None
+    meta = ExportMeta(**stored)
+    check_values(meta, path)
+    return meta
+
+
+def check_values(meta: ExportMeta, path: str | Path) -> None:
+    """ValueError (one line) for metadata values no cfgengine export writes: an edited file."""
+    def bad(what: str):
+        raise ValueError(f"{path}: metadata {what} (edited?); re-export the model")
+
+    if not _is_int(meta.num_classes) or meta.num_classes < 1:
+        bad(f"num_classes {meta.num_classes!r} is not a positive integer")
+    if not meta.sample_shape or not all(_is_int(d) and d > 0 for d in meta.sample_shape):
+        bad(f"sample_shape {meta.sample_shape!r} is not a list of positive integers")
+    if meta.clip is not None and (not isinstance(meta.clip, (int, float))
+                                  or isinstance(meta.clip, bool) or not 0 < meta.clip < math.inf):
+        bad(f"clip {meta.clip!r} is neither null nor a positive number")
+    if meta.program != PROGRAM:
+        bad(f"program {meta.program!r}: this cfgengine runs {PROGRAM!r} graphs")
+    if meta.precision not in PRECISIONS:
+        bad(f"precision {meta.precision!r} is unknown")
+    if not (_is_int(meta.min_batch) and _is_int(meta.max_batch)
+            and 1 <= meta.min_batch <= meta.max_batch):
+        bad(f"batch range [{meta.min_batch!r}, {meta.max_batch!r}] is not 1 ≤ min ≤ max")
+    if meta.class_names and (len(meta.class_names) != meta.num_classes
+                             or not all(isinstance(n, str) for n in meta.class_names)):
+        bad(f"class_names do not name {meta.num_classes} classes")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def digest(meta_json: str, body: bytes) -> str:
+    """SHA-256 binding the metadata JSON to the graph it describes: metadata edited, or copied
+    from another export, no longer matches."""
+    return hashlib.sha256(meta_json.encode() + b"\0" + body).hexdigest()
 
 
 def export_dtype(precision: str, allowed: tuple[str, ...], what: str) -> torch.dtype:

@@ -47,8 +47,11 @@ def to_proto(traced: Traced, opset: int = OPSET):
     program = torch.onnx.export(traced.program, dynamo=True, opset_version=opset,
                                 input_names=list(INPUTS), output_names=[OUTPUT], verbose=False)
     proto = program.model_proto
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = metadata.KEY, traced.meta.to_json()
+    meta_json = traced.meta.to_json()
+    for key, value in ((metadata.KEY, meta_json), (metadata.DIGEST_KEY, metadata.digest(
+            meta_json, proto.graph.SerializeToString()))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
     check_symbolic_batch(proto)
     return proto
@@ -95,7 +98,35 @@ def read_metadata(path: Path) -> metadata.ExportMeta:
     except Exception as err:  # protobuf's DecodeError and onnx's own errors: all mean "not ONNX"
         raise ValueError(f"{path}: not a readable ONNX model ({type(err).__name__})") from err
     props = {p.key: p.value for p in proto.metadata_props}
-    return metadata.parse(props.get(metadata.KEY), path)
+    meta = metadata.parse(props.get(metadata.KEY), path)
+    check_graph(proto, props, meta, path)
+    return meta
+
+
+def check_graph(proto, props: dict, meta: metadata.ExportMeta, path: Path) -> None:
+    """ValueError (one line) unless the metadata describes this graph: its digest matches, the
+    inputs and output are ours with the recorded sample shape, the weights are of the recorded
+    precision and the label table has num_classes + 1 rows."""
+    onnx = require("onnx", "onnx")
+    if props.get(metadata.DIGEST_KEY) != metadata.digest(props[metadata.KEY],
+                                                         proto.graph.SerializeToString()):
+        raise ValueError(f"{path}: cfgengine metadata does not match this graph (edited, or "
+                         "copied from another export); re-export the model")
+    names = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
+    if names != (list(INPUTS), [OUTPUT]):
+        raise ValueError(f"{path}: graph inputs/outputs {names} are not cfgengine's")
+    dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if tuple(dims[1:]) != meta.sample_shape:
+        raise ValueError(f"{path}: graph takes samples of shape {tuple(dims[1:])}, metadata "
+                         f"says {meta.sample_shape}")
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    if half != (meta.precision == "fp16"):
+        raise ValueError(f"{path}: metadata precision {meta.precision} but the graph's weights "
+                         f"are {'fp16' if half else 'fp32'}")
+    table = [t for t in proto.graph.initializer if t.name.endswith("class_embed.weight")]
+    if table and table[0].dims[0] != meta.num_classes + 1:
+        raise ValueError(f"{path}: metadata num_classes {meta.num_classes} but the graph's label "
+                         f"table has {table[0].dims[0]} rows (num_classes + 1 null label)")
 
 
 def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, threads: int | None):

@@ -15,6 +15,15 @@ import cfgengine  # noqa: E402
 from cfgengine import toy  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trust_file(tmp_path_factory):
+    """Every test records and reads trusted exports in a session tmp file, never the user's
+    ~/.config/cfgengine/trusted.json (cfgengine.trust)."""
+    path = tmp_path_factory.mktemp("trust") / "trusted.json"
+    os.environ["CFGENGINE_TRUST_FILE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def gmm():
     """The built-in 2-D ring mixture (K = 5, sample_shape (2,), no clipping)."""

@@ -153,7 +153,9 @@ def test_user_feature_network_sees_three_channels_in_0_255(tmp_path):
     path = tmp_path / "net.pt"
     with pytest.warns(DeprecationWarning):
         torch.jit.script(MeanPerChannel()).save(str(path))
-    extractor, key = load_extractor(str(path), "digits")
+    with pytest.raises(ValueError, match="--trust-code"):  # TorchScript is code (issue 14)
+        load_extractor(str(path), "digits")
+    extractor, key = load_extractor(str(path), "digits", trust_code=True)
     features, probs = extractor(torch.full((2, 1, 8, 8), 1.0))  # white grey images
     assert features.shape == (2, 3) and torch.allclose(features, torch.tensor(255.0))
     assert torch.allclose(probs, torch.tensor(0.5, dtype=torch.float64))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from cfgengine import distributed
 from cfgengine.cli import (bench, classifier_accuracy, eval, export, sample, train,
@@ -22,11 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_warnings() -> None:
+    """Deprecation and future warnings of torch, onnx and friends are not the user's concern:
+    they would add stray stderr lines to a one-line error or a clean run. Ours still show."""
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"cfgengine(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cfgengine` console script."""
     try:
-        args = build_parser().parse_args(argv)
-        return args.run(args) or 0
+        with warnings.catch_warnings():
+            quiet_library_warnings()
+            args = build_parser().parse_args(argv)
+            return args.run(args) or 0
     except (UserError, ValueError, FloatingPointError, OSError) as err:
         if distributed.reports_errors():  # under torchrun: one rank speaks for all
             print(f"cfgengine: error: {err}", file=sys.stderr)  # one line: no traceback for these

@@ -43,6 +43,13 @@ def guidance_weights(flag: str = "--w") -> Callable[[str], list[float]]:
 def add_model_flag(parser, help_text: str = "model file or built-in name") -> None:
     parser.add_argument("--ckpt", default=DEFAULT_MODEL,
                         help=f"{help_text} (default: {DEFAULT_MODEL})")
+    add_trust_flag(parser)
+
+
+def add_trust_flag(parser, what: str = "--ckpt") -> None:
+    parser.add_argument("--trust-code", action="store_true",
+                        help=f"run native code from a {what} .pt2 / TensorRT plan that `cfgengine "
+                             "export` did not write on this machine (only for sources you trust)")
 
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str}

@@ -3,9 +3,11 @@ harness's own table (`cfgengine.bench.harness.FLAGS`), typed from SweepConfig's 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from pathlib import Path
 
-from cfgengine.cli.args import field_type
+from cfgengine.cli.args import UserError, field_type
 
 # old spellings a user may have typed, still accepted
 ALIASES = {"sampler": "--solver"}
@@ -29,9 +31,22 @@ def add(sub) -> None:
     p.set_defaults(run=run)
 
 
+def check_flags(args) -> None:
+    """--threads within the CPUs this process may use (100000 OpenMP threads segfault);
+    --name a plain file stem, so every result stays inside --out-dir."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.threads is not None and not 1 <= args.threads <= cpus:
+        raise UserError(f"--threads must be in [1, {cpus}] (the CPUs available), got "
+                        f"{args.threads}")
+    name = args.name
+    if name is not None and (not name or name != Path(name).name or name.startswith(".")):
+        raise UserError(f"--name must be a plain file stem (no folders, not hidden), got {name!r}")
+
+
 def run(args) -> int:
     from cfgengine.bench import harness, report
 
+    check_flags(args)
     sweep = "quick" if args.quick else args.sweep
     config = harness.check_config(dataclasses.replace(harness.SWEEPS[sweep], **{
         field: getattr(args, field) for field in harness.FLAGS

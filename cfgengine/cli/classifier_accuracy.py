@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from cfgengine.cli.args import UserError, add_model_flag, guidance_weights
+from cfgengine.cli.budget import plan_batch
 from cfgengine.registry import load
 
 
@@ -20,9 +21,13 @@ def add(sub) -> None:
 def run(args) -> int:
     from cfgengine import classifier
 
-    model = load(args.ckpt)
+    model = load(args.ckpt, trust_code=args.trust_code)
     if not getattr(model, "dataset", None):
         raise UserError(f"{args.ckpt}: not a model trained by cfgengine on a known dataset")
+    if args.n < 1 or args.steps < 2:
+        raise UserError(f"--n must be ≥ 1 and --steps ≥ 2, got {args.n} and {args.steps}")
+    rows = args.n * model.num_classes  # one sampling pass per w, all classes at once
+    plan_batch(rows, tuple(model.sample_shape), args.steps, None, n_flag="--n")
     judge = classifier.load_classifier(model.dataset)
     rows = classifier.guidance_report(model, judge, args.w, steps=args.steps, per_class=args.n,
                                       seed=args.seed)

@@ -1,10 +1,11 @@
 """`cfgengine eval`: FID / IS / precision / recall / accuracy per (model, T, w)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cfgengine import distributed
-from cfgengine.cli.args import UserError, comma_list, guidance_weights
+from cfgengine.cli.args import UserError, add_trust_flag, comma_list, guidance_weights
 
 
 def add(sub) -> None:
@@ -25,14 +26,15 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="eval", help="results folder (its parent must exist)")
     p.add_argument("--features", default=None,
-                   help="feature network: a classifier .safetensors, or a .pt2 / TorchScript "
-                        "network such as Inception; no downloads (default: the dataset's "
-                        "shipped classifier)")
+                   help="feature network: a classifier .safetensors, a torch.export .pt2 "
+                        "(read as data), or TorchScript such as Inception (code: needs "
+                        "--trust-code); no downloads (default: the dataset's shipped classifier)")
     p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per interval")
     p.add_argument("--batch", type=int, default=2000, help="rows per sampling forward")
     p.add_argument("--cache-dir", default=None, help="reference statistics cache "
                    "(default: ~/.cache/cfgengine)")
+    add_trust_flag(p, "--ckpt or --features")
     p.set_defaults(run=run)
 
 
@@ -42,12 +44,15 @@ def run(args) -> int:
 
     config = EvalConfig(tuple(args.ckpt), tuple(args.w), tuple(args.steps), args.n, args.seed,
                         args.out_dir, args.features, args.k, args.bootstrap, args.batch,
-                        cache_dir=args.cache_dir)
+                        cache_dir=args.cache_dir, trust_code=args.trust_code)
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir: {out} is a file")
     if distributed.is_main() and not out.resolve().parent.is_dir():
         raise UserError(f"--out-dir: parent folder of {out} does not exist")
+    writable = out if out.is_dir() else out.resolve().parent
+    if distributed.is_main() and not os.access(writable, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir: {writable} is not writable")
     run_eval(config, log=print if distributed.is_main() else lambda *_: None)
     if distributed.is_main():  # models and features are checked before anything is written
         print(f"results -> {out / 'results.json'}, {out / 'results.md'}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cfgengine.atomic import check_writable
+from cfgengine.atomic import check_distinct, check_writable
 from cfgengine.cli.args import UserError
-from cfgengine.registry import load
+from cfgengine import trust
+from cfgengine.registry import BUILTINS, load
+from cfgengine.runtime import check_device
 
 
 def add(sub) -> None:
@@ -40,6 +42,7 @@ def output_path(args) -> Path:
         raise UserError(f"-o: a {args.format} export must be named *{SUFFIXES[args.format]}, "
                         f"got {out}")
     check_writable(out, "-o")
+    check_distinct({"-o": out}, {"model": None if args.model in BUILTINS else args.model})
     return out
 
 
@@ -52,9 +55,12 @@ def run(args) -> int:
         if args.format == "onnx":
             raise UserError("--device applies to aoti and tensorrt; an ONNX file picks its "
                             "device when loaded")
+        check_device(args.device, None)  # cuda on a CPU-only torch: one line, before tracing
         options["device"] = args.device
     start = time.perf_counter()
     path = export.export(load(args.model), out, format=args.format, **options)
+    if args.format == "tensorrt":
+        trust.record(path)  # a plan is code: trust what this machine built (aoti records itself)
     print(f"exported {args.model} as {args.format} ({args.precision}, batch 1..{args.max_batch}) "
           f"in {time.perf_counter() - start:.1f} s -> {path}")
     return 0

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from cfgengine import distributed
-from cfgengine.atomic import atomic_paths, check_writable
+from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
+from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
-from cfgengine.registry import load
+from cfgengine.registry import BUILTINS, load
 from cfgengine.runtime import BACKENDS, PRECISIONS
 from cfgengine.sampler import Sampler
 from cfgengine.schedule import GRIDS
@@ -45,6 +46,10 @@ def add(sub) -> None:
                         "rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-id", type=int, default=0,
+                   help="noise key of the first row (rows get FIRST-ID, FIRST-ID+1, …): with "
+                        "--classes C --n 1 --first-id K, regenerates row K of a larger run "
+                        "alone (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto = cudagraph on CUDA, torch on CPU; exported files use their own")
@@ -143,23 +148,40 @@ def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tens
     return torch.tensor(classes).repeat_interleave(n)
 
 
-@distributed.command  # under torchrun: each rank samples its shard of ids, rank 0 writes
-def run(args) -> int:
+def check_output_flags(args) -> None:
+    """Outputs writable, regular, and distinct from each other and from the model file."""
     for flag in ("out", "npz"):
         if getattr(args, flag) is not None and distributed.is_main():
             check_writable(getattr(args, flag), f"--{flag}")
+    model_file = None if args.ckpt in BUILTINS else args.ckpt
+    check_distinct({"--out": args.out, "--npz": args.npz}, {"--ckpt": model_file})
+
+
+def sample_ids(first_id: int, rows: int) -> torch.Tensor:
+    """FIRST-ID, FIRST-ID+1, … : the noise keys of the rows (sampler `sample_ids`)."""
+    if not 0 <= first_id < 2**63 - rows:
+        raise UserError(f"--first-id must be in [0, 2^63 − {rows}), got {first_id}")
+    return torch.arange(rows, dtype=torch.int64) + first_id
+
+
+@distributed.command  # under torchrun: each rank samples its shard of ids, rank 0 writes
+def run(args) -> int:
+    check_output_flags(args)
     rule = guidance_rule(args)
-    model = load(args.ckpt)
+    model = load(args.ckpt, trust_code=args.trust_code)
     labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
+    rows = len(labels) * len(args.w)
+    ids = sample_ids(args.first_id, rows)
+    batch = plan_batch(rows, engine.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
                                 sampler=args.sampler, v=args.v, eta=args.eta, grid=args.grid,
                                 logsnr_range=args.logsnr_range, guidance=rule,
                                 clip="auto" if args.threshold is None else args.threshold,
-                                seed=args.seed, batch_size=args.batch,
+                                seed=args.seed, sample_ids=ids, batch_size=batch,
                                 progress=sys.stderr.isatty() and distributed.is_main())
     seconds = time.perf_counter() - start
     if x is None:

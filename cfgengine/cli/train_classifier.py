@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from cfgengine.atomic import check_distinct, check_writable
 from cfgengine.cli.args import add_config_flags, given
 
 
@@ -19,9 +21,12 @@ def run(args) -> int:
     from cfgengine import classifier
 
     config = classifier.ClassifierTrainConfig(**given(args, classifier.ClassifierTrainConfig))
-    net, heldout = classifier.train_classifier(config, progress=sys.stderr.isatty())
     dataset = classifier.load_dataset(config.data, config.image_size)
-    path = classifier.save_classifier(net, dataset, heldout,
-                                      config.out or classifier.classifier_path(dataset.info.name))
+    out = config.out or classifier.classifier_path(dataset.info.name)
+    check_writable(out, "--out")  # before training, not after
+    data = config.data if Path(config.data).is_file() else None
+    check_distinct({"--out": out}, {"--data": data})
+    net, heldout = classifier.train_classifier(config, progress=sys.stderr.isatty())
+    path = classifier.save_classifier(net, dataset, heldout, out)
     print(f"held-out accuracy {heldout:.4f} -> {path}")
     return 0

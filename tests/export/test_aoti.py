@@ -24,8 +24,10 @@ def test_package_runs_only_on_its_device(aoti_path):
 def test_random_bytes(tmp_path):
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="junk.pt2: refusing to load"):
+        export.load(junk)  # not exported here: untrusted code, refused before it is opened
     with pytest.raises(ValueError, match="junk.pt2: not a loadable AOTInductor package"):
-        export.load(junk)
+        export.load(junk, trust_code=True)
 
 
 def test_bad_names_and_precisions_fail_before_compiling(traced, tiny_unet, tmp_path):
