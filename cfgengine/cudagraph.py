@@ -4,7 +4,8 @@ The net reads a static input buffer z2 [2B, *S] (rows B..2B−1 carry the null l
 step kernel reads ε from the net's output and z from z2[:B], and writes z' straight into both
 halves of z2 (`out2`), so the next replay's forward input is ready. The step index and the seed
 are 0-d device tensors the kernel reads, so replays advance through the table and a new seed needs
-no re-capture. One graph per (batch, guided, table).
+no re-capture. Steps outside the guidance interval replay a second graph whose net runs on B
+rows. One loop per (batch, kinds of step, plan).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from cfgengine.guidance import APG
 from cfgengine.kernels import guided_step
 
 WARMUP_STEPS = 3  # Triton compilation and cuDNN autotuning happen here, outside the capture
@@ -33,14 +35,16 @@ def capture(fn: Callable[[], object], warmup: int = WARMUP_STEPS) -> torch.cuda.
 
 
 class CudaGraphLoop:
-    """Static buffers + one captured step for `batch` rows of `shape` on a CUDA device."""
+    """Static buffers + one captured step per kind of step for `batch` rows of `shape` on a CUDA
+    device: `kinds` holds True for the guided step (net on 2B rows) and/or False for the plain
+    one (net on the first B rows, outside the guidance interval or when no row is guided)."""
 
     def __init__(self, net, *, num_classes: int, batch: int, shape: tuple[int, ...],
-                 guided: bool, table: torch.Tensor, logsnr: torch.Tensor, clip: float | None,
-                 autocast_dtype: torch.dtype | None):
+                 kinds: tuple[bool, ...], table: torch.Tensor, logsnr: torch.Tensor, rule,
+                 clip, multistep: bool, autocast_dtype: torch.dtype | None):
         device = table.device
-        rows = 2 * batch if guided else batch
-        self.net, self.batch, self.guided, self.clip = net, batch, guided, clip
+        rows = 2 * batch if True in kinds else batch
+        self.net, self.batch, self.rule, self.clip = net, batch, rule, clip
         self.table, self.logsnr, self.autocast_dtype = table, logsnr, autocast_dtype
         self.z2 = torch.zeros((rows, *shape), device=device)
         self.logsnr2 = torch.zeros(rows, device=device)
@@ -49,31 +53,44 @@ class CudaGraphLoop:
         self.sample_ids = torch.zeros(batch, dtype=torch.int64, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.seed = torch.zeros((), dtype=torch.int64, device=device)
-        self.graph = capture(self._step)
+        apg = isinstance(rule, APG)  # its momentum is per-sample state
+        self.state = torch.zeros((batch, *shape), device=device) if apg else None
+        self.x_hat = torch.zeros((batch, *shape), device=device) if multistep else None
+        self.graphs = {doubled: capture(lambda doubled=doubled: self._step(doubled))
+                       for doubled in kinds}
 
-    def _step(self) -> None:
-        """λ for this step → net on z2 → fused step into z2 → step += 1 (all on the device)."""
-        self.logsnr2.copy_(self.logsnr.index_select(0, self.step.reshape(1)).expand_as(self.logsnr2))
+    def _step(self, doubled: bool) -> None:
+        """λ for this step → net on z2 (2B rows, or its first B) → fused step into z2 → step += 1
+        (all on the device). z' goes to both halves of z2 whenever it has two, so a guided step
+        may follow a plain one."""
+        rows = 2 * self.batch if doubled else self.batch
+        lam = self.logsnr.index_select(0, self.step.reshape(1))
+        self.logsnr2[:rows].copy_(lam.expand(rows))
         with torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False,
                             enabled=self.autocast_dtype is not None):
-            eps2 = self.net(self.z2, self.logsnr2, self.labels2)  # (2B|B, *S)
+            eps2 = self.net(self.z2[:rows], self.logsnr2[:rows], self.labels2[:rows])  # (rows, *S)
         z = self.z2[: self.batch]
-        out, out2 = (None, self.z2) if self.guided else (z, None)  # z' lands in z2 either way
-        guided_step(eps2, z, self.w, self.table, self.step, clip=self.clip, seed=self.seed,
+        out, out2 = (None, self.z2) if self.z2.shape[0] > self.batch else (z, None)
+        guided_step(eps2, z, self.w, self.table, self.step, rule=self.rule, state=self.state,
+                    x_hat_prev=self.x_hat, x_hat_out=self.x_hat, clip=self.clip, seed=self.seed,
                     sample_ids=self.sample_ids, out=out, out2=out2)
         self.step.add_(1)
 
     def sample(self, z0: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
-            sample_ids: torch.Tensor, seed: int, steps: int) -> torch.Tensor:
-        """Load this chunk into the static buffers, replay `steps` times, return x̂ [B, *S]."""
+               sample_ids: torch.Tensor, seed: int, doubled: tuple[bool, ...]) -> torch.Tensor:
+        """Load this chunk into the static buffers (state zeroed: capture's warm-up ran steps),
+        replay the guided or the plain graph at each step, return x̂ [B, *S]."""
         self.z2[: self.batch].copy_(z0)
-        if self.guided:
+        if self.z2.shape[0] > self.batch:
             self.z2[self.batch:].copy_(z0)
         self.labels2[: self.batch].copy_(labels)
         self.w.copy_(w)
         self.sample_ids.copy_(sample_ids)
         self.seed.fill_(seed)
         self.step.zero_()
-        for _ in range(steps):
-            self.graph.replay()
+        for buffer in (self.state, self.x_hat):
+            if buffer is not None:
+                buffer.zero_()
+        for guided in doubled:
+            self.graphs[guided].replay()
         return self.z2[: self.batch].clone()

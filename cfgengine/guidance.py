@@ -1,5 +1,9 @@
-"""Classifier-free guidance (paper eq. 6) and the doubled-batch GuidedDenoiser."""
+"""Classifier-free guidance (paper eq. 6), the doubled-batch GuidedDenoiser, and the guidance rules
+(CFG with rescale, CFG-Zero*, APG) and dynamic thresholding that the fused step applies."""
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -30,3 +34,92 @@ class GuidedDenoiser(nn.Module):
         null = torch.full_like(labels, self.num_classes)
         z2 = torch.cat([z, z])  # (2B, *S)
         return self.denoiser(z2, torch.cat([logsnr, logsnr]), torch.cat([labels, null]))
+
+
+# --- Guidance rules (docs/design.md, "Guidance rules"): frozen configs, the math lives in the step.
+
+Interval = tuple[float, float] | None
+
+
+def _check_interval(config) -> None:
+    """`interval` = (lo, hi) in λ with lo ≤ hi, or None (guided on every step); stored as a tuple
+    of floats so the frozen config stays hashable."""
+    interval = config.interval
+    if interval is None:
+        return
+    if not (isinstance(interval, (tuple, list)) and len(interval) == 2
+            and all(_is_real(x) and not math.isnan(x) for x in interval)):
+        raise ValueError(f"interval must be (lo, hi) in logSNR, got {interval!r}")
+    if interval[0] > interval[1]:
+        raise ValueError(f"interval must have lo ≤ hi, got {tuple(interval)!r}")
+    object.__setattr__(config, "interval", (float(interval[0]), float(interval[1])))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value, lo: float, hi: float, *, open_lo: bool = False,
+                  open_hi: bool = False) -> None:
+    """Raise a one-line ValueError unless `value` is a finite real number in the given range."""
+    inside = (_is_real(value) and math.isfinite(value)
+              and (lo < value if open_lo else lo <= value)
+              and (value < hi if open_hi else value <= hi))
+    if not inside:
+        bounds = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CFG:
+    """Classifier-free guidance, paper eq. 6: ε̃ = ε_c + w·(ε_c − ε_u); with rescale = φ > 0,
+    Lin et al. 2023 §3.4: ε̃ = φ·ε̃·std(ε_c)/std(ε̃) + (1 − φ)·ε̃ (diffusers `rescale_noise_cfg`)."""
+    rescale: float = 0.0
+    interval: Interval = None
+
+    def __post_init__(self):
+        _check_number("CFG rescale", self.rescale, 0.0, 1.0)
+        _check_interval(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroStar:
+    """CFG-Zero* (Fan et al. 2025), the optimised scale: s* = ⟨ε_c, ε_u⟩/(⟨ε_u, ε_u⟩ + 1e−8),
+    ε̃ = s*·ε_u + (1 + w)·(ε_c − s*·ε_u) (diffusers `cfg_zero_star_scale`); no zero-init steps."""
+    interval: Interval = None
+
+    def __post_init__(self):
+        _check_interval(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance (Sadat et al. 2024) in x̂ space: Δ = D_c − D_u, m ← Δ + β·m,
+    Δ = m·min(1, r/‖m‖), x̂ = D_c + w·(Δ⊥ + η·Δ∥) with Δ∥ the projection of Δ on D_c (diffusers
+    `normalized_guidance`, use_original_formulation=True). β < 0 is the paper's "reverse momentum";
+    |β| < 1 keeps the running average bounded."""
+    eta: float = 0.0
+    momentum: float = 0.0
+    norm_threshold: float = 0.0
+    interval: Interval = None
+
+    def __post_init__(self):
+        _check_number("APG eta", self.eta, 0.0, math.inf, open_hi=True)
+        _check_number("APG momentum", self.momentum, -1.0, 1.0, open_lo=True, open_hi=True)
+        _check_number("APG norm_threshold", self.norm_threshold, 0.0, math.inf, open_hi=True)
+        _check_interval(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicThreshold:
+    """Imagen's dynamic thresholding (Saharia et al. 2022), passed as `clip=`: s = quantile(|x̂|, p)
+    per sample, s = clamp(s, 1, max_value), x̂ = clamp(x̂, −s, s)/s (diffusers `_threshold_sample`)."""
+    p: float = 0.995
+    max_value: float = 1.0
+
+    def __post_init__(self):
+        _check_number("DynamicThreshold p", self.p, 0.0, 1.0, open_lo=True)
+        _check_number("DynamicThreshold max_value", self.max_value, 1.0, math.inf, open_hi=True)
+
+
+RULES = (CFG, ZeroStar, APG)

@@ -1,7 +1,10 @@
-"""The sampling loop: backend call → fused step, nothing else (Algorithm 2 and DDIM via the table).
+"""The sampling loop: backend call → fused step, nothing else (Algorithm 2, DDIM and
+DPM-Solver++(2M) via the table; the guidance rule and thresholding inside the step).
 
-The coefficient table and the λ grid live on the device before the loop; the loop makes no host
-sync (no `.item()`, no branch on a device value), so it can run ahead of the GPU.
+The coefficient table and the λ grid live on the device before the loop; which steps are guided
+(the rule's interval) and which draw no noise is decided on the host from the float64 grid before
+the loop, so the loop makes no host sync (no `.item()`, no branch on a device value) and can run
+ahead of the GPU. Outside the guidance interval the network runs on B rows, not 2B.
 """
 from __future__ import annotations
 
@@ -10,25 +13,50 @@ from dataclasses import dataclass
 import torch
 
 from cfgengine import rng
+from cfgengine.cudagraph import CudaGraphLoop
+from cfgengine.guidance import APG, CFG, RULES, DynamicThreshold, ZeroStar
+from cfgengine.kernels import guided_step
 from cfgengine.runtime import (autocast_dtype, check_backend, check_device, check_precision,
                                 move_model, split_model)
-from cfgengine.cudagraph import CudaGraphLoop
-from cfgengine.kernels import guided_step
-from cfgengine.schedule import logsnr_grid
-from cfgengine.tables import check_sampler_args, coefficient_table
+from cfgengine.schedule import GRIDS, LOGSNR_RANGE, check_logsnr_range
+from cfgengine.tables import NOISE, check_sampler_args, grid_logsnr, table_from_logsnr
 
 
 @dataclass(frozen=True)
 class Plan:
-    """One call's validated settings (shared by every chunk)."""
+    """One call's validated settings (shared by every chunk); `logsnr` is the float64 grid."""
 
-    steps: int
     sampler: str
     v: float
     eta: float
-    clip: float | None
+    logsnr: tuple[float, ...]
+    rule: CFG | ZeroStar | APG
+    clip: float | DynamicThreshold | None
     seed: int
     shape: tuple[int, ...]
+
+    @property
+    def steps(self) -> int:
+        return len(self.logsnr)
+
+    def in_interval(self) -> tuple[bool, ...]:
+        """Per step, whether the rule guides it: lo ≤ λ_t ≤ hi of its interval (all without one)."""
+        interval = self.rule.interval
+        if interval is None:
+            return (True,) * self.steps
+        lo, hi = interval
+        return tuple(lo <= lam <= hi for lam in self.logsnr)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What the loop reads per step: the table and the net's λ on the device; which steps run the
+    doubled batch (the interval) and which draw no noise (s = 0), on the host."""
+
+    table: torch.Tensor  # float32 [T, 6]
+    logsnr: torch.Tensor  # float32 [T]
+    guided: tuple[bool, ...]
+    quiet: tuple[bool, ...]
 
 
 class Sampler:
@@ -51,108 +79,147 @@ class Sampler:
         self.num_classes = model.num_classes
         self.sample_shape = tuple(model.sample_shape)
         self.clip = getattr(model, "clip", None)
+        self.logsnr_range = tuple(getattr(model, "logsnr_range", None) or LOGSNR_RANGE)
+        self.model_grid = getattr(model, "logsnr_grid", None)  # e.g. a diffusers scheduler's
         self.guided_net, self.net = split_model(model, self.backend)
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._steps: dict[tuple, Steps] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
 
     def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
-               steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
-               clip: float | str | None = "auto", seed: int = 0,
-               shape: tuple[int, ...] | None = None, batch_size: int | None = None,
-               n: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Samples x̂ [N, *S]; sample i depends only on (seed, i, labels[i], w[i], settings)."""
+               steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3,
+               eta: float = 0.0, grid: str = "cosine", logsnr_range=None,
+               logsnr: torch.Tensor | None = None, guidance=None,
+               clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
+               sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+               batch_size: int | None = None, n: int | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], labels[i], w[i],
+        settings). `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
+        ZeroStar(), APG(); default CFG()), `clip` a bound or a DynamicThreshold."""
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
-            return self._sample(labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size,
-                                n, progress)
+            plan = self._plan(steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip,
+                              seed, shape)
+            return self._sample(plan, labels, w, sample_ids, batch_size, n, progress)
 
-    def _sample(self, labels, w, steps, sampler, v, eta, clip, seed, shape, batch_size, n,
-                progress) -> torch.Tensor:
-        plan = self._plan(steps, sampler, v, eta, clip, seed, shape)
+    def _sample(self, plan: Plan, labels, w, sample_ids, batch_size, n, progress) -> torch.Tensor:
         labels, count = self._check_labels(labels, n)
         w = self._check_w(w, count)
+        sample_ids = self._check_sample_ids(sample_ids, count)
         size = _check_batch_size(batch_size, count)
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
         guided = labels is not None and bool((w != 0).any())  # once, before any loop
+        steps = self._steps_of(plan)
         bar = _progress_bar(progress, len(chunks) * plan.steps)
-        parts = [self._sample_chunk(plan, _rows(labels, a, b), _rows(w, a, b),
-                                    torch.arange(a, b, device=self.device), guided, bar)
-                 for a, b in chunks]
+        parts = [self._sample_chunk(plan, steps, _rows(labels, a, b), w[a:b], sample_ids[a:b],
+                                    guided, bar) for a, b in chunks]
         if bar is not None:
             bar.close()
         x_hat = torch.cat(parts)
         self._check_finite(x_hat)
         return x_hat
 
-    def _sample_chunk(self, plan: Plan, labels, w, sample_ids, guided: bool, bar) -> torch.Tensor:
-        """The loop over T steps for one chunk of rows; no host sync inside."""
-        table, logsnr = self._table(plan)
+    def _sample_chunk(self, plan: Plan, steps: Steps, labels, w, sample_ids, guided: bool,
+                      bar) -> torch.Tensor:
+        """The loop over T steps for one chunk of rows; no host sync inside. The chunk owns its
+        per-sample state (APG momentum, DPM-Solver++'s x̂_prev), zero before the first step."""
         batch = sample_ids.shape[0]
         if labels is None:
             labels = torch.full((batch,), self.num_classes, device=self.device)
         z = rng.randn_like_rows(plan.seed, sample_ids, 0, plan.shape)  # z_0 ~ N(0, I)
+        doubled = steps.guided if guided else (False,) * plan.steps
         if self.backend == "cudagraph":
-            graph = self._graph(plan, batch, guided)
-            x_hat = graph.sample(z, labels, w, sample_ids, plan.seed, plan.steps)
-            if bar is not None:
-                bar.update(plan.steps)
+            x_hat = self._graph(plan, steps, batch, doubled).sample(
+                z, labels, w, sample_ids, plan.seed, doubled)
+            _advance(bar, plan.steps)
             return x_hat
-        quiet = self._quiet_steps(plan)
-        silence = torch.zeros_like(z) if any(quiet) else None
+        state, x_hat = self._buffers(plan, z)
+        silence = torch.zeros_like(z) if any(steps.quiet) else None
         for t in range(plan.steps):
-            eps2 = self._eps(z, logsnr[t].expand(batch), labels, guided)  # (2B|B, *S)
-            z = guided_step(eps2, z, w, table, t, clip=plan.clip, seed=plan.seed,
-                            sample_ids=sample_ids, noise=silence if quiet[t] else None)
-            if bar is not None:
-                bar.update(1)
+            eps2 = self._eps(z, steps.logsnr[t].expand(batch), labels, doubled[t])  # (2B|B, *S)
+            z = guided_step(eps2, z, w, steps.table, t, rule=plan.rule, state=state,
+                            x_hat_prev=x_hat, x_hat_out=x_hat, clip=plan.clip, seed=plan.seed,
+                            sample_ids=sample_ids, noise=silence if steps.quiet[t] else None)
+            _advance(bar, 1)
         return z
 
-    def _eps(self, z, logsnr, labels, guided: bool) -> torch.Tensor:
+    def _buffers(self, plan: Plan, z: torch.Tensor):
+        """(APG momentum or None, x̂_prev or None) for one chunk: fp32 [B, *S] zeros."""
+        state = torch.zeros_like(z) if isinstance(plan.rule, APG) else None
+        x_hat = torch.zeros_like(z) if plan.sampler == "dpmpp_2m" else None
+        return state, x_hat
+
+    def _eps(self, z, logsnr, labels, doubled: bool) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            if guided:
+            if doubled:
                 return self.guided_net(z, logsnr, labels)
             if self.net is not None:
                 return self.net(z, logsnr, labels)
             return self.guided_net(z, logsnr, labels)[: z.shape[0]]
 
-    def _graph(self, plan: Plan, batch: int, guided: bool) -> CudaGraphLoop:
-        key = (batch, guided, plan.shape, plan.steps, plan.sampler, plan.v, plan.eta, plan.clip)
+    def _graph(self, plan: Plan, steps: Steps, batch: int,
+               doubled: tuple[bool, ...]) -> CudaGraphLoop:
+        """The captured loop for this chunk size and plan: a 2B-row graph for guided steps and a
+        B-row graph for the others, each captured only when some step needs it."""
+        kinds = tuple(sorted(set(doubled)))
+        key = (batch, kinds, plan)
         if key not in self._graphs:
-            table, logsnr = self._table(plan)
             self._graphs[key] = CudaGraphLoop(
                 self.net, num_classes=self.num_classes, batch=batch, shape=plan.shape,
-                guided=guided, table=table, logsnr=logsnr, clip=plan.clip,
+                kinds=kinds, table=steps.table, logsnr=steps.logsnr, rule=plan.rule,
+                clip=plan.clip, multistep=plan.sampler == "dpmpp_2m",
                 autocast_dtype=self.autocast_dtype)
         return self._graphs[key]
 
-    def _quiet_steps(self, plan: Plan) -> list[bool]:
-        """Per step, whether the CPU reference may skip its noise draw (s = 0: DDIM η = 0 and the
-        last step). Known on the host from the table; the GPU kernel tests s on the device."""
-        deterministic = plan.sampler == "ddim" and plan.eta == 0
-        on_cpu = self.device.type == "cpu"
-        return [on_cpu and (deterministic or t == plan.steps - 1) for t in range(plan.steps)]
+    def _steps_of(self, plan: Plan) -> Steps:
+        """The plan's table and per-step host facts, built once per (sampler, v, η, grid, rule)."""
+        key = (plan.sampler, plan.v, plan.eta, plan.logsnr, plan.rule.interval)
+        if key not in self._steps:
+            lam = torch.tensor(plan.logsnr, dtype=torch.float64)
+            table = table_from_logsnr(lam, plan.sampler, v=plan.v, eta=plan.eta)  # float64
+            on_cpu = self.device.type == "cpu"  # the GPU kernel tests s on the device instead
+            quiet = tuple(on_cpu and s == 0 for s in table[:, NOISE].tolist())
+            self._steps[key] = Steps(table.to(self.device, torch.float32),
+                                     lam.to(torch.float32).to(self.device),
+                                     plan.in_interval(), quiet)
+        return self._steps[key]
 
-    def _table(self, plan: Plan):
-        key = (plan.steps, plan.sampler, plan.v, plan.eta)
-        if key not in self._tables:
-            table = coefficient_table(plan.steps, plan.sampler, v=plan.v, eta=plan.eta,
-                                      device=self.device)
-            logsnr = logsnr_grid(plan.steps, dtype=torch.float32).to(self.device)
-            self._tables[key] = (table, logsnr)
-        return self._tables[key]
-
-    def _plan(self, steps, sampler, v, eta, clip, seed, shape) -> Plan:
-        check_sampler_args(steps, sampler, v, eta)
-        clip = self.clip if clip == "auto" else clip
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not clip > 0):
-            raise ValueError(f"clip must be 'auto', None or a positive number, got {clip!r}")
+    def _plan(self, steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip, seed,
+              shape) -> Plan:
+        lam = self._grid(steps, grid, logsnr_range, logsnr)
+        check_sampler_args(lam.numel(), sampler, v, eta)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         shape = tuple(shape) if shape is not None else self.sample_shape
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
-        return Plan(steps, sampler, float(v), float(eta), clip, seed, shape)
+        return Plan(sampler, float(v), float(eta), tuple(lam.tolist()), _check_rule(guidance),
+                    self._check_clip(clip), seed, shape)
+
+    def _grid(self, steps, grid, logsnr_range, logsnr) -> torch.Tensor:
+        """The float64 λ grid: `logsnr` verbatim, else the model's own `logsnr_grid(steps)` when
+        the caller kept the default grid and range, else `grid` on the range."""
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+        if logsnr_range is not None:
+            logsnr_range = check_logsnr_range(logsnr_range)
+        if logsnr is None and grid == "cosine" and logsnr_range is None \
+                and self.model_grid is not None:
+            check_sampler_args(steps, "ancestral", 0.0, 0.0)  # steps only
+            logsnr = self.model_grid(steps)
+        return grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range or self.logsnr_range,
+                           logsnr=logsnr)
+
+    def _check_clip(self, clip):
+        """`clip` resolved: "auto" → the model's bound; None, a positive number or a
+        DynamicThreshold."""
+        clip = self.clip if isinstance(clip, str) and clip == "auto" else clip
+        if clip is None or isinstance(clip, DynamicThreshold):
+            return clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+            raise ValueError(f"clip must be 'auto', None, a positive number or a "
+                             f"DynamicThreshold, got {clip!r}")
+        return float(clip)
 
     def _check_labels(self, labels, n):
         if labels is None:
@@ -182,13 +249,41 @@ class Sampler:
             raise ValueError("w must be finite")
         return w.expand(count).to(self.device)
 
+    def _check_sample_ids(self, sample_ids, count: int) -> torch.Tensor:
+        """The noise key of each row: int64 [N] in [0, 2^63), default 0..N−1."""
+        if sample_ids is None:
+            return torch.arange(count, device=self.device)
+        if not isinstance(sample_ids, torch.Tensor) or sample_ids.dim() != 1 \
+                or sample_ids.numel() != count or sample_ids.is_floating_point() \
+                or sample_ids.is_complex() or sample_ids.dtype == torch.bool:
+            raise ValueError(f"sample_ids must be a 1-D integer Tensor[{count}]")
+        if bool((sample_ids < 0).any()):
+            raise ValueError("sample_ids must be non-negative")
+        return sample_ids.to(self.device, torch.int64)
+
     def _check_finite(self, x_hat: torch.Tensor) -> None:
         if not bool(torch.isfinite(x_hat).all()):  # one check after the loop, never per step
             raise FloatingPointError(f"sampling produced NaN/inf at precision {self.precision}")
 
 
+def _check_rule(guidance):
+    """The guidance rule: None → CFG(); else one of CFG, ZeroStar, APG (frozen dataclasses that
+    validate their own parameters)."""
+    if guidance is None:
+        return CFG()
+    if not isinstance(guidance, RULES):
+        raise ValueError(f"guidance must be CFG(...), ZeroStar(...) or APG(...), got "
+                         f"{guidance!r}")
+    return guidance
+
+
 def _rows(t: torch.Tensor | None, start: int, stop: int):
     return None if t is None else t[start:stop]
+
+
+def _advance(bar, count: int) -> None:
+    if bar is not None:
+        bar.update(count)
 
 
 def _check_batch_size(batch_size: int | None, count: int) -> int:
@@ -208,12 +303,16 @@ def _progress_bar(enabled: bool, total: int):
 
 
 def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
-           steps: int = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
-           clip: float | str | None = "auto", seed: int = 0, shape: tuple[int, ...] | None = None,
+           steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
+           grid: str = "cosine", logsnr_range=None, logsnr: torch.Tensor | None = None,
+           guidance=None, clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
+           sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
            batch_size: int | None = None, n: int | None = None,
            device: torch.device | str | None = None, backend: str | None = None,
            precision: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Guided samples x̂ [N, *S] from a Denoiser or backend (DESIGN.md §3); one-shot `Sampler`."""
+    """Guided samples x̂ [N, *S] from a Denoiser or backend (docs/design.md); one-shot `Sampler`."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
-    return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, clip=clip,
-                         seed=seed, shape=shape, batch_size=batch_size, n=n, progress=progress)
+    return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, grid=grid,
+                         logsnr_range=logsnr_range, logsnr=logsnr, guidance=guidance, clip=clip,
+                         seed=seed, sample_ids=sample_ids, shape=shape, batch_size=batch_size,
+                         n=n, progress=progress)

@@ -1,8 +1,10 @@
-"""Coefficient tables for the paper's ancestral sampler (Algorithm 2, v) and DDIM (η) — pure functions.
+"""Coefficient tables for the paper's ancestral sampler (Algorithm 2, v), DDIM (η) and
+DPM-Solver++(2M) — pure functions of a λ grid.
 
-Every step is x̂ = clip((z − σ·ε̃)/α), z' = c_z·z + c_x·x̂ + s·n (DESIGN.md §1). A table is float32
-[T, 5] with rows (α, σ, c_z, c_x, s) at λ_t; the last row is (α, σ, 0, 1, 0) so that z' = x̂.
-Coefficients are computed in float64 and rounded once.
+Every step is x̂ = rule(z, ε), z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n (docs/design.md). A table is
+float32 [T, 6] with rows (α, σ, c_z, c_x, s, c_p) at λ_t; c_p multiplies the previous step's x̂
+(only DPM-Solver++(2M) uses it); the last row is (α, σ, 0, 1, 0, 0) so that z' = x̂.
+Coefficients are computed in float64 from a float64 grid and rounded once.
 """
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import math
 
 import torch
 
-from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma, logsnr_grid
+from cfgengine.schedule import (LOGSNR_RANGE, alpha_sigma, check_logsnr, check_logsnr_range,
+                                logsnr_grid)
 
-SAMPLERS = ("ancestral", "ddim")
-ALPHA, SIGMA, C_Z, C_X, NOISE = range(5)
+SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
+ALPHA, SIGMA, C_Z, C_X, NOISE, C_P = range(6)
+COLUMNS = 6
 
 
 def ancestral_coefficients(logsnr: torch.Tensor, v: float = 0.3):
@@ -41,20 +45,63 @@ def ddim_coefficients(logsnr: torch.Tensor, eta: float = 0.0):
     return c_z, c_x, s
 
 
-def coefficient_table(steps: int, sampler: str = "ancestral", *, v: float = 0.3, eta: float = 0.0,
-                      logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """The sampler's table float32 [T, 5] of rows (α, σ, c_z, c_x, s), built on `device`."""
-    check_sampler_args(steps, sampler, v, eta)
-    logsnr = logsnr_grid(steps, logsnr_min, logsnr_max)  # float64 (T,)
+def dpmpp_2m_coefficients(logsnr: torch.Tensor):
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2; k-diffusion's `sample_dpmpp_2m` with t = λ/2):
+    h_t = (λ_{t+1} − λ_t)/2, z' = (σ'/σ)·z + α'·(1 − e^(−h))·D, D = (1 + 1/(2r))·x̂ − x̂_prev/(2r),
+    r = h_{t−1}/h_t; first order (D = x̂, i.e. DDIM η = 0) on the first step and on the step into
+    the last grid point, whose long last interval would otherwise overshoot. Returns
+    (c_z, c_x, s, c_p) for t < T−1."""
+    sigma = alpha_sigma(logsnr[:-1])[1]
+    alpha_next, sigma_next = alpha_sigma(logsnr[1:])
+    h = (logsnr[1:] - logsnr[:-1]) / 2  # (T−1,)
+    gain = alpha_next * -torch.expm1(-h)  # α'·(1 − e^(−h))
+    half_inv_r = torch.zeros_like(h)  # 1/(2r); 0 keeps the first-order steps
+    half_inv_r[1:-1] = h[1:-1] / (2 * h[:-2])
+    c_p = 0.0 - gain * half_inv_r  # 0.0 − …: +0, not −0, on first-order steps
+    return sigma_next / sigma, gain * (1 + half_inv_r), torch.zeros_like(h), c_p
+
+
+def grid_logsnr(steps: int | None, *, grid: str = "cosine",
+                logsnr_range=LOGSNR_RANGE, logsnr: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 CPU λ grid a run uses: `logsnr` verbatim when given (then `steps` is None or
+    its length), else `grid` with `steps` points on `logsnr_range`."""
+    if logsnr is not None:
+        lam = check_logsnr(logsnr)
+        if steps is not None and steps != lam.numel():
+            raise ValueError(f"steps = {steps!r} but logsnr holds {lam.numel()} values; "
+                             "pass steps=None or its length")
+        return lam
+    if steps is None:
+        raise ValueError("steps must be given unless logsnr is")
+    return logsnr_grid(steps, *check_logsnr_range(logsnr_range), grid=grid)
+
+
+def table_from_logsnr(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
+                      eta: float = 0.0) -> torch.Tensor:
+    """The float64 table [T, 6] of rows (α, σ, c_z, c_x, s, c_p) on the float64 grid `logsnr`."""
+    check_sampler_args(logsnr.numel(), sampler, v, eta)
+    logsnr = logsnr.double()
     alpha, sigma = alpha_sigma(logsnr)
     if sampler == "ancestral":
         c_z, c_x, s = ancestral_coefficients(logsnr, v)
-    else:
+        c_p = torch.zeros_like(s)
+    elif sampler == "ddim":
         c_z, c_x, s = ddim_coefficients(logsnr, eta)
-    last = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
-    tail = torch.cat([torch.stack([c_z, c_x, s], dim=1), last[None]], dim=0)  # (T, 3)
-    table = torch.cat([torch.stack([alpha, sigma], dim=1), tail], dim=1)  # (T, 5)
+        c_p = torch.zeros_like(s)
+    else:
+        c_z, c_x, s, c_p = dpmpp_2m_coefficients(logsnr)
+    last = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)  # z' = x̂
+    tail = torch.cat([torch.stack([c_z, c_x, s, c_p], dim=1), last], dim=0)  # (T, 4)
+    return torch.cat([torch.stack([alpha, sigma], dim=1), tail], dim=1)  # (T, 6)
+
+
+def coefficient_table(steps: int | None, sampler: str = "ancestral", *, v: float = 0.3,
+                      eta: float = 0.0, grid: str = "cosine", logsnr_range=LOGSNR_RANGE,
+                      logsnr: torch.Tensor | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The sampler's table float32 [T, 6] of rows (α, σ, c_z, c_x, s, c_p), built on `device`."""
+    lam = grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range, logsnr=logsnr)
+    table = table_from_logsnr(lam, sampler, v=v, eta=eta)
     return table.to(device=device, dtype=torch.float32)
 
 

@@ -30,7 +30,8 @@ def format_module(fmt: str) -> ModuleType:
 
 
 def export(model: torch.nn.Module, path: str | Path, *, format: str, **options) -> Path:
-    """Export GuidedDenoiser(model) to `path` in `format`; `options` go to that format's export
+    """Export `model` (the plain denoiser; its backend makes the doubled batch) to `path` in
+    `format`; `options` go to that format's export
     (precision, max_batch, source, and device for aoti / tensorrt)."""
     return format_module(format).export(model, path, **options)
 

@@ -1,4 +1,4 @@
-"""AOTInductor export: the traced GuidedDenoiser compiled ahead of time into a `.pt2` package
+"""AOTInductor export: the traced denoiser compiled ahead of time into a `.pt2` package
 (`torch._inductor.aoti_compile_and_package`), loaded with `torch._inductor.aoti_load_package`.
 
 Our metadata JSON rides in the package's own metadata (`aot_inductor.metadata`), which the loader
@@ -23,7 +23,7 @@ _DEVICE_KEY = "AOTI_DEVICE_KEY"  # written by AOTInductor itself: "cpu" or "cuda
 def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, device: torch.device | str = "cpu",
            source: str | None = None) -> Path:
-    """Compile GuidedDenoiser(model) for `device` into a `.pt2` at `path` (atomically)."""
+    """Compile `model` for `device` into a `.pt2` at `path` (atomically)."""
     metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "AOTInductor")
     traced = trace(model, precision=precision, max_batch=max_batch, device=device, source=source)
     return export_program(traced, path)
@@ -65,7 +65,7 @@ def _device(built_for: str, asked: torch.device | str | None, path: Path) -> tor
 
 
 class AotiBackend(Backend):
-    """GuidedDenoiser's call shape on an AOTInductor-compiled package."""
+    """The backend contract on an AOTInductor-compiled package."""
 
     backend_name = "aoti"
 
@@ -74,4 +74,4 @@ class AotiBackend(Backend):
         self.compiled = compiled
 
     def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.compiled(z, logsnr, labels)  # (2B, *S)
+        return self.compiled(z, logsnr, labels)  # (rows, *S)

@@ -1,6 +1,10 @@
-"""What every exported artifact records about its model (num_classes, sample shape, clip, schedule,
+"""What every exported artifact records about its model (num_classes, sample shape, clip, λ range,
 precision, batch range, source weights hash), stored as one JSON string in the artifact itself:
-ONNX `metadata_props`, the AOTInductor package metadata, the TensorRT plan header."""
+ONNX `metadata_props`, the AOTInductor package metadata, the TensorRT plan header.
+
+Version 2 artifacts hold the plain denoiser (rows in = rows out, batch up to 2·max_batch); the
+loaded backend makes the doubled batch itself and can also run B rows (docs/design.md). Version 1
+files held the doubled-batch graph only and are refused with a "re-export" message."""
 from __future__ import annotations
 
 import hashlib
@@ -11,13 +15,12 @@ from pathlib import Path
 import torch
 
 from cfgengine.runtime import PRECISIONS
-from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN
+from cfgengine.schedule import LOGSNR_RANGE, check_logsnr_range
 
 FORMAT = "cfgengine-export"
-VERSION = 1
+VERSION = 2
 KEY = "cfgengine"  # the metadata key under which the JSON is stored in every format
-SCHEDULE = f"cosine-logsnr({LOGSNR_MIN:g},{LOGSNR_MAX:g})"
-
+PROGRAM = "denoiser"  # what the graph computes: ε for each row (not the doubled batch)
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class ExportMeta:
     source: str
     source_sha256: str
     class_names: tuple[str, ...] = ()
-    schedule: str = SCHEDULE
+    logsnr_range: tuple[float, float] = LOGSNR_RANGE
+    program: str = PROGRAM
     format: str = FORMAT
     version: int = VERSION
 
@@ -62,8 +66,12 @@ def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
     if set(stored) != names:
         raise ValueError(f"{path}: metadata fields {sorted(set(stored) ^ names)} missing or "
                          "unknown")
+    try:
+        logsnr_range = check_logsnr_range(stored["logsnr_range"])
+    except ValueError as err:
+        raise ValueError(f"{path}: metadata {err}") from None
     stored = dict(stored, sample_shape=tuple(stored["sample_shape"]),
-                  class_names=tuple(stored["class_names"]))
+                  class_names=tuple(stored["class_names"]), logsnr_range=logsnr_range)
     return ExportMeta(**stored)
 
 
@@ -101,10 +109,12 @@ def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str
              min_batch: int = 1) -> ExportMeta:
     """The metadata of `model` exported at `precision` for batches min_batch..max_batch."""
     clip = getattr(model, "clip", None)
+    logsnr_range = check_logsnr_range(getattr(model, "logsnr_range", None) or LOGSNR_RANGE)
     return ExportMeta(num_classes=int(model.num_classes),
                       sample_shape=tuple(int(d) for d in model.sample_shape),
                       clip=None if clip is None else float(clip), precision=precision,
                       min_batch=min_batch, max_batch=max_batch,
                       source=str(source or type(model).__name__),
                       source_sha256=weights_sha256(model),
-                      class_names=tuple(getattr(model, "class_names", ()) or ()))
+                      class_names=tuple(getattr(model, "class_names", ()) or ()),
+                      logsnr_range=logsnr_range)

@@ -1,4 +1,4 @@
-"""ONNX export of the GuidedDenoiser and its ONNX Runtime backend.
+"""ONNX export of the denoiser (rows in = rows out) and its ONNX Runtime backend.
 
 The graph is made by the dynamo exporter (`torch.onnx.export(program, dynamo=True)`) from the
 program `cfgengine.export.program.trace` captures, so the batch dimension stays symbolic; fp16 keeps
@@ -24,7 +24,7 @@ _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
 
 def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, opset: int = OPSET, source: str | None = None) -> Path:
-    """Write GuidedDenoiser(model) as an ONNX file at `path` (atomically); returns the path."""
+    """Write `model` as an ONNX file at `path` (atomically); returns the path."""
     metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "ONNX")
     return export_program(trace(model, precision=precision, max_batch=max_batch, source=source),
                           path, opset=opset)
@@ -142,7 +142,7 @@ def _check_provider(session, provider, path: Path) -> None:
 
 
 class OnnxBackend(Backend):
-    """GuidedDenoiser's call shape on an ONNX Runtime session; torch tensors in and out."""
+    """The backend contract on an ONNX Runtime session; torch tensors in and out."""
 
     backend_name = "onnx"
 
@@ -156,16 +156,16 @@ class OnnxBackend(Backend):
         if self.device.type == "cuda":
             return self._run_bound(inputs, z.shape[0])
         feeds = {name: t.numpy() for name, t in inputs.items()}  # zero-copy views of CPU tensors
-        (eps2,) = self.session.run([OUTPUT], feeds)
-        return torch.from_numpy(eps2)
+        (eps,) = self.session.run([OUTPUT], feeds)
+        return torch.from_numpy(eps)
 
-    def _run_bound(self, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    def _run_bound(self, inputs: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
         """CUDA: bind torch's device buffers directly (IOBinding), no host round trip."""
         binding = self.session.io_binding()
         index = self.device.index or 0
         for name, t in inputs.items():
             binding.bind_input(name, "cuda", index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-        eps2 = torch.empty((2 * batch, *self.sample_shape), device=self.device)  # (2B, *S)
-        binding.bind_output(OUTPUT, "cuda", index, np.float32, tuple(eps2.shape), eps2.data_ptr())
+        eps = torch.empty((rows, *self.sample_shape), device=self.device)  # (rows, *S)
+        binding.bind_output(OUTPUT, "cuda", index, np.float32, tuple(eps.shape), eps.data_ptr())
         self.session.run_with_iobinding(binding)
-        return eps2
+        return eps

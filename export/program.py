@@ -1,5 +1,7 @@
-"""The one traced program every export format is made from: the GuidedDenoiser (cond + null as one
-doubled batch, DESIGN.md §3) captured by `torch.export` with a symbolic batch dimension."""
+"""The one traced program every export format is made from: the plain denoiser ε(z, λ, labels),
+rows in = rows out, captured by `torch.export` with a symbolic batch of up to 2·max_batch rows, so
+the loaded artifact runs the doubled batch (cond + null, docs/design.md) and, outside the guidance
+interval or at w = 0, just B rows."""
 from __future__ import annotations
 
 import copy
@@ -9,17 +11,16 @@ import torch
 from torch import nn
 
 from cfgengine.export.metadata import ExportMeta, PRECISIONS, check_exportable, describe
-from cfgengine.guidance import GuidedDenoiser
 
 INPUTS = ("z", "logsnr", "labels")
-OUTPUT = "eps2"
+OUTPUT = "eps"
 EXAMPLE_BATCH = 2  # > 1, so the exporter cannot specialise the batch dimension to a constant
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
 class Traced:
-    """An ExportedProgram of GuidedDenoiser with the metadata it will carry."""
+    """An ExportedProgram of the denoiser (rows 1..2·max_batch) with the metadata it will carry."""
 
     program: torch.export.ExportedProgram
     meta: ExportMeta
@@ -74,12 +75,13 @@ def _is_int(value) -> bool:
 
 def trace(model: nn.Module, *, precision: str = "fp32", max_batch: int = 64,
           device: torch.device | str = "cpu", source: str | None = None) -> Traced:
-    """torch.export of GuidedDenoiser(model) at `precision`, batch symbolic in [1, max_batch]."""
+    """torch.export of `model` at `precision`, rows symbolic in [1, 2·max_batch] (the doubled
+    batch of max_batch guided rows)."""
     check_exportable(model, source)
     check_batch_range(1, max_batch)
     meta = describe(model, precision, max_batch, source)
-    guided = GuidedDenoiser(cast_for_export(model, precision)).to(device).eval()
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    net = cast_for_export(model, precision).to(device).eval()
+    rows = torch.export.Dim("rows", min=1, max=2 * max_batch)
     args = example_inputs(meta, EXAMPLE_BATCH, device)
-    program = torch.export.export(guided, args, dynamic_shapes={n: {0: batch} for n in INPUTS})
+    program = torch.export.export(net, args, dynamic_shapes={n: {0: rows} for n in INPUTS})
     return Traced(program, meta)

@@ -35,7 +35,8 @@ WORKSPACE_BYTES = 4 << 30
 
 @dataclass(frozen=True)
 class Profile:
-    """An optimisation profile over the batch dimension: min ≤ opt ≤ max."""
+    """An optimisation profile over the guided batch B: min ≤ opt ≤ max. The engine's rows run
+    from min (the B-row entry) to 2·max (the doubled batch), optimised for 2·opt."""
 
     min: int
     opt: int
@@ -49,9 +50,10 @@ class Profile:
                              f"got {self.opt!r}")
 
     def shapes(self, sample_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """(min, opt, max) shape of each engine input."""
-        return {name: tuple((b, *sample_shape) if name == "z" else (b,)
-                            for b in (self.min, self.opt, self.max)) for name in INPUTS}
+        """(min, opt, max) shape of each engine input, in rows."""
+        rows = (self.min, 2 * self.opt, 2 * self.max)
+        return {name: tuple((b, *sample_shape) if name == "z" else (b,) for b in rows)
+                for name in INPUTS}
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, opt_batch: int | None = None,
            device: torch.device | str = "cuda", source: str | None = None,
            cache: Path | None = None) -> Path:
-    """Build (or take from the cache) a TensorRT engine of GuidedDenoiser(model); write a plan."""
+    """Build (or take from the cache) a TensorRT engine of `model`; write a plan."""
     metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "TensorRT")
     profile = Profile(1, max_batch if opt_batch is None else opt_batch, max_batch)
     _tensorrt(), _cuda(device)  # fail before the slow trace when neither can work
@@ -235,7 +237,7 @@ def load(path: str | Path, *, device: torch.device | str = "cuda") -> "TensorRTB
 
 
 class TensorRTBackend(Backend):
-    """GuidedDenoiser's call shape on a TensorRT engine, enqueued on torch's current stream."""
+    """The backend contract on a TensorRT engine, enqueued on torch's current stream."""
 
     backend_name = "tensorrt"
 
@@ -245,12 +247,12 @@ class TensorRTBackend(Backend):
         self.context = engine.create_execution_context()
 
     def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        eps2 = torch.empty((2 * z.shape[0], *self.sample_shape), device=self.device)  # (2B, *S)
+        eps = torch.empty((z.shape[0], *self.sample_shape), device=self.device)  # (rows, *S)
         for name, t in zip(INPUTS, (z, logsnr, labels)):
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
-        self.context.set_tensor_address(OUTPUT, eps2.data_ptr())
-        # torch's caching allocator keeps z/eps2 alive in stream order: no host sync needed here
+        self.context.set_tensor_address(OUTPUT, eps.data_ptr())
+        # torch's caching allocator keeps z/eps alive in stream order: no host sync needed here
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed")
-        return eps2
+        return eps

@@ -39,6 +39,7 @@ def reference_sample(model, labels, w, *, steps, sampler="ancestral", v=0.3, eta
     lam = logsnr_grid(steps)  # float64
     z = rng.randn_like_rows(seed, ids, 0, shape).double()
     null = torch.full_like(labels, model.num_classes)
+    x_prev = None
     for t in range(steps):
         alpha, sigma = (x.item() for x in alpha_sigma(lam[t]))
         lam_t = lam[t].expand(n)
@@ -51,7 +52,9 @@ def reference_sample(model, labels, w, *, steps, sampler="ancestral", v=0.3, eta
             return x_hat
         noise = rng.randn_like_rows(seed, ids, t + 1, shape).double()
         a1, s1 = (x.item() for x in alpha_sigma(lam[t + 1]))
-        if sampler == "ancestral":
+        if sampler == "dpmpp_2m":
+            z, x_prev = dpmpp_2m_update(z, x_hat, x_prev, lam, t, sigma, a1, s1), x_hat
+        elif sampler == "ancestral":
             r = math.exp(lam[t].item() - lam[t + 1].item())
             mean = r * (a1 / alpha) * z + (1 - r) * a1 * x_hat
             var = ((1 - r) * s1**2) ** (1 - v) * ((1 - r) * sigma**2) ** v
@@ -62,6 +65,18 @@ def reference_sample(model, labels, w, *, steps, sampler="ancestral", v=0.3, eta
             z = a1 * x_hat + math.sqrt(s1**2 - s**2) * eps_hat + s * noise
 
 
+def dpmpp_2m_update(z, x_hat, x_prev, lam, t, sigma, alpha_next, sigma_next):
+    """DPM-Solver++(2M): h = (λ' − λ)/2, D = x̂ on the first step and the step into λ_{T−1}, else
+    D = (1 + 1/(2r))·x̂ − x̂_prev/(2r), r = h_prev/h; z' = (σ'/σ)·z + α'·(1 − e^(−h))·D."""
+    h = (lam[t + 1] - lam[t]).item() / 2
+    if t == 0 or t == lam.numel() - 2:
+        d = x_hat
+    else:
+        r = (lam[t] - lam[t - 1]).item() / 2 / h
+        d = (1 + 1 / (2 * r)) * x_hat - x_prev / (2 * r)
+    return (sigma_next / sigma) * z + alpha_next * (1 - math.exp(-h)) * d
+
+
 @pytest.fixture(scope="module")
 def images():
     """Small image mixture (K = 4, [1, 8, 8], clip = 1)."""
@@ -69,7 +84,8 @@ def images():
 
 
 @pytest.mark.parametrize("sampler, v, eta", [("ancestral", 0.3, 0.0), ("ancestral", 1.0, 0.0),
-                                             ("ddim", 0.3, 0.0), ("ddim", 0.3, 1.0)])
+                                             ("ddim", 0.3, 0.0), ("ddim", 0.3, 1.0),
+                                             ("dpmpp_2m", 0.3, 0.0)])
 @pytest.mark.parametrize("w", [0.0, 0.3, 2.0])
 def test_sample_matches_float64_algorithm2_on_gmm(gmm, sampler, v, eta, w):
     got = sample(gmm, LABELS, w=w, steps=STEPS, sampler=sampler, v=v, eta=eta, seed=5)
@@ -78,7 +94,7 @@ def test_sample_matches_float64_algorithm2_on_gmm(gmm, sampler, v, eta, w):
     assert rel_err(got, ref) < FP32_VS_FP64_TOL
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpmpp_2m"])
 def test_sample_matches_float64_reference_with_clipping(images, sampler):
     labels = torch.tensor([0, 3, 1, 2, 3])
     w = torch.tensor([0.0, 0.3, 1.0, 4.0, 0.1])
@@ -229,21 +245,26 @@ def _forbidden(*args, **kwargs):
     raise AssertionError("host sync inside the sampling loop")
 
 
+LOOP_SETTINGS = [("ancestral", None), ("ddim", None), ("dpmpp_2m", None),
+                 ("dpmpp_2m", cfgengine.APG(momentum=-0.5, interval=(-5.0, 5.0))),
+                 ("ancestral", cfgengine.CFG(rescale=0.7, interval=(-2.0, 30.0)))]
+
+
 @pytest.mark.parametrize("guided", [True, False])
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
-def test_sampling_loop_makes_no_host_sync(gmm, monkeypatch, guided, sampler):
+@pytest.mark.parametrize("sampler, rule", LOOP_SETTINGS)
+def test_sampling_loop_makes_no_host_sync(gmm, monkeypatch, guided, sampler, rule):
     engine = Sampler(gmm)
-    plan = engine._plan(STEPS, sampler, 0.3, 0.5, "auto", 7, None)
+    plan = engine._plan(STEPS, sampler, 0.3, 0.5, "cosine", None, None, rule, "auto", 7, None)
+    steps = engine._steps_of(plan)  # built before the loop, on the host
     w = torch.full((9,), 0.3 if guided else 0.0)
-    args = (plan, LABELS, w, torch.arange(9), guided, None)
+    args = (plan, steps, LABELS, w, torch.arange(9), guided, None)
     expected = engine._sample_chunk(*args)
-    engine._tables.clear()  # the table build is inside the chunk too: rebuild it under the patch
     with monkeypatch.context() as patch:
         for name in SYNCS:
             patch.setattr(torch.Tensor, name, _forbidden)
         got = engine._sample_chunk(*args)
     assert torch.equal(got, expected)
-    assert torch.equal(got, run(gmm, w=w, sampler=sampler, v=0.3, eta=0.5))
+    assert torch.equal(got, run(gmm, w=w, sampler=sampler, v=0.3, eta=0.5, guidance=rule))
 
 
 def test_sync_patch_is_effective():
@@ -347,8 +368,9 @@ def step_inputs(seed: int, batch: int = B, doubled: bool = True):
 
 
 def direct_step(eps2, z, w, row, noise, clip=None):
-    """(z', x̂) in float64 from one table row (α, σ, c_z, c_x, s) and eq. 6."""
-    alpha, sigma, c_z, c_x, s = row.double().tolist()
+    """(z', x̂) in float64 from one table row (α, σ, c_z, c_x, s, c_p = 0) and eq. 6."""
+    alpha, sigma, c_z, c_x, s, c_p = row.double().tolist()
+    assert c_p == 0
     batch = z.shape[0]
     eps_c, z, noise = eps2[:batch].double(), z.double(), noise.double()
     if eps2.shape[0] == 2 * batch:

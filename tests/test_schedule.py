@@ -33,7 +33,7 @@ def design_alpha_sigma(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def design_ancestral(steps: int, v: float) -> np.ndarray:
-    """Rows (α, σ, c_z, c_x, s) from μ = r·(α'/α)·z + (1−r)·α'·x̂,
+    """Rows (α, σ, c_z, c_x, s, c_p = 0) from μ = r·(α'/α)·z + (1−r)·α'·x̂,
     var = ((1−r)σ'²)^(1−v)·((1−r)σ²)^v."""
     lam = design_grid(steps)
     alpha, sigma = design_alpha_sigma(lam)
@@ -42,13 +42,13 @@ def design_ancestral(steps: int, v: float) -> np.ndarray:
         r = math.exp(lam[t] - lam[t + 1])
         a1, s1 = alpha[t + 1], sigma[t + 1]
         var = ((1 - r) * s1**2) ** (1 - v) * ((1 - r) * sigma[t] ** 2) ** v
-        rows.append([alpha[t], sigma[t], r * a1 / alpha[t], (1 - r) * a1, math.sqrt(var)])
-    rows.append([alpha[-1], sigma[-1], 0.0, 1.0, 0.0])
+        rows.append([alpha[t], sigma[t], r * a1 / alpha[t], (1 - r) * a1, math.sqrt(var), 0.0])
+    rows.append([alpha[-1], sigma[-1], 0.0, 1.0, 0.0, 0.0])
     return np.array(rows)
 
 
 def design_ddim(steps: int, eta: float) -> np.ndarray:
-    """Rows from s = η(σ'/σ)√(1−α²/α'²), c_z = √(σ'²−s²)/σ, c_x = α' − α·c_z."""
+    """Rows from s = η(σ'/σ)√(1−α²/α'²), c_z = √(σ'²−s²)/σ, c_x = α' − α·c_z; c_p = 0."""
     lam = design_grid(steps)
     alpha, sigma = design_alpha_sigma(lam)
     rows = []
@@ -56,8 +56,8 @@ def design_ddim(steps: int, eta: float) -> np.ndarray:
         a0, s0, a1, s1 = alpha[t], sigma[t], alpha[t + 1], sigma[t + 1]
         s = eta * (s1 / s0) * math.sqrt(1 - a0**2 / a1**2)
         c_z = math.sqrt(s1**2 - s**2) / s0
-        rows.append([a0, s0, c_z, a1 - a0 * c_z, s])
-    rows.append([alpha[-1], sigma[-1], 0.0, 1.0, 0.0])
+        rows.append([a0, s0, c_z, a1 - a0 * c_z, s, 0.0])
+    rows.append([alpha[-1], sigma[-1], 0.0, 1.0, 0.0, 0.0])
     return np.array(rows)
 
 
@@ -111,12 +111,12 @@ def test_ddim_table_matches_design_formulas(steps, eta):
     assert_table_close(coefficient_table(steps, "ddim", eta=eta), design_ddim(steps, eta))
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpmpp_2m"])
 def test_last_row_returns_x_hat(sampler):
     table = coefficient_table(5, sampler, v=0.3, eta=0.5)
     alpha, sigma = design_alpha_sigma(np.array([LOGSNR_MAX]))
     np.testing.assert_allclose(table[-1].double().numpy(),
-                               [alpha[0], sigma[0], 0.0, 1.0, 0.0], rtol=TABLE_RTOL, atol=0)
+                               [alpha[0], sigma[0], 0.0, 1.0, 0.0, 0.0], rtol=TABLE_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("steps", STEPS)

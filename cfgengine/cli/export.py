@@ -1,4 +1,5 @@
-"""`cfgengine export`: the doubled-batch guided denoiser as ONNX, AOTInductor or TensorRT."""
+"""`cfgengine export`: the denoiser as ONNX, AOTInductor or TensorRT; loaded, it runs the doubled
+guided batch or, where guidance is off, B rows."""
 from __future__ import annotations
 
 import time
@@ -12,8 +13,9 @@ from cfgengine.registry import load
 def add(sub) -> None:
     p = sub.add_parser("export", help="export a model to ONNX, AOTInductor (.pt2) or TensorRT "
                                       "(experimental)",
-                       description="Export the guided denoiser (conditional and null rows as one "
-                                   "doubled batch) for cfgengine.load / cfgengine sample --ckpt.")
+                       description="Export the denoiser for cfgengine.load / cfgengine sample "
+                                   "--ckpt; the loaded file runs conditional and null rows as one "
+                                   "doubled batch, and B rows where guidance is off.")
     p.add_argument("model", help="model file (.pt, .safetensors) or built-in name (default)")
     p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
                    help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "

