@@ -24,6 +24,15 @@ struct Run {
   at::Tensor table;            // float32 [T, 6] on the device
 };
 
+// eps2 [2B, *S] (conditional rows, then null rows) from ONE run of the net on the doubled
+// batch; at w = 0 just eps_c [B, *S] from B rows, as the Python sampler's unguided path.
+at::Tensor eps_of(const Run& run, const at::Tensor& z, const at::Tensor& logsnr,
+                  const at::Tensor& labels) {
+  if (run.options.w == 0.0) return run.model.run({z, logsnr, labels})[0];
+  const at::Tensor null = at::full_like(labels, run.info.num_classes);
+  return run.model.run({at::cat({z, z}), at::cat({logsnr, logsnr}), at::cat({labels, null})})[0];
+}
+
 // The T-step loop for samples ids (a chunk of at most max_batch rows); returns x_hat [B, *S].
 at::Tensor sample_chunk(const Run& run, const std::vector<int64_t>& ids,
                         const std::vector<int64_t>& labels) {
@@ -34,7 +43,7 @@ at::Tensor sample_chunk(const Run& run, const std::vector<int64_t>& ids,
   for (int64_t t = 0; t < static_cast<int64_t>(run.rows.size()); ++t) {
     const auto lam = static_cast<float>(run.logsnr[t]);
     const at::Tensor logsnr = at::full({batch}, lam, z.options());
-    StepArgs step{run.model.run({z, logsnr, label_tensor})[0], z, run.options.w, &run.table,
+    StepArgs step{eps_of(run, z, logsnr, label_tensor), z, run.options.w, &run.table,
                   &run.rows[t], t, run.info.clip, x_hat_prev, {}};
     if (run.rows[t][kNoise] != 0.0) {  // noise key k = t + 1
       step.noise = randn_rows(run.options.seed, ids, static_cast<uint64_t>(t + 1),

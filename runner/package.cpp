@@ -10,10 +10,17 @@ namespace {
 
 constexpr const char* kMetadataKey = "cfgengine";     // export/metadata.py KEY
 constexpr const char* kFormat = "cfgengine-export";   // export/metadata.py FORMAT
-constexpr double kVersion = 1;                        // export/metadata.py VERSION
+constexpr int kVersion = 2;                           // export/metadata.py VERSION
+constexpr const char* kProgram = "denoiser";          // export/metadata.py PROGRAM: rows in = out
 constexpr const char* kDeviceKey = "AOTI_DEVICE_KEY";  // written by AOTInductor itself
 
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+std::string json_text(const json::Value& value) {  // a number as Python prints an int, else "?"
+  if (value.kind != json::Value::kNumber) return "?";
+  const auto whole = static_cast<long long>(value.number);
+  return whole == value.number ? std::to_string(whole) : std::to_string(value.number);
+}
 
 const json::Value& field(const json::Value& meta, const std::string& key, json::Value::Kind kind,
                          const std::string& path) {
@@ -82,8 +89,13 @@ json::Value parse_meta(const std::unordered_map<std::string, std::string>& store
   }
   const json::Value* version = meta.find("version");
   if (version == nullptr || version->kind != json::Value::kNumber || version->number != kVersion) {
-    throw UserError(path + ": export format version is not 1, which this runner reads; "
-                    "re-export the model");
+    const std::string found = version == nullptr ? "none" : json_text(*version);
+    throw UserError(path + ": export format version " + found + ", this runner reads version " +
+                    std::to_string(kVersion) + "; re-export the model");
+  }
+  const json::Value* program = meta.find("program");
+  if (program == nullptr || program->kind != json::Value::kString || program->text != kProgram) {
+    throw UserError(path + ": the exported program is not the plain denoiser; re-export the model");
   }
   return meta;
 }

@@ -1,5 +1,6 @@
 // The AOTInductor package made by `cfgengine export --format aoti`: its cfgengine metadata
-// (export/metadata.py's JSON, stored under the package metadata key "cfgengine") and its model.
+// (export/metadata.py's JSON, stored under the package metadata key "cfgengine", format
+// version 2) and its model, the plain denoiser eps(z, lambda, labels) for 1..2 max_batch rows.
 #pragma once
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
@@ -19,7 +20,7 @@ struct ModelInfo {
   std::optional<double> clip;         // x_hat clamp, none for unbounded data
   LogsnrRange logsnr_range;           // metadata logsnr_range, else (-20, 20)
   int64_t min_batch = 1;
-  int64_t max_batch = 1;
+  int64_t max_batch = 1;              // guided rows per run: the net takes up to 2 max_batch
   std::string device;                 // "cpu" or "cuda": what the package was compiled for
 };
 

@@ -53,9 +53,10 @@ StepResult guided_step(const StepArgs& a) {
   auto column = [&](Column c) { return coef.select(1, c).reshape(bshape); };
   const at::Tensor eps_c = a.eps2.narrow(0, 0, batch).to(at::kFloat);
   at::Tensor eps = eps_c;
-  if (a.w != 0.0) {
-    const at::Tensor w = at::full({batch}, a.w, a.z.options()).reshape(
-        [&] { auto s = bshape; s[0] = -1; return s; }());
+  if (a.eps2.size(0) == 2 * batch) {  // B rows (w = 0): eps~ = eps_c, as guided_step
+    std::vector<int64_t> wshape = bshape;
+    wshape[0] = batch;  // a float32 w per row, as guided_eps
+    const at::Tensor w = at::full({batch}, a.w, a.z.options()).reshape(wshape);
     eps = eps_c + w * (eps_c - a.eps2.narrow(0, batch, batch).to(at::kFloat));
   }
   at::Tensor x_hat = (a.z - column(kSigma) * eps) / column(kAlpha);

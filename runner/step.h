@@ -26,7 +26,7 @@ struct StepResult {
 };
 
 struct StepArgs {
-  at::Tensor eps2;                 // [2B, *S]: conditional rows, then null rows
+  at::Tensor eps2;                 // [2B, *S]: conditional rows, then null rows; [B] at w = 0
   at::Tensor z;                    // [B, *S] float32
   double w = 0.0;                  // plain CFG weight (eq. 6); 0 = the conditional model
   const at::Tensor* table = nullptr;
