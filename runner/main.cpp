@@ -4,7 +4,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <iostream>
+#include <map>
 
 #include "args.h"
 #include "output.h"
@@ -125,12 +127,6 @@ std::string grid_png(const at::Tensor& x, const std::vector<int64_t>& labels) {
   return png_bytes(canvas, static_cast<int>(width), static_cast<int>(height), static_cast<int>(c));
 }
 
-std::vector<int64_t> shape_with_rows(int64_t rows, const std::vector<int64_t>& shape) {
-  std::vector<int64_t> out = {rows};
-  out.insert(out.end(), shape.begin(), shape.end());
-  return out;
-}
-
 void run_sampling(const Options& o) {
   const ModelInfo info = read_model_info(o.model);
   check_request(o, info);
@@ -144,7 +140,7 @@ void run_sampling(const Options& o) {
     throw std::runtime_error("sampling produced NaN/inf");
   }
   const auto count = static_cast<int64_t>(o.labels.size());
-  write_atomic(o.out, npy_bytes(values_of(x_hat), shape_with_rows(count, info.sample_shape)));
+  write_atomic(o.out, npy_bytes(values_of(x_hat), rows_shape(count, info.sample_shape)));
   if (!o.png.empty()) write_atomic(o.png, grid_png(x_hat, o.labels));
 }
 

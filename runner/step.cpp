@@ -31,10 +31,14 @@ at::Tensor randn_rows(uint64_t seed, const std::vector<int64_t>& ids, uint64_t k
                                .to(device, /*non_blocking=*/false, /*copy=*/true);
   const auto [n0, n1] = box_muller(words[0], words[1]);
   const auto [n2, n3] = box_muller(words[2], words[3]);
-  std::vector<int64_t> out_shape = {rows};
-  out_shape.insert(out_shape.end(), shape.begin(), shape.end());
   return at::stack({n0, n1, n2, n3}, -1).reshape({rows, 4 * quads})
-      .narrow(1, 0, numel).reshape(out_shape);
+      .narrow(1, 0, numel).reshape(rows_shape(rows, shape));
+}
+
+std::vector<int64_t> rows_shape(int64_t rows, const std::vector<int64_t>& shape) {
+  std::vector<int64_t> out = {rows};
+  out.insert(out.end(), shape.begin(), shape.end());
+  return out;
 }
 
 at::Tensor table_tensor(const std::vector<Row>& rows, const at::Device& device) {

@@ -12,6 +12,9 @@
 
 namespace cfgengine {
 
+// {rows, *shape}: the shape of a batch of samples.
+std::vector<int64_t> rows_shape(int64_t rows, const std::vector<int64_t>& shape);
+
 // Standard normals float32 [B, *shape] on `device`: row i keyed by (seed, ids[i], k), element j
 // from Philox word j % 4 of quad j / 4, Box-Muller on word pairs (0, 1) and (2, 3), as rng.py.
 at::Tensor randn_rows(uint64_t seed, const std::vector<int64_t>& ids, uint64_t k,
