@@ -82,12 +82,12 @@ def test_grids_match_python(runner_binary, runner_backend, runner_package, tmp_p
                  sampler=sampler, steps=4, w=0.5, grid=grid)
 
 
-@pytest.mark.parametrize("seed", [0, 5, 2**33 + 1, 2**63 - 1])
+@pytest.mark.parametrize("seed", [0, 2**33 + 1, 2**63 - 1])
 def test_noise_matches_rng(runner_binary, tmp_path, seed):
     """--dump-noise: the runner's Philox4x32-10 + Box–Muller against rng.randn, ids ≥ 2³²,
     a k ≥ 2³² (only its low word keys the draw) and a length that is not a multiple of 4."""
     ids = [0, 3, 2**32, 2**32 + 7, 2**62 + 11]
-    for k in (0, 9, 2**32 + 2):
+    for k in (0, 2**32 + 2):
         out = tmp_path / f"noise-{k}.npy"
         done = run(runner_binary, "--dump-noise", 13, "--ids", ",".join(map(str, ids)),
                    "--k", k, "--seed", seed, "--out", out)
