@@ -4,6 +4,7 @@ cfgengine/rng.py, the PNG grid against Pillow's decoder, and exit status 2 for b
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import zipfile
 from pathlib import Path
@@ -121,10 +122,37 @@ def _foreign_zip(path: Path) -> Path:
     return path
 
 
+def _package_with_metadata(path: Path, stored: dict) -> Path:
+    """A zip laid out like an AOTInductor package's metadata (no model): what the runner reads
+    and checks before it loads anything."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("pkg/archive_format", "pt2")  # the loader finds the package root by it
+        archive.writestr("pkg/data/aotinductor/model/x.wrapper_metadata.json", json.dumps(stored))
+    return path
+
+
+def _stale_package(path: Path, **changes) -> Path:
+    """A package whose cfgengine metadata differs from a valid version-2 one by `changes`."""
+    meta = {"format": "cfgengine-export", "version": 2, "program": "denoiser",
+            "num_classes": 8, "sample_shape": [3, 16, 16], "clip": 1.0, "min_batch": 1,
+            "max_batch": 16, "logsnr_range": [-20.0, 20.0]}
+    meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
+    return _package_with_metadata(path, {"cfgengine": json.dumps(meta), "AOTI_DEVICE_KEY": "cpu"})
+
+
 BAD_REQUESTS = {
     "missing file": lambda pkg, tmp: [tmp / "absent.pt2", "--labels", "1"],
     "text file": lambda pkg, tmp: [_write(tmp / "notes.pt2", "hello"), "--labels", "1"],
     "foreign zip": lambda pkg, tmp: [_foreign_zip(tmp / "other.pt2"), "--labels", "1"],
+    "no cfgengine metadata": lambda pkg, tmp: [
+        _package_with_metadata(tmp / "m.pt2", {"AOTI_DEVICE_KEY": "cpu"}), "--labels", "1"],
+    "metadata not JSON": lambda pkg, tmp: [
+        _package_with_metadata(tmp / "m.pt2", {"cfgengine": "{oops"}), "--labels", "1"],
+    "format version 1": lambda pkg, tmp: [_stale_package(tmp / "m.pt2", version=1), "--labels", "1"],
+    "no sample shape": lambda pkg, tmp: [
+        _stale_package(tmp / "m.pt2", sample_shape=None), "--labels", "1"],
+    "bad logsnr range": lambda pkg, tmp: [
+        _stale_package(tmp / "m.pt2", logsnr_range=[3, -3]), "--labels", "1"],
     "label out of range": lambda pkg, tmp: [pkg, "--labels", "1,9"],
     "null label": lambda pkg, tmp: [pkg, "--labels", "8"],
     "negative label": lambda pkg, tmp: [pkg, "--labels", "-1"],
@@ -137,7 +165,7 @@ BAD_REQUESTS = {
     "w not finite": lambda pkg, tmp: [pkg, "--labels", "1", "--w", "nan"],
     "negative seed": lambda pkg, tmp: [pkg, "--labels", "1", "--seed", "-3"],
     "unknown flag": lambda pkg, tmp: [pkg, "--labels", "1", "--cfg", "2"],
-    "flag without value": lambda pkg, tmp: [pkg, "--labels"],
+    "flag without value": lambda pkg, tmp: [pkg, "--out", tmp / "x.npy", "--labels"],
     "wrong device": lambda pkg, tmp: [pkg, "--labels", "1", "--device", "cuda"],
     "missing out folder": lambda pkg, tmp: [pkg, "--labels", "1", "--out", tmp / "no" / "x.npy"],
 }
@@ -148,6 +176,23 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+SAYS = {  # what each case's line must name
+    "missing file": "no such model file", "text file": "not a loadable AOTInductor package",
+    "foreign zip": "not a loadable AOTInductor package",
+    "no cfgengine metadata": "no cfgengine metadata", "metadata not JSON": "not valid JSON",
+    "format version 1": "version 1, this runner reads version 2; re-export",
+    "no sample shape": "'sample_shape'", "bad logsnr range": "'logsnr_range'",
+    "label out of range": "label 9 is out of range [0, 8)",
+    "null label": "label 8 is out of range [0, 8)", "negative label": "--labels must be >= 0",
+    "no labels": "--labels is required", "bad sampler": "--sampler must be one of",
+    "bad grid": "--grid must be one of", "v above 1": "--v must be a number in [0, 1]",
+    "eta not a number": "--eta must be a finite number", "one step": "--steps must be",
+    "w not finite": "--w must be a finite number", "negative seed": "--seed must be >= 0",
+    "unknown flag": "unknown flag --cfg", "flag without value": "--labels needs a value",
+    "wrong device": "compiled for cpu, cannot run on cuda", "missing out folder": "does not exist",
+}
+
+
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_inputs_exit_2(runner_binary, runner_package, tmp_path, case):
     args = BAD_REQUESTS[case](runner_package, tmp_path)
@@ -156,4 +201,5 @@ def test_bad_inputs_exit_2(runner_binary, runner_package, tmp_path, case):
     done = run(runner_binary, *args)
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.startswith("cfgengine-run: error: ") and done.stderr.count("\n") == 1
+    assert SAYS[case] in done.stderr
     assert not (tmp_path / "x.npy").exists()
