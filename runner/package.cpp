@@ -1,0 +1,144 @@
+#include "package.h"
+
+#include <sys/stat.h>
+
+#include "args.h"
+#include "json.h"
+
+namespace cfgengine {
+namespace {
+
+constexpr const char* kMetadataKey = "cfgengine";     // export/metadata.py KEY
+constexpr const char* kFormat = "cfgengine-export";   // export/metadata.py FORMAT
+constexpr int kVersion = 2;                           // export/metadata.py VERSION
+constexpr const char* kProgram = "denoiser";          // export/metadata.py PROGRAM: rows in = out
+constexpr const char* kDeviceKey = "AOTI_DEVICE_KEY";  // written by AOTInductor itself
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+std::string json_text(const json::Value& value) {  // a number as Python prints an int, else "?"
+  if (value.kind != json::Value::kNumber) return "?";
+  const auto whole = static_cast<long long>(value.number);
+  return whole == value.number ? std::to_string(whole) : std::to_string(value.number);
+}
+
+const json::Value& field(const json::Value& meta, const std::string& key, json::Value::Kind kind,
+                         const std::string& path) {
+  const json::Value* value = meta.find(key);
+  if (value == nullptr || value->kind != kind) {
+    throw UserError(path + ": cfgengine metadata lacks a valid '" + key + "'");
+  }
+  return *value;
+}
+
+int64_t integer(const json::Value& meta, const std::string& key, const std::string& path) {
+  const double x = field(meta, key, json::Value::kNumber, path).number;
+  if (x != static_cast<double>(static_cast<int64_t>(x)) || x < 1) {
+    throw UserError(path + ": cfgengine metadata '" + key + "' is not a positive integer");
+  }
+  return static_cast<int64_t>(x);
+}
+
+std::vector<int64_t> shape_of(const json::Value& meta, const std::string& path) {
+  std::vector<int64_t> shape;
+  for (const json::Value& d : field(meta, "sample_shape", json::Value::kArray, path).items) {
+    if (d.kind != json::Value::kNumber || d.number < 1 || d.number != static_cast<int64_t>(d.number)) {
+      throw UserError(path + ": cfgengine metadata 'sample_shape' is not a list of sizes");
+    }
+    shape.push_back(static_cast<int64_t>(d.number));
+  }
+  if (shape.empty()) throw UserError(path + ": cfgengine metadata 'sample_shape' is empty");
+  return shape;
+}
+
+LogsnrRange range_of(const json::Value& meta, const std::string& path) {
+  const json::Value* range = meta.find("logsnr_range");
+  if (range == nullptr) return {};
+  if (range->kind != json::Value::kArray || range->items.size() != 2 ||
+      range->items[0].kind != json::Value::kNumber || range->items[1].kind != json::Value::kNumber ||
+      !(range->items[0].number < range->items[1].number)) {
+    throw UserError(path + ": cfgengine metadata 'logsnr_range' is not two numbers lo < hi");
+  }
+  return {range->items[0].number, range->items[1].number};
+}
+
+std::optional<double> clip_of(const json::Value& meta, const std::string& path) {
+  const json::Value* clip = meta.find("clip");
+  if (clip == nullptr || clip->kind == json::Value::kNull) return std::nullopt;
+  if (clip->kind != json::Value::kNumber || !(clip->number > 0)) {
+    throw UserError(path + ": cfgengine metadata 'clip' is not null or a positive number");
+  }
+  return clip->number;
+}
+
+json::Value parse_meta(const std::unordered_map<std::string, std::string>& stored,
+                       const std::string& path) {
+  const auto it = stored.find(kMetadataKey);
+  if (it == stored.end()) {
+    throw UserError(path + ": no cfgengine metadata (not exported by cfgengine export)");
+  }
+  json::Value meta;
+  try {
+    meta = json::parse(it->second);
+  } catch (const std::invalid_argument&) {
+    throw UserError(path + ": cfgengine metadata is not valid JSON");
+  }
+  const json::Value* format = meta.find("format");
+  if (format == nullptr || format->kind != json::Value::kString || format->text != kFormat) {
+    throw UserError(path + ": metadata is not of format " + std::string(kFormat));
+  }
+  const json::Value* version = meta.find("version");
+  if (version == nullptr || version->kind != json::Value::kNumber || version->number != kVersion) {
+    const std::string found = version == nullptr ? "none" : json_text(*version);
+    throw UserError(path + ": export format version " + found + ", this runner reads version " +
+                    std::to_string(kVersion) + "; re-export the model");
+  }
+  const json::Value* program = meta.find("program");
+  if (program == nullptr || program->kind != json::Value::kString || program->text != kProgram) {
+    throw UserError(path + ": the exported program is not the plain denoiser; re-export the model");
+  }
+  return meta;
+}
+
+std::unordered_map<std::string, std::string> stored_metadata(const std::string& path) {
+  struct stat info {};
+  if (stat(path.c_str(), &info) != 0 || !S_ISREG(info.st_mode)) {
+    throw UserError(path + ": no such model file");
+  }
+  try {
+    return torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
+  } catch (const std::exception& err) {
+    throw UserError(path + ": not a loadable AOTInductor package (" + first_line(err.what()) + ")");
+  }
+}
+
+}  // namespace
+
+ModelInfo read_model_info(const std::string& path) {
+  const auto stored = stored_metadata(path);
+  const json::Value meta = parse_meta(stored, path);
+  ModelInfo info;
+  info.num_classes = integer(meta, "num_classes", path);
+  info.sample_shape = shape_of(meta, path);
+  info.clip = clip_of(meta, path);
+  info.logsnr_range = range_of(meta, path);
+  info.min_batch = integer(meta, "min_batch", path);
+  info.max_batch = integer(meta, "max_batch", path);
+  const auto device = stored.find(kDeviceKey);
+  info.device = device == stored.end() ? "cpu" : device->second;
+  return info;
+}
+
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_model(const std::string& path,
+                                                                    const std::string& device) {
+  try {
+    const c10::DeviceIndex index = device == "cuda" ? 0 : -1;
+    return std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1,
+                                                                     index);
+  } catch (const std::exception& err) {
+    throw UserError(path + ": cannot load the compiled model on " + device + " (" +
+                    first_line(err.what()) + ")");
+  }
+}
+
+}  // namespace cfgengine

@@ -1,0 +1,35 @@
+// The AOTInductor package made by `cfgengine export --format aoti`: its cfgengine metadata
+// (export/metadata.py's JSON, stored under the package metadata key "cfgengine", format
+// version 2) and its model, the plain denoiser eps(z, lambda, labels) for 1..2 max_batch rows.
+#pragma once
+
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "table.h"
+
+namespace cfgengine {
+
+struct ModelInfo {
+  int64_t num_classes = 0;            // label num_classes is the null label
+  std::vector<int64_t> sample_shape;  // S of z [B, *S]
+  std::optional<double> clip;         // x_hat clamp, none for unbounded data
+  LogsnrRange logsnr_range;           // metadata logsnr_range, else (-20, 20)
+  int64_t min_batch = 1;
+  int64_t max_batch = 1;              // guided rows per run: the net takes up to 2 max_batch
+  std::string device;                 // "cpu" or "cuda": what the package was compiled for
+};
+
+// Reads and checks the metadata without loading the model; UserError when `path` is missing,
+// not an AOTInductor package, or not one cfgengine exported (format/version).
+ModelInfo read_model_info(const std::string& path);
+
+// Loads the compiled model for `device` ("cpu" or "cuda"); UserError when it cannot be loaded.
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_model(const std::string& path,
+                                                                    const std::string& device);
+
+}  // namespace cfgengine
