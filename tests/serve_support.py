@@ -1,11 +1,8 @@
-"""Helpers of the serve tests: a model wrapper that records every network call, a live uvicorn
-server on a free loopback port in a thread, and the offline reference of a request."""
+"""Helpers of the serve tests: a model wrapper that records every network call, and the offline
+reference of a request."""
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
-import threading
 import time
 
 import numpy as np
@@ -40,25 +37,3 @@ def offline(model, request: dict) -> np.ndarray:
 
 def npy(content: bytes) -> np.ndarray:
     return np.load(io.BytesIO(content))
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()

@@ -19,7 +19,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from cfgengine.serve import create_app  # noqa: E402
-from tests.serve_support import Recorder, live_server, npy, offline  # noqa: E402
+from cfgengine.serve.app import serve_in_thread as live_server  # noqa: E402
+from tests.serve_support import Recorder, npy, offline  # noqa: E402
 
 LONG = dict(labels=[0], w=1.0, steps=1000, sampler="ddim")  # 2 rows, ~5 s at 5 ms a step
 
