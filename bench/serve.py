@@ -104,13 +104,26 @@ def report(args, requests: list[dict], measured: dict, model) -> dict:
     median = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
               for name, runs in measured["runs"].items()}
     speedup = median["one_by_one"]["wall_s"] / median["concurrent"]["wall_s"]
+    rounds = [round(a["wall_s"] / b["wall_s"], 3) for a, b in
+              zip(measured["runs"]["one_by_one"], measured["runs"]["concurrent"])]
     env = environment(args.device or "cpu", "time.perf_counter, client side, wall clock")
-    env.update(fastapi=_version("fastapi"), uvicorn=_version("uvicorn"))
+    env.update(fastapi=_version("fastapi"), uvicorn=_version("uvicorn"), cpu_model=cpu_model())
     return dict(command=" ".join(["python -m cfgengine.bench.serve"] + sys.argv[1:]),
                 environment=env, model=args.ckpt, sample_shape=list(model.sample_shape),
                 max_rows=args.max_rows, requests=requests, median=median,
-                speedup_concurrent_vs_one_by_one=round(speedup, 3), goal_speedup=1.5,
+                speedup_concurrent_vs_one_by_one=round(speedup, 3), speedup_per_round=rounds,
+                goal_speedup=1.5,
                 **measured)
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

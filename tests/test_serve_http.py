@@ -105,3 +105,16 @@ def test_sigterm_drains_a_real_server_process(gmm, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_load_generator_measures_both_modes_and_writes_its_record(tmp_path):
+    from cfgengine.bench import serve as load_generator
+
+    out = tmp_path / "serve.json"
+    assert load_generator.main(["--ckpt", "gmm", "--requests", "4", "--rounds", "1",
+                                "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["median"]) == {"one_by_one", "concurrent"}
+    assert record["max_abs_diff_between_modes"] <= 1e-4  # the batch does not change samples
+    assert record["environment"]["load_average"] is not None and record["speedup_per_round"]
+    assert {r["sampler"] for r in record["requests"]} == {"ancestral", "ddim"}
