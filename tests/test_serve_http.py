@@ -118,3 +118,17 @@ def test_load_generator_measures_both_modes_and_writes_its_record(tmp_path):
     assert record["max_abs_diff_between_modes"] <= 1e-4  # the batch does not change samples
     assert record["environment"]["load_average"] is not None and record["speedup_per_round"]
     assert {r["sampler"] for r in record["requests"]} == {"ancestral", "ddim"}
+
+
+def test_cli_user_errors_exit_2_in_one_line(capsys):
+    from cfgengine.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--ckpt", "gmm", "--port", port]) == 2
+    assert main(["serve", "--max-rows", "0"]) == 2
+    assert main(["serve", "--ckpt", "no-such-model", "--port", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "cannot listen" in lines[0] and "--max-rows" in lines[1]

@@ -51,8 +51,8 @@ def run(args) -> int:
     app = create_app(args.ckpt, device=args.device, backend=args.backend,
                      max_rows=args.max_rows, max_queue=args.max_queue,
                      max_steps=args.max_steps, deadline_s=args.deadline)
-    app.state.service.ready()  # load the model now: a bad --ckpt is a user error, not a 500
     sock = bind(args.host, args.port)
+    app.state.service.ready()  # load the model now: a bad --ckpt is a user error, not a 500
     print(f"cfgengine serve: http://{args.host}:{sock.getsockname()[1]} (docs at /docs)",
           flush=True)
     server = draining_server(uvicorn)(uvicorn.Config(app, log_level="warning"))
