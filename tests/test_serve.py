@@ -158,3 +158,61 @@ def test_npz_and_png_formats(images):
     assert png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (2 * 5 + 1, 4 + 2)
     app.state.service.shutdown()
+
+
+class Shrink:
+    """A minimal Denoiser, ε = 0.1·z + 0.01·label, free of host syncs itself."""
+
+    num_classes, sample_shape, clip = 3, (2, 2), 1.0
+
+    def __call__(self, z, logsnr, labels):
+        return 0.1 * z + 0.01 * labels.to(z.dtype).reshape(-1, 1, 1)
+
+
+def _batch_of(model, bodies):
+    from cfgengine.serve.batch import Engine, RunningBatch
+    from cfgengine.serve.schema import Limits, SampleRequest, check_request
+
+    batch = RunningBatch(Engine(model))
+    limits = Limits(model.num_classes, max_rows=64)
+    batch.compose([batch.admit(check_request(SampleRequest(**b), limits)) for b in bodies])
+    return batch
+
+
+def test_steps_between_layout_changes_make_no_host_sync(monkeypatch):
+    import torch
+
+    bodies = [dict(labels=[0, 1], w=[0.0, 2.0], steps=9, sampler="ancestral", seed=1),
+              dict(labels=[2], w=0.3, steps=9, sampler="ddim", eta=0.5, seed=2)]
+    batch = _batch_of(Shrink(), bodies)
+    batch.step()  # builds the runs of the steady state (host lists only)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync inside the step")
+    for name in ("item", "__bool__", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for _ in range(6):  # steps 1..6: same layout, noisy, guided
+        assert batch.step() == []
+    monkeypatch.undo()
+    for _ in range(2):
+        done = batch.step()
+    assert len(done) == 2
+    for member, body in zip(sorted(done, key=lambda m: m.job.seed), bodies):
+        np.testing.assert_allclose(batch.rows_of(member).numpy(), offline(Shrink(), body),
+                                   atol=1e-5)
+
+
+def test_rows_outside_their_guidance_interval_cost_one_row(monkeypatch):
+    from types import SimpleNamespace
+
+    batch = _batch_of(Shrink(), [dict(labels=[0, 1], w=1.0, steps=6, seed=1)])
+    member = batch.members[0]
+    lam = member.tables.logsnr_host
+    member.job.rule = SimpleNamespace(interval=(lam[2], lam[3]))  # guided at t = 2, 3 only
+    counts = []
+    for t in range(6):
+        member.t = t
+        runs, null_rows = batch._runs()
+        counts.append(len(null_rows))
+        assert [run.guided for run in runs] == [2 <= t <= 3]
+    assert counts == [0, 0, 2, 2, 0, 0]

@@ -282,7 +282,7 @@ class RunningBatch:
         for m, (guided, noisy) in zip(self.members, state):
             stop = start + len(m.job.labels)
             if guided:  # null rows only for the rows with w ≠ 0
-                null_rows.extend(start + i for i in m.job.w.nonzero().flatten().tolist())
+                null_rows.extend(start + i for i in m.job.guided_rows)
             key = (m.job.seed, m.job.rule, guided)
             if runs and (runs[-1].seed, runs[-1].rule, runs[-1].guided) == key:
                 last = runs.pop()

@@ -6,6 +6,8 @@ cfgengine provides, so new samplers, grids and rules become servable without tou
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,12 +17,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cfgengine import guidance, schedule
+from cfgengine.kernels import guided_step
 from cfgengine.tables import SAMPLERS, check_sampler_args
 
 FORMATS = ("npy", "npz", "png")
 GRIDS = getattr(schedule, "GRIDS", ("cosine",))
 RULES = {name: getattr(guidance, cls) for name, cls in
-         (("cfg", "CFG"), ("zero_star", "ZeroStar"), ("apg", "APG")) if hasattr(guidance, cls)}
+         (("cfg", "CFG"), ("zero_star", "ZeroStar"), ("apg", "APG")) if hasattr(guidance, cls)
+         and "rule" in inspect.signature(guided_step).parameters}  # servable: the kernel takes it
 
 
 class RequestError(Exception):
@@ -130,11 +134,16 @@ class Job:
     @property
     def cost(self) -> int:
         """Rows against --max-rows: two per guided row (conditional + null), one per w = 0 row."""
-        return len(self.labels) + int((self.w != 0).sum())
+        return len(self.labels) + len(self.guided_rows)
 
     @property
     def guided(self) -> bool:
-        return bool((self.w != 0).any())
+        return bool(self.guided_rows)
+
+    @functools.cached_property
+    def guided_rows(self) -> list[int]:
+        """Indices of the rows with w ≠ 0 (they get a null row while guided)."""
+        return [i for i, w in enumerate(self.w.tolist()) if w != 0]
 
     @property
     def interval(self):
