@@ -216,3 +216,46 @@ def test_rows_outside_their_guidance_interval_cost_one_row(monkeypatch):
         counts.append(len(null_rows))
         assert [run.guided for run in runs] == [2 <= t <= 3]
     assert counts == [0, 0, 2, 2, 0, 0]
+
+
+def _rule(spec):
+    from cfgengine.serve.schema import RULES
+
+    if spec is None:
+        return None
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "rule"}
+    return RULES[spec["rule"]](**params)
+
+
+ROUND_2 = [dict(labels=[0, 1], w=[0.3, 2.0], steps=10, sampler="dpmpp_2m", seed=1),
+           dict(labels=[2], w=1.0, steps=8, grid="karras", seed=1),
+           dict(labels=[3, 0], w=4.0, steps=9, sampler="ddim", grid="uniform", seed=2,
+                guidance={"rule": "cfg", "rescale": 0.7}),
+           dict(labels=[1], w=1.0, steps=12, sampler="dpmpp_2m", grid="cosine-authors", seed=3,
+                guidance={"rule": "zero_star"}),
+           dict(labels=[2, 2], w=[0, 3.0], steps=11, sampler="ddim", seed=3,
+                guidance={"rule": "apg", "eta": 0.2, "momentum": -0.5, "norm_threshold": 2.0}),
+           dict(labels=[0, 3], w=2.0, steps=10, seed=4,
+                guidance={"rule": "cfg", "interval": [-1.0, 3.0]})]
+
+
+def _round_2_installed() -> bool:
+    from cfgengine.serve.schema import GRIDS, RULES
+    from cfgengine.tables import SAMPLERS
+
+    return "dpmpp_2m" in SAMPLERS and "karras" in GRIDS and {"cfg", "zero_star", "apg"} <= set(RULES)
+
+
+@pytest.mark.skipif(not _round_2_installed(), reason="this cfgengine has no DPM-Solver++(2M), "
+                                                     "grids or guidance rules yet")
+def test_dpmpp_grids_and_guidance_rules_share_a_batch_and_equal_offline(images):
+    import cfgengine
+    import torch
+
+    responses = asyncio.run(post_staggered(create_app(images, max_rows=32), ROUND_2, gap=0.01))
+    for response, body in zip(responses, ROUND_2):
+        assert response.status_code == 200, response.text
+        keywords = {k: body[k] for k in ("w", "steps", "sampler", "grid", "seed") if k in body}
+        expected = cfgengine.sample(images, torch.tensor(body["labels"]),
+                                    guidance=_rule(body.get("guidance")), **keywords)
+        np.testing.assert_allclose(npy(response.content), expected.numpy(), atol=1e-4)
