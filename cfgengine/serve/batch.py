@@ -1,0 +1,302 @@
+"""The running batch of the serving scheduler (docs/design.md, per-row form): rows of many
+requests at different steps of different tables, advanced by ONE network call and one fused step
+per scheduler step.
+
+Each row carries its own index into one concatenated coefficient table (its request's table
+offset + its step), w, seed and sample id (its request's own 0..N−1). The network gets the
+conditional rows of every row plus null rows only for the rows guided at this step, so a w = 0
+row costs one row and a guided row two. The step runs once per run of rows that share a seed and
+a guidance rule (the kernel takes one seed and one rule per call); the noise is drawn explicitly
+at each row's own key (seed, sample id, t + 1), because the kernel would key in-kernel noise by
+the concatenated-table index instead of the request's t.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from cfgengine import rng
+from cfgengine.kernels import guided_step
+from cfgengine.runtime import check_backend, check_device, move_model, split_model
+from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_grid
+from cfgengine.serve.schema import Combo, Job
+from cfgengine.tables import coefficient_table
+
+STEP_KEYWORDS = frozenset(inspect.signature(guided_step).parameters)
+TABLE_KEYWORDS = frozenset(inspect.signature(coefficient_table).parameters)
+NOISE, C_P = 4, 5  # table columns: s (the noise scale) and, in [T, 6] tables, c_p on x̂_prev
+
+
+class Engine:
+    """The served model on its device: the plain B-row net (or, for an exported backend that only
+    returns doubled batches, the doubled one), its classes, sample shape and clip bound."""
+
+    def __init__(self, model, *, device=None, backend=None):
+        self.device = check_device(device, model)
+        backend = check_backend(backend, model, self.device)
+        if backend == "cudagraph":  # a captured graph has a fixed batch; serving's changes
+            backend = "torch"
+        model = move_model(model, self.device)
+        self.backend = backend
+        self.guided_net, self.net = split_model(model, backend)
+        self.num_classes = model.num_classes
+        self.sample_shape = tuple(model.sample_shape)
+        self.clip = getattr(model, "clip", None)
+        self.model = model
+
+    def eps(self, z, logsnr, labels, null_rows):
+        """(ε_c [B], ε_u [B]) from ONE network call on B + G rows (G = len(null_rows)); rows not
+        guided get ε_u = ε_c, so their guided ε̃ is ε_c exactly."""
+        if self.net is None:  # an exported backend: it always returns the doubled batch
+            eps2 = self.guided_net(z, logsnr, labels)
+            batch = z.shape[0]
+            return eps2[:batch], eps2[batch:]
+        null = torch.full_like(null_rows, self.num_classes)
+        eps = self.net(torch.cat([z, z[null_rows]]), torch.cat([logsnr, logsnr[null_rows]]),
+                       torch.cat([labels, null]))
+        eps_c = eps[: z.shape[0]]
+        return eps_c, eps_c.index_copy(0, null_rows, eps[z.shape[0]:])
+
+
+@dataclass
+class Tables:
+    """One combo's float32 table [T, C] and λ grid [T] on the device, and on the host which steps
+    add noise and the λ of each step (for guidance intervals)."""
+
+    table: torch.Tensor
+    logsnr: torch.Tensor
+    noisy: list[bool]
+    logsnr_host: list[float]
+
+
+class TableBank:
+    """Tables per combo, built once (float64 → float32 as `cfgengine.sample` builds them), and
+    their concatenation for the combos of the running batch."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._tables: dict[Combo, Tables] = {}
+
+    def get(self, combo: Combo) -> Tables:
+        if combo not in self._tables:
+            self._tables[combo] = self._build(combo)
+        return self._tables[combo]
+
+    def _build(self, combo: Combo) -> Tables:
+        logsnr = combo_logsnr(combo, self.engine.model)
+        table = combo_table(combo, logsnr, self.engine.model, self.engine.device)
+        host = table.cpu()
+        return Tables(table, logsnr.to(torch.float32).to(self.engine.device),
+                      (host[:, NOISE] != 0).tolist(), logsnr.tolist())
+
+    def concat(self, combos: list[Combo]):
+        """(table, λ, offset per combo) of the distinct `combos`, in first-seen order."""
+        unique = list(dict.fromkeys(combos))
+        parts = [self.get(c) for c in unique]
+        offsets = dict(zip(unique, itertools.accumulate([0] + [len(p.noisy) for p in parts])))
+        return (torch.cat([p.table for p in parts]), torch.cat([p.logsnr for p in parts]),
+                offsets)
+
+
+def logsnr_range(model) -> tuple[float, float]:
+    """The model's (λ_min, λ_max), else the paper's (−20, 20)."""
+    return tuple(getattr(model, "logsnr_range", (LOGSNR_MIN, LOGSNR_MAX)))
+
+
+def combo_logsnr(combo: Combo, model) -> torch.Tensor:
+    """The float64 λ grid `cfgengine.sample` uses for this combo and model."""
+    default = combo.grid == "cosine"
+    if default and callable(getattr(model, "logsnr_grid", None)):
+        return model.logsnr_grid(combo.steps).to(torch.float64)
+    kwargs = {} if default else {"grid": combo.grid}
+    return logsnr_grid(combo.steps, *logsnr_range(model), **kwargs)
+
+
+def combo_table(combo: Combo, logsnr: torch.Tensor, model, device) -> torch.Tensor:
+    """The combo's coefficient table, from the λ grid when `coefficient_table` takes one."""
+    settings = dict(v=combo.v, eta=combo.eta, device=device)
+    if "logsnr" in TABLE_KEYWORDS:
+        return coefficient_table(combo.steps, combo.sampler, logsnr=logsnr, **settings)
+    lo, hi = logsnr_range(model)
+    return coefficient_table(combo.steps, combo.sampler, logsnr_min=lo, logsnr_max=hi,
+                             **settings)
+
+
+def step_state(table: torch.Tensor, rule) -> list[str]:
+    """The per-row state tensors the installed kernel keeps for this table and rule: x̂_prev when
+    the table has a c_p column (DPM-Solver++(2M)), the momentum when the rule has one (APG)."""
+    names = []
+    if "x_hat_prev" in STEP_KEYWORDS and table.shape[1] > C_P:
+        names.append("x_hat_prev")
+    if "state" in STEP_KEYWORDS and hasattr(rule, "momentum"):
+        names.append("state")
+    return names
+
+
+@dataclass(eq=False)
+class Member:
+    """A request inside the running batch: its job, its step t, and its rows' z between
+    compositions."""
+
+    job: Job
+    tables: Tables
+    t: int = 0
+    z: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # per-row state the step keeps (x̂_prev, APG m)
+
+    def guided_now(self) -> bool:
+        """Whether this request's null rows run at its current step (its guidance interval)."""
+        if not self.job.guided:
+            return False
+        interval = self.job.interval
+        lam = self.tables.logsnr_host[self.t]
+        return interval is None or interval[0] <= lam <= interval[1]
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.job.combo.steps
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive rows [start, stop) stepped by one `guided_step` call."""
+
+    start: int
+    stop: int
+    seed: int
+    rule: object
+    guided: bool
+    noisy: bool
+
+
+class RunningBatch:
+    """The rows on the device. `compose` lays out a new set of members (at a step boundary);
+    `step` advances every row one step and returns the members that finished."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.bank = TableBank(engine)
+        self.members: list[Member] = []
+        self.extra: dict[str, torch.Tensor] = {}
+        self._runs_key = None
+
+    @property
+    def rows(self) -> int:
+        return sum(len(m.job.labels) for m in self.members)
+
+    def admit(self, job: Job) -> Member:
+        """A member for `job` at t = 0 with z_0 ~ N(0, I) keyed (seed, sample id, 0)."""
+        ids = torch.arange(len(job.labels), device=self.engine.device)
+        z = rng.randn_like_rows(job.seed, ids, 0, self.engine.sample_shape)
+        tables = self.bank.get(job.combo)
+        return Member(job, tables, z=z, extra={name: torch.zeros_like(z) for name in
+                                               step_state(tables.table, job.rule)})
+
+    def compose(self, members: list[Member]) -> None:
+        """Lay out `members` (rows grouped by seed and rule, so each group is one slice) and
+        build the per-row device tensors; a host→device copy only when the batch changes."""
+        self._save_rows()
+        self.members = sorted(members, key=lambda m: (m.job.seed, repr(m.job.rule)))
+        if not self.members:
+            return
+        device, jobs = self.engine.device, [m.job for m in self.members]
+        self.table, self.logsnr, offsets = self.bank.concat([j.combo for j in jobs])
+        self.z = torch.cat([m.z for m in self.members])
+        self.z_next = torch.empty_like(self.z)
+        self.labels = torch.cat([j.labels for j in jobs]).to(device)
+        self.w = torch.cat([j.w for j in jobs]).to(device)
+        self.sample_ids = torch.cat([torch.arange(len(j.labels)) for j in jobs]).to(device)
+        self.t = torch.cat([torch.full((len(j.labels),), m.t) for j, m in
+                            zip(jobs, self.members)]).to(device)
+        offset = torch.cat([torch.full((len(j.labels),), offsets[j.combo]) for j in jobs])
+        self.index = self.t + offset.to(device)  # row → row of the concatenated table
+        names = set().union(*(m.extra for m in self.members))
+        self.extra = {name: torch.cat([m.extra.get(name, torch.zeros_like(m.z))
+                                       for m in self.members]) for name in names}
+        self._runs_key = None
+
+    def _save_rows(self) -> None:
+        """Give each current member its own copy of its rows before the layout changes."""
+        start = 0
+        for m in self.members:
+            stop = start + len(m.job.labels)
+            m.z = self.z[start:stop].clone()
+            m.extra = {name: t[start:stop].clone() for name, t in self.extra.items()}
+            start = stop
+
+    def step(self) -> list[Member]:
+        """One network call on B + G rows, one fused step per run; returns finished members."""
+        runs, null_rows = self._runs()
+        logsnr = self.logsnr.index_select(0, self.index)
+        eps_c, eps_u = self.engine.eps(self.z, logsnr, self.labels, null_rows)
+        for run in runs:
+            self._step_run(run, eps_c, eps_u)
+        self.z, self.z_next = self.z_next, self.z
+        self.t += 1
+        self.index += 1
+        for m in self.members:
+            m.t += 1
+        return [m for m in self.members if m.done]
+
+    def _step_run(self, run: Run, eps_c, eps_u) -> None:
+        rows = slice(run.start, run.stop)
+        eps2 = torch.cat([eps_c[rows], eps_u[rows]]) if run.guided else eps_c[rows]
+        ids = self.sample_ids[rows]
+        if run.noisy:
+            noise = rng.randn_like_rows(run.seed, ids, self.t[rows] + 1, self.engine.sample_shape)
+        else:
+            noise = self._zeros(run.stop - run.start)
+        guided_step(eps2, self.z[rows], self.w[rows], self.table, self.index[rows],
+                    clip=self.engine.clip, noise=noise, seed=run.seed, sample_ids=ids,
+                    out=self.z_next[rows], **self._step_extras(run, rows))
+
+    def _step_extras(self, run: Run, rows: slice) -> dict:
+        """Keywords of the installed kernel beyond eq. 6: the rule, and the per-row state it and
+        multistep samplers keep (x̂_prev for c_p, APG's momentum), updated in place."""
+        extras = {} if run.rule is None else {"rule": run.rule}
+        for name in step_state(self.table, run.rule):
+            extras[name] = self.extra[name][rows]
+        if "x_hat_prev" in extras:
+            extras["x_hat_out"] = extras["x_hat_prev"]  # in place: this step's x̂ is the next prev
+        return extras
+
+    def _zeros(self, count: int) -> torch.Tensor:
+        if getattr(self, "_zero_noise", None) is None or self._zero_noise.shape[0] < count:
+            self._zero_noise = torch.zeros_like(self.z)
+        return self._zero_noise[:count]
+
+    def _runs(self):
+        """The runs of this step and the rows that need a null row, rebuilt only when a member's
+        guided/noisy state changes (a guidance interval boundary, the last step)."""
+        state = [(m.guided_now(), m.tables.noisy[m.t]) for m in self.members]
+        if state != self._runs_key:
+            self._runs_key = state
+            self._cached = self._build_runs(state)
+        return self._cached
+
+    def _build_runs(self, state):
+        runs, null_rows, start = [], [], 0
+        for m, (guided, noisy) in zip(self.members, state):
+            stop = start + len(m.job.labels)
+            if guided:  # null rows only for the rows with w ≠ 0
+                null_rows.extend(start + i for i in m.job.guided_rows)
+            key = (m.job.seed, m.job.rule, guided)
+            if runs and (runs[-1].seed, runs[-1].rule, runs[-1].guided) == key:
+                last = runs.pop()
+                runs.append(Run(last.start, stop, last.seed, last.rule, guided, last.noisy or noisy))
+            else:
+                runs.append(Run(start, stop, m.job.seed, m.job.rule, guided, noisy))
+            start = stop
+        return runs, torch.tensor(null_rows, dtype=torch.int64, device=self.engine.device)
+
+    def rows_of(self, member: Member) -> torch.Tensor:
+        """The member's current z (after its last step: its x̂)."""
+        start = 0
+        for m in self.members:
+            if m is member:
+                return self.z[start:start + len(m.job.labels)]
+            start += len(m.job.labels)
+        raise KeyError("not a member of the running batch")

@@ -1,0 +1,214 @@
+"""The `POST /v1/samples` request (docs/design.md, serving): its JSON schema, and its validation
+against the served model and the server's limits, ending in a `Job` the scheduler runs.
+
+Every choice a request names (sampler, grid, guidance rule) is checked against what the installed
+cfgengine provides, so new samplers, grids and rules become servable without touching this file.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cfgengine import guidance, schedule
+from cfgengine.kernels import guided_step
+from cfgengine.tables import SAMPLERS, check_sampler_args
+
+FORMATS = ("npy", "npz", "png")
+GRIDS = getattr(schedule, "GRIDS", ("cosine",))
+RULES = {name: getattr(guidance, cls) for name, cls in
+         (("cfg", "CFG"), ("zero_star", "ZeroStar"), ("apg", "APG")) if hasattr(guidance, cls)
+         and "rule" in inspect.signature(guided_step).parameters}  # servable: the kernel takes it
+
+
+class RequestError(Exception):
+    """A request the client got wrong (or that the server cannot take now): HTTP `status`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+class GuidanceSpec(BaseModel):
+    """A guidance rule by name with its parameters, e.g. {"rule": "cfg", "interval": [-1, 3]}."""
+
+    model_config = ConfigDict(extra="allow")
+    rule: str = "cfg"
+
+
+class SampleRequest(BaseModel):
+    """Same meaning and defaults as the keywords of `cfgengine.sample`; w is the paper's
+    (diffusers' guidance_scale = 1 + w). `deadline_s` counts from arrival (default: the server's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: list[Any] = Field(description="class ids in [0, K)", examples=[[0, 3]])
+    w: Any = Field(0.3, description="guidance weight: a number, or one per label")
+    steps: Any = 256
+    sampler: str = "ancestral"
+    v: Any = 0.3
+    eta: Any = 0.0
+    grid: str = "cosine"
+    seed: Any = 0
+    guidance: GuidanceSpec | None = None
+    format: Literal["npy", "npz", "png"] = "npy"
+    deadline_s: Any = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_list(cls, value):
+        if not isinstance(value, list) or any(not is_integer(x) for x in value):
+            raise ValueError("labels must be a list of integer class ids")
+        return value
+
+    @field_validator("steps", "seed", mode="before")
+    @classmethod
+    def _integers(cls, value, info):
+        if not is_integer(value):
+            raise ValueError(f"{info.field_name} must be an integer")
+        return value
+
+    @field_validator("w", "v", "eta", "deadline_s", mode="before")
+    @classmethod
+    def _numbers(cls, value, info):
+        if value is None and info.field_name == "deadline_s":
+            return value
+        values = value if isinstance(value, list) and info.field_name == "w" else [value]
+        if not values or any(not is_number(x) for x in values):
+            raise ValueError(f"{info.field_name} must be a finite number"
+                             + (" or a list of them" if info.field_name == "w" else ""))
+        return value
+
+
+def is_integer(value) -> bool:
+    """A JSON integer (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite JSON number (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Combo:
+    """What selects a coefficient table: every request with the same combo shares one."""
+
+    steps: int
+    sampler: str
+    v: float
+    eta: float
+    grid: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's bounds on one request."""
+
+    num_classes: int
+    max_rows: int
+    max_steps: int = 1000
+    deadline_s: float = 600.0
+
+
+@dataclass(eq=False)
+class Job:
+    """One validated request: what to sample, and how to answer it (set by the HTTP side)."""
+
+    labels: torch.Tensor  # int64 [N]
+    w: torch.Tensor  # float32 [N]
+    combo: Combo
+    seed: int
+    rule: Any  # a guidance rule object, or None for the kernel's default (eq. 6)
+    format: str
+    deadline: float  # time.monotonic() after which the request is answered 504
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    on_done: Any = None  # callable(outcome): a Tensor [N, *S] or a RequestError
+
+    @property
+    def cost(self) -> int:
+        """Rows against --max-rows: two per guided row (conditional + null), one per w = 0 row."""
+        return len(self.labels) + len(self.guided_rows)
+
+    @property
+    def guided(self) -> bool:
+        return bool(self.guided_rows)
+
+    @functools.cached_property
+    def guided_rows(self) -> list[int]:
+        """Indices of the rows with w ≠ 0 (they get a null row while guided)."""
+        return [i for i, w in enumerate(self.w.tolist()) if w != 0]
+
+    @property
+    def interval(self):
+        return getattr(self.rule, "interval", None)
+
+
+def check_request(body: SampleRequest, limits: Limits) -> Job:
+    """The Job for a schema-valid body, or RequestError(422) naming the first bad field."""
+    labels = _check_labels(body.labels, limits)
+    w = _check_w(body.w, len(labels))
+    combo = _check_combo(body, limits)
+    if not 0 <= body.seed < 2**63:
+        raise RequestError(422, f"seed must be in [0, 2^63), got {body.seed}")
+    deadline_s = limits.deadline_s if body.deadline_s is None else float(body.deadline_s)
+    if not 0 < deadline_s <= limits.deadline_s:
+        raise RequestError(422, f"deadline_s must be in (0, {limits.deadline_s:g}]")
+    job = Job(labels, w, combo, body.seed, _check_rule(body.guidance), body.format,
+              deadline=time.monotonic() + deadline_s)
+    if job.cost > limits.max_rows:
+        raise RequestError(422, f"this request needs {job.cost} rows (guided rows count twice); "
+                                f"the server's --max-rows is {limits.max_rows}")
+    return job
+
+
+def _check_labels(labels: list[int], limits: Limits) -> torch.Tensor:
+    if not labels:
+        raise RequestError(422, "labels is empty: nothing to sample")
+    bad = [k for k in labels if not 0 <= k < limits.num_classes]
+    if bad:
+        raise RequestError(422, f"label {bad[0]} is outside [0, {limits.num_classes})")
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+def _check_w(w, count: int) -> torch.Tensor:
+    if isinstance(w, list) and len(w) != count:
+        raise RequestError(422, f"w has {len(w)} values for {count} labels")
+    return torch.tensor(w, dtype=torch.float32).expand(count).clone()
+
+
+def _check_combo(body: SampleRequest, limits: Limits) -> Combo:
+    if body.sampler not in SAMPLERS:
+        raise RequestError(422, f"sampler must be one of {', '.join(SAMPLERS)}, "
+                                f"got {body.sampler!r}")
+    if body.grid not in GRIDS:
+        raise RequestError(422, f"grid must be one of {', '.join(GRIDS)}, got {body.grid!r}")
+    if not 2 <= body.steps <= limits.max_steps:
+        raise RequestError(422, f"steps must be in [2, {limits.max_steps}], got {body.steps}")
+    try:
+        check_sampler_args(body.steps, body.sampler, body.v, body.eta)
+    except ValueError as err:
+        raise RequestError(422, str(err)) from None
+    return Combo(body.steps, body.sampler, float(body.v), float(body.eta), body.grid)
+
+
+def _check_rule(spec: GuidanceSpec | None):
+    """The guidance rule object named by `spec` (None: the kernel's default, eq. 6)."""
+    if spec is None or (spec.rule == "cfg" and not spec.model_extra):
+        return None
+    if spec.rule not in RULES:
+        names = ", ".join(RULES) or "cfg (without parameters)"
+        raise RequestError(422, f"guidance rule must be one of {names}, got {spec.rule!r}")
+    params = dict(spec.model_extra)
+    if isinstance(params.get("interval"), list):
+        params["interval"] = tuple(params["interval"])
+    try:
+        return RULES[spec.rule](**params)
+    except (TypeError, ValueError) as err:
+        raise RequestError(422, f"guidance {spec.rule}: {err}") from None
