@@ -168,7 +168,10 @@ def resources(ptx: str, arch: int) -> tuple[int, int]:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", path, "-o",
+        # Triton's own ptxas flags (triton/backends/nvidia/compiler.py), so the figures are the
+        # ones of the cubin Triton builds
+        done = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name={gpu}", path, "-o",
                                os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed: {done.stderr.strip().splitlines()[:2]}")
