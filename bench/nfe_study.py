@@ -202,6 +202,17 @@ def sample_arm(model, arm: Arm, study: NfeStudyConfig):
     return to_uint8_images(x), labels.numpy(), w.numpy()
 
 
+def score(images, labels, w, scorer: Scorer, config) -> list[dict]:
+    """`cfgengine eval`'s scores of one sampled pass, one row per w."""
+    from cfgengine import evaluate, metrics
+    from cfgengine.data import from_uint8
+
+    features, probs = metrics.extract(scorer.extractor, from_uint8(images))
+    totals = evaluate.cell_moments(features, w, config, scorer.reference)
+    return evaluate.score_configuration(features, probs, labels, w, totals, scorer.reference,
+                                        scorer.radii, config)
+
+
 def run_arm(model, arm: Arm, study: NfeStudyConfig, scorer: Scorer) -> list[dict]:
     from cfgengine import evaluate
 
@@ -209,8 +220,7 @@ def run_arm(model, arm: Arm, study: NfeStudyConfig, scorer: Scorer) -> list[dict
     images, labels, w = sample_arm(model, arm, study)
     seconds = time.perf_counter() - start
     config = replace(scorer.eval_config, w=arm.w)
-    rows = evaluate.score_configuration(images, labels, w, scorer.extractor, scorer.reference,
-                                        scorer.radii, config)
+    rows = score(images, labels, w, scorer, config)
     nfe, forwarded = evaluations(arm, getattr(model, "logsnr_range", (-20.0, 20.0)))
     base = dict(dataclasses.asdict(arm), nfe=nfe, rows=forwarded,
                 seconds=seconds / len(arm.w))
