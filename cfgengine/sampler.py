@@ -308,7 +308,7 @@ def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Ten
     if ids.numel() != count:
         raise ValueError(f"sample_ids has {ids.numel()} entries for {count} samples")
     if bool((ids < 0).any()):
-        raise ValueError("sample_ids must be ≥ 0")
+        raise ValueError("sample_ids must be non-negative (≥ 0)")
     return ids.to(device, torch.int64)
 
 

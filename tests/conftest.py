@@ -58,3 +58,49 @@ class CallRecorder:
 def recorder():
     """Factory: `recorder(model)` gives a fresh CallRecorder around `model`."""
     return CallRecorder
+
+
+# Session export fixtures: one randomly initialised tiny UNet (fixed seed), traced once, exported
+# once per format (the export and runner tests share them: compiling is the expensive part).
+
+MAX_BATCH = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """tiny preset with every layer re-drawn: the zero-initialised residual branches and output
+    conv of a fresh UNet would make every output 0 and every parity test vacuous."""
+    from cfgengine.unet import UNet, preset
+
+    torch.manual_seed(0)
+    net = UNet(preset("tiny"))
+    for module in net.modules():
+        if module is not net and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return net.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def traced(tiny_unet):
+    from cfgengine.export.program import trace
+
+    return trace(tiny_unet, max_batch=MAX_BATCH, source="tiny-test")
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.fixture(scope="session")
+def onnx_path(traced, export_dir):
+    from cfgengine.export import onnx as onnx_export
+
+    return onnx_export.export_program(traced, export_dir / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def aoti_path(traced, export_dir):
+    from cfgengine.export import aoti
+
+    return aoti.export_program(traced, export_dir / "tiny.pt2")

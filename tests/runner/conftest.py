@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.export.conftest import tiny_unet  # noqa: F401  (the fixture: a non-vacuous tiny UNet)
+from tests.conftest import MAX_BATCH  # the shared export: 18 labels sample in two chunks
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build"
-MAX_BATCH = 16  # the export's batch limit: 18 labels sample in two chunks
 
 
 def _skip_reason() -> str | None:
@@ -44,12 +43,10 @@ def runner_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
-def runner_package(tiny_unet, tmp_path_factory) -> Path:
-    """`cfgengine export --format aoti` of the re-drawn tiny UNet (CPU, fp32, batches 1..16)."""
-    from cfgengine.export import aoti
-
-    path = tmp_path_factory.mktemp("runner") / "tiny.pt2"
-    return aoti.export(tiny_unet, path, max_batch=MAX_BATCH, source="tiny-runner-test")
+def runner_package(aoti_path) -> Path:
+    """The session's AOTInductor export of the re-drawn tiny UNet (CPU, fp32, batches 1..16),
+    shared with the export tests."""
+    return aoti_path
 
 
 @pytest.fixture(scope="session")
