@@ -98,10 +98,14 @@ class Sampler:
             return x_hat
         quiet = self._quiet_steps(plan)
         silence = torch.zeros_like(z) if any(quiet) else None
+        # CPU: the noise of many steps per Philox call (rng.StepNoise); CUDA draws it in-kernel
+        drawn = rng.StepNoise(plan.seed, sample_ids, plan.shape, plan.steps) \
+            if self.device.type == "cpu" else None
         for t in range(plan.steps):
             eps2 = self._eps(z, logsnr[t].expand(batch), labels, guided)  # (2B|B, *S)
+            noise = silence if quiet[t] else None if drawn is None else drawn[t]
             z = guided_step(eps2, z, w, table, t, clip=plan.clip, seed=plan.seed,
-                            sample_ids=sample_ids, noise=silence if quiet[t] else None)
+                            sample_ids=sample_ids, noise=noise)
             if bar is not None:
                 bar.update(1)
         return z
