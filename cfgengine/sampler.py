@@ -35,23 +35,25 @@ class Sampler:
     """Stateful sampler: built once for a model/backend, a device and a precision; caches the
     tables, compiled modules and captured CUDA graphs that make repeated calls fast.
 
-    `backend`: auto (cudagraph on CUDA, torch on CPU), torch, compile or cudagraph; an exported
-    model runs on its own backend. `precision` is the network's (fp32, bf16, fp16 by autocast);
-    the step is always fp32. A model on another device is moved there (in place, like `.to`).
+    `backend`: auto (cudagraph on CUDA; on CPU onnxruntime when it is installed, else torch),
+    torch, compile, onnxruntime or cudagraph; an exported model runs on its own backend.
+    `precision` is the network's (fp32, bf16, fp16 by autocast); the step is always fp32. A model on another device is moved there (in place, like `.to`).
     """
 
     def __init__(self, model, *, device: torch.device | str | None = None,
                  backend: str | None = None, precision: str | None = None):
         self.device = check_device(device, model)
-        self.backend = check_backend(backend, model, self.device)
         self.precision = check_precision(precision, model)
-        exported = getattr(model, "backend_name", None) is not None
+        self.backend = check_backend(backend, model, self.device, self.precision)
+        exported = getattr(model, "backend_name", None) is not None or \
+            self.backend == "onnxruntime"  # ONNX Runtime runs its graph at its own precision
         self.autocast_dtype = None if exported else autocast_dtype(self.precision)
         model = move_model(model, self.device)
         self.num_classes = model.num_classes
         self.sample_shape = tuple(model.sample_shape)
         self.clip = getattr(model, "clip", None)
-        self.guided_net, self.net = split_model(model, self.backend)
+        self.guided_net, self.net = split_model(model, self.backend, self.precision, self.device,
+                                                auto=backend in (None, "auto"))
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
 
@@ -73,6 +75,8 @@ class Sampler:
         size = _check_batch_size(batch_size, count)
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
         guided = labels is not None and bool((w != 0).any())  # once, before any loop
+        if hasattr(self.guided_net, "plan"):  # onnxruntime: export only when the work pays
+            self.guided_net.plan(rows=count, steps=plan.steps)
         bar = _progress_bar(progress, len(chunks) * plan.steps)
         parts = [self._sample_chunk(plan, _rows(labels, a, b), _rows(w, a, b),
                                     torch.arange(a, b, device=self.device), guided, bar)

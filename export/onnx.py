@@ -6,7 +6,6 @@ normalisations in fp32. bf16 is refused: ONNX Runtime has no bf16 kernels for Co
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend, require
 from cfgengine.export.program import INPUTS, OUTPUT, Traced, trace
 from cfgengine.atomic import atomic_path
+from cfgengine.threads import intra_op_threads
 
 OPSET = 18
 SUPPORTED_PRECISIONS = ("fp32", "fp16")
@@ -63,17 +63,6 @@ def check_symbolic_batch(proto) -> None:
                              f"{first.dim_value}")
 
 
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (hyper-threads share one core's
-    execution units, so more intra-op threads than cores only adds contention)."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())
-    cores = set()
-    for cpu in allowed:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list")
-        cores.add(siblings.read_text().strip() if siblings.exists() else str(cpu))
-    return max(1, len(cores))
-
-
 def load(path: str | Path, *, device: torch.device | str = "cpu",
          threads: int | None = None) -> "OnnxBackend":
     """An ONNX Runtime backend for a cfgengine ONNX file: CPU EP, or CUDA EP for a CUDA device."""
@@ -103,7 +92,7 @@ def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, thread
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convs: no inter-op
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = threads or intra_op_threads()  # affinity, overrides
     options.inter_op_num_threads = 1
     provider = _provider(ort, device)
     # CPU EP after CUDA: ORT places the few nodes CUDA lacks kernels for (shape arithmetic) there

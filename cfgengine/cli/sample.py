@@ -14,6 +14,7 @@ from cfgengine.registry import load
 from cfgengine.runtime import BACKENDS, PRECISIONS
 from cfgengine.sampler import Sampler
 from cfgengine.tables import SAMPLERS
+from cfgengine.threads import apply_to_torch
 
 
 def add(sub) -> None:
@@ -34,7 +35,9 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto = cudagraph on CUDA, torch on CPU; exported files use their own")
+                   help="auto = cudagraph on CUDA; on CPU onnxruntime when installed (the "
+                        "[onnx] extra; graph exported once and cached), else torch; exported "
+                        "files use their own")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default fp32, or an exported file's own); the step "
                         "is always fp32")
@@ -62,6 +65,7 @@ def run(args) -> int:
     for flag in ("out", "npz"):
         if getattr(args, flag) is not None:
             check_writable(getattr(args, flag), f"--{flag}")
+    apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     model = load(args.ckpt)
     labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=args.device, backend=args.backend, precision=args.precision)
@@ -73,7 +77,7 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     write_outputs(args, model, x.cpu(), labels)
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
-          f"samples/s, backend {engine.backend}, device {engine.device}, precision {engine.precision}"
+          f"samples/s, backend {getattr(engine.guided_net, 'runtime', engine.backend)}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
     return 0
 
