@@ -94,6 +94,9 @@ def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, thread
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convs: no inter-op
     options.intra_op_num_threads = threads or intra_op_threads()  # affinity, overrides
     options.inter_op_num_threads = 1
+    # idle workers sleep instead of spinning: on a shared CPU spinning threads take the cores
+    # the other processes (and our own torch step) need
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider = _provider(ort, device)
     # CPU EP after CUDA: ORT places the few nodes CUDA lacks kernels for (shape arithmetic) there
     cpu = "CPUExecutionProvider"
