@@ -37,7 +37,8 @@ class Sampler:
 
     `backend`: auto (cudagraph on CUDA; on CPU onnxruntime when it is installed, else torch),
     torch, compile, onnxruntime or cudagraph; an exported model runs on its own backend.
-    `precision` is the network's (fp32, bf16, fp16 by autocast); the step is always fp32. A model on another device is moved there (in place, like `.to`).
+    `precision` is the network's (fp32, bf16, fp16 by autocast); the step is always fp32. A model
+    on another device is moved there (in place, like `.to`).
     """
 
     def __init__(self, model, *, device: torch.device | str | None = None,

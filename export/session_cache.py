@@ -9,10 +9,10 @@ and its ONNX Runtime session is kept in memory per key for the life of the proce
 that changed, an in-place update of the weights (load_state_dict, an optimizer step) or another
 shape gives another key, so a stale session is never reused.
 
-Exporting costs seconds (fp32 goes through the TorchScript tracer, about 3 s for the default model on
-an idle 2-core CPU; the dynamo exporter `cfgengine export` uses takes 10 s or more), so under `auto` a call exports only when its work pays for that —
-`AUTO_EXPORT_ROW_STEPS` rows × steps or more — or when the session is already cached; smaller calls
-run eager torch. Under `auto` any export or session failure prints ONE warning line on stderr and
+Exporting costs seconds (fp32 goes through the TorchScript tracer: about 5 s for the default model
+on a loaded 2-core CPU; the dynamo exporter of `cfgengine export` takes 10 s or more), so under
+`auto` a call exports only when its work pays for that — `AUTO_EXPORT_ROW_STEPS` rows × steps or
+more — or when the session is already cached; smaller calls run eager torch. Under `auto` any export or session failure prints ONE warning line on stderr and
 the Sampler keeps running eager torch; under an explicit `onnxruntime` it is a ValueError.
 """
 from __future__ import annotations

@@ -76,8 +76,9 @@ def run(args) -> int:
                       progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     write_outputs(args, model, x.cpu(), labels)
+    runtime = getattr(engine.guided_net, "runtime", engine.backend)  # what ran: auto may be eager
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
-          f"samples/s, backend {getattr(engine.guided_net, 'runtime', engine.backend)}, device {engine.device}, precision {engine.precision}"
+          f"samples/s, backend {runtime}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
     return 0
 
