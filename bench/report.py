@@ -45,8 +45,9 @@ def markdown(report: dict, figure: str | None = None) -> str:
 def _header(report: dict) -> str:
     cfg = report["config"]
     return (f"Device **{report['device']}** ({report['device_name']}, {report['cpu_threads']} "
-            f"torch threads), load average {report['load_average']}; torch {report['torch']}, "
-            f"diffusers {report['diffusers']}; commit `{report['git_commit'][:12]}`, "
+            f"torch threads), load average {report['load_average']} at the start, "
+            f"{report.get('load_average_after')} at the end; torch {report['torch']}, "
+            f"diffusers {report['diffusers']}, onnxruntime {report.get('onnxruntime')}; commit `{report['git_commit'][:12]}`, "
             f"{report['date']}. Model: {report['model']}. Sampler {cfg['sampler']}, w = {cfg['w']}"
             f" (guidance_scale {1 + cfg['w']:g}), median of {cfg['repeats']} interleaved rounds."
             + (f"\n\n`{report['command']}`" if report.get("command") else ""))
@@ -55,7 +56,7 @@ def _header(report: dict) -> str:
 def cell_table(report: dict) -> list[str]:
     """One row per (runner, precision, B, T); speed-ups are baseline time / engine time."""
     names = list(report["baselines"])
-    head = ["runner", "prec", "B", "T", "images/s", "ms/step", "t_fwd(2B) ms", "η",
+    head = ["runner", "prec", "B", "T", "images/s", "ms/step", "t_fwd(2B) ms", "η", "step %",
             *[f"× {n}" for n in names]]
     rows = [_row(head), _row(["---"] * len(head))]
     for r in report["cells"]:
@@ -63,6 +64,7 @@ def cell_table(report: dict) -> list[str]:
         rows.append(_row([r["runner"], r["precision"], r["batch"], r["steps"],
                           f"{r['images_per_s']:.3g}", f"{r['ms_per_step']:.3g}",
                           f"{1e3 * r['t_forward_2B']:.3g}", f"{r['eta']:.2f}",
+                          f"{100 * r['step_share']:.2f}" if "step_share" in r else "",
                           *[f"{speedup[n]:.2f}" if n in speedup else "" for n in names]]))
     return rows
 

@@ -1,8 +1,11 @@
 """Backends: what computes eps2 = backend(z[B], λ[B], labels[B]) for the sampler (docs/design.md §3).
 
-`torch` runs the GuidedDenoiser eagerly, `compile` runs it through torch.compile, and `cudagraph`
-captures the whole step (net forward on a static [2B] buffer + the fused step kernel) as a CUDA
-graph (cfgengine/cudagraph.py). Exported files (.onnx, .pt2, .plan) load as backends of their own.
+`torch` runs the GuidedDenoiser eagerly, `compile` runs it through torch.compile, `onnxruntime`
+runs it as an ONNX graph exported on first use and cached (cfgengine.export.session_cache), and
+`cudagraph` captures the whole step (net forward on a static [2B] buffer + the fused step kernel)
+as a CUDA graph (cfgengine/cudagraph.py). `auto` is cudagraph on CUDA; on CPU it is onnxruntime
+when onnxruntime imports, the model is a torch module and the precision fp32, else torch.
+Exported files (.onnx, .pt2, .plan) load as backends of their own.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 
 from cfgengine.guidance import GuidedDenoiser
 
-BACKENDS = ("auto", "torch", "compile", "cudagraph")
+BACKENDS = ("auto", "torch", "compile", "onnxruntime", "cudagraph")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                       "fp16": torch.float16}  # network precision name → dtype
 
@@ -20,8 +23,8 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return None if precision == "fp32" else PRECISIONS[precision]
 
 
-def check_backend(name: str | None, model, device: torch.device) -> str:
-    """The backend that will run `model` on `device`; ValueError when it cannot."""
+def check_backend(name: str | None, model, device: torch.device, precision: str = "fp32") -> str:
+    """The backend that will run `model` on `device` at `precision`; ValueError when it cannot."""
     name = name or "auto"
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -31,14 +34,27 @@ def check_backend(name: str | None, model, device: torch.device) -> str:
             raise ValueError(f"this model is an exported {exported} file; it runs only on "
                              f"backend {exported}")
         return exported
+    module = isinstance(model, torch.nn.Module)
     if name == "auto":
-        return "cudagraph" if device.type == "cuda" and isinstance(model, torch.nn.Module) \
-            else "torch"
+        if device.type == "cuda":
+            return "cudagraph" if module else "torch"
+        return "onnxruntime" if module and _onnxruntime_pays(precision) else "torch"
+    if name == "onnxruntime" and not module:
+        raise ValueError("backend onnxruntime exports the model: it needs a torch nn.Module")
+    if name == "onnxruntime" and precision == "bf16":
+        raise ValueError("backend onnxruntime has no bf16 kernels; use --precision fp32 or fp16")
     if name == "cudagraph" and device.type != "cuda":
         raise ValueError("backend cudagraph needs a CUDA device (--device cuda)")
     if name == "cudagraph" and not isinstance(model, torch.nn.Module):
         raise ValueError("backend cudagraph needs a torch nn.Module model")
     return name
+
+
+def _onnxruntime_pays(precision: str) -> bool:
+    """Whether auto may pick ONNX Runtime on CPU: installed, and a precision it runs fast."""
+    from cfgengine.export import session_cache
+
+    return precision in session_cache.AUTO_PRECISIONS and session_cache.available()
 
 
 def check_device(device: torch.device | str | None, model) -> torch.device:
@@ -74,10 +90,16 @@ def check_precision(precision: str | None, model) -> str:
     return precision
 
 
-def split_model(model, backend: str):
+def split_model(model, backend: str, precision: str = "fp32",
+                device: torch.device | None = None, auto: bool = False):
     """(doubled-batch callable, plain B-row net or None) for a Denoiser or an exported backend."""
     if getattr(model, "returns_doubled", False):
         return model, getattr(model, "denoiser", None)
+    if backend == "onnxruntime":
+        from cfgengine.export.session_cache import OnnxRuntimeDenoiser
+
+        guided = OnnxRuntimeDenoiser(model, precision, device or model_device(model), auto)
+        return guided, guided.denoiser
     guided = GuidedDenoiser(model)
     if backend == "compile":
         return torch.compile(guided), torch.compile(model)

@@ -64,17 +64,19 @@ class Sampler:
     """Stateful sampler: built once for a model/backend, a device and a precision; caches the
     tables, compiled modules and captured CUDA graphs that make repeated calls fast.
 
-    `backend`: auto (cudagraph on CUDA, torch on CPU), torch, compile or cudagraph; an exported
-    model runs on its own backend. `precision` is the network's (fp32, bf16, fp16 by autocast);
-    the step is always fp32. A model on another device is moved there (in place, like `.to`).
+    `backend`: auto (cudagraph on CUDA; on CPU onnxruntime when it is installed, else torch),
+    torch, compile, onnxruntime or cudagraph; an exported model runs on its own backend.
+    `precision` is the network's (fp32, bf16, fp16 by autocast); the step is always fp32. A model
+    on another device is moved there (in place, like `.to`).
     """
 
     def __init__(self, model, *, device: torch.device | str | None = None,
                  backend: str | None = None, precision: str | None = None):
         self.device = check_device(device, model)
-        self.backend = check_backend(backend, model, self.device)
         self.precision = check_precision(precision, model)
-        exported = getattr(model, "backend_name", None) is not None
+        self.backend = check_backend(backend, model, self.device, self.precision)
+        exported = getattr(model, "backend_name", None) is not None or \
+            self.backend == "onnxruntime"  # ONNX Runtime runs its graph at its own precision
         self.autocast_dtype = None if exported else autocast_dtype(self.precision)
         model = move_model(model, self.device)
         self.num_classes = model.num_classes
@@ -83,7 +85,8 @@ class Sampler:
         self.logsnr_range = tuple(getattr(model, "logsnr_range", None) or LOGSNR_RANGE)
         self.model_grid = getattr(model, "logsnr_grid", None)  # e.g. a diffusers scheduler's
         self.model_name = str(getattr(model, "path", None) or type(model).__name__)
-        self.guided_net, self.net = split_model(model, self.backend)
+        self.guided_net, self.net = split_model(model, self.backend, self.precision, self.device,
+                                                auto=backend in (None, "auto"))
         self._steps: dict[tuple, Steps] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
 
@@ -111,6 +114,8 @@ class Sampler:
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
         guided = labels is not None and bool((w != 0).any())  # once, before any loop
         steps = self._steps_of(plan)
+        if hasattr(self.guided_net, "plan"):  # onnxruntime: export only when the work pays
+            self.guided_net.plan(rows=count, steps=plan.steps)
         bar = _progress_bar(progress, len(chunks) * plan.steps)
         finite = FiniteFlag(plan.steps, self.device)  # shared by the chunks, read once below
         parts = [self._sample_chunk(plan, steps, _rows(labels, a, b), w[a:b], sample_ids[a:b],
@@ -138,13 +143,17 @@ class Sampler:
             return x_hat
         state, x_hat = self._buffers(plan, z)
         silence = torch.zeros_like(z) if any(steps.quiet) else None
+        # CPU: the noise of many steps per Philox call (rng.StepNoise); CUDA draws it in-kernel
+        drawn = rng.StepNoise(plan.seed, sample_ids, plan.shape, plan.steps) \
+            if self.device.type == "cpu" else None
         finite = finite or FiniteFlag(plan.steps, self.device)
         for t in range(plan.steps):
             eps2 = self._eps(z, steps.logsnr[t].expand(batch), labels, doubled[t])  # (2B|B, *S)
             finite.update(eps2, t)  # before the step: its clip would hide ±inf
+            noise = silence if steps.quiet[t] else None if drawn is None else drawn[t]
             z = guided_step(eps2, z, w, steps.table, t, rule=plan.rule, state=state,
                             x_hat_prev=x_hat, x_hat_out=x_hat, clip=plan.clip, seed=plan.seed,
-                            sample_ids=sample_ids, noise=silence if steps.quiet[t] else None)
+                            sample_ids=sample_ids, noise=noise)
             _advance(bar, 1)
         return z
 

@@ -6,7 +6,6 @@ normalisations in fp32. bf16 is refused: ONNX Runtime has no bf16 kernels for Co
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend, require
 from cfgengine.export.program import INPUTS, OUTPUT, Traced, trace
 from cfgengine.atomic import atomic_path
+from cfgengine.threads import intra_op_threads
 
 OPSET = 18
 SUPPORTED_PRECISIONS = ("fp32", "fp16")
@@ -46,8 +46,14 @@ def to_proto(traced: Traced, opset: int = OPSET):
     require("onnxscript", "onnx")  # the dynamo exporter's dependency: fail with the extra's name
     program = torch.onnx.export(traced.program, dynamo=True, opset_version=opset,
                                 input_names=list(INPUTS), output_names=[OUTPUT], verbose=False)
-    proto = program.model_proto
-    meta_json = traced.meta.to_json()
+    return with_metadata(program.model_proto, traced.meta)
+
+
+def with_metadata(proto, meta: metadata.ExportMeta):
+    """`proto` carrying our metadata and its digest over the graph, after the full checker and
+    the symbolic-batch check (every ONNX file cfgengine writes goes through here)."""
+    onnx = require("onnx", "onnx")
+    meta_json = meta.to_json()
     for key, value in ((metadata.KEY, meta_json), (metadata.DIGEST_KEY, metadata.digest(
             meta_json, proto.graph.SerializeToString()))):
         entry = proto.metadata_props.add()
@@ -64,17 +70,6 @@ def check_symbolic_batch(proto) -> None:
         if not first.dim_param or first.HasField("dim_value"):
             raise ValueError(f"ONNX export froze the batch dimension of {value.name!r} to "
                              f"{first.dim_value}")
-
-
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (hyper-threads share one core's
-    execution units, so more intra-op threads than cores only adds contention)."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())
-    cores = set()
-    for cpu in allowed:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list")
-        cores.add(siblings.read_text().strip() if siblings.exists() else str(cpu))
-    return max(1, len(cores))
 
 
 def load(path: str | Path, *, device: torch.device | str = "cpu",
@@ -134,8 +129,11 @@ def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, thread
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convs: no inter-op
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = threads or intra_op_threads()  # affinity, overrides
     options.inter_op_num_threads = 1
+    # idle workers sleep instead of spinning: on a shared CPU spinning threads take the cores
+    # the other processes (and our own torch step) need
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider = _provider(ort, device)
     # CPU EP after CUDA: ORT places the few nodes CUDA lacks kernels for (shape arithmetic) there
     cpu = "CPUExecutionProvider"

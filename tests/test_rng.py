@@ -178,3 +178,103 @@ def test_independent_across_lanes_and_quads(draws):
 def test_seed_out_of_range_is_rejected(seed):
     with pytest.raises(ValueError, match="seed"):
         rng.randn(seed, torch.arange(2), 0, 4)
+
+
+# --- the fast generator against a slow reference written from the Philox definition -------------
+# The reference below is the generator as first written: Philox4x32-10 word by word, with every
+# 32×32-bit product split into 16-bit halves so nothing overflows int64, then the signed-view
+# uniform and Box–Muller as separate per-lane ops. The fast rng.py must equal it bit for bit.
+
+def _ref_mul_hi_lo(const: int, x: torch.Tensor):
+    c_hi, c_lo = const >> 16, const & 0xFFFF
+    lo_part, hi_part = c_lo * x, c_hi * x  # each < 2⁴⁸
+    high = (hi_part + (lo_part >> 16)) >> 16
+    low = (((hi_part & 0xFFFF) << 16) + lo_part) & rng.MASK32
+    return high & rng.MASK32, low
+
+
+def _ref_philox(c0, c1, c2, c3, k0: int, k1: int):
+    for _ in range(10):
+        hi_b, lo_b = _ref_mul_hi_lo(rng.PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _ref_mul_hi_lo(rng.PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + rng.PHILOX_KEY_A) & rng.MASK32, (k1 + rng.PHILOX_KEY_B) & rng.MASK32
+    return c0, c1, c2, c3
+
+
+def _ref_uniform(x: torch.Tensor) -> torch.Tensor:
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(rng.UNIFORM_SCALE, dtype=torch.float32)
+
+
+def _ref_normals(u1: torch.Tensor, u2: torch.Tensor):
+    u1 = torch.clamp(u1, min=1.0e-7)
+    theta = 6.283185307179586 * u2
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return radius * torch.cos(theta), radius * torch.sin(theta)
+
+
+def reference_randn(seed: int, sample_ids: torch.Tensor, k, numel: int) -> torch.Tensor:
+    """[B, numel] from the definition: element j of row i is lane j % 4 of Philox at counter
+    (j // 4, k_i, id_i low, id_i high) with key (seed low, seed high)."""
+    ids = sample_ids.to(torch.int64).reshape(-1, 1)
+    kk = torch.as_tensor(k, dtype=torch.int64).reshape(-1, 1)
+    quads = -(-numel // 4)
+    shape = (ids.shape[0], quads)
+    counters = (torch.arange(quads).reshape(1, -1).expand(shape), (kk & rng.MASK32).expand(shape),
+                (ids & rng.MASK32).expand(shape), ((ids >> 32) & rng.MASK32).expand(shape))
+    r0, r1, r2, r3 = _ref_philox(*counters, seed & rng.MASK32, seed >> 32)
+    n0, n1 = _ref_normals(_ref_uniform(r0), _ref_uniform(r1))
+    n2, n3 = _ref_normals(_ref_uniform(r2), _ref_uniform(r3))
+    return torch.stack((n0, n1, n2, n3), dim=-1).reshape(ids.shape[0], 4 * quads)[:, :numel]
+
+
+def python_philox(counter: tuple[int, int, int, int], key: tuple[int, int]):
+    """Philox4x32-10 on plain Python integers (Salmon et al. 2011, Triton's round order)."""
+    (c0, c1, c2, c3), (k0, k1) = counter, key
+    for _ in range(10):
+        pb, pa = rng.PHILOX_ROUND_B * c2, rng.PHILOX_ROUND_A * c0
+        c0, c1, c2, c3 = (pb >> 32) ^ c1 ^ k0, pb & rng.MASK32, (pa >> 32) ^ c3 ^ k1, pa & rng.MASK32
+        k0, k1 = (k0 + rng.PHILOX_KEY_A) & rng.MASK32, (k1 + rng.PHILOX_KEY_B) & rng.MASK32
+    return c0, c1, c2, c3
+
+
+def test_philox_words_match_python_integers():
+    """Every wrap-around case of the int64 product: words 0, 2³¹ − 1, 2³¹, 2³² − 1 and random."""
+    gen = torch.Generator().manual_seed(3)
+    words = torch.cat([torch.tensor([0, 2**31 - 1, 2**31, 2**32 - 1]),
+                       torch.randint(0, 2**32, (60,), generator=gen)])
+    c = [words, words.roll(1), words.roll(2), words.roll(3)]
+    for key in ((0, 0), (2**32 - 1, 2**32 - 1), (12345, 2**31 + 7)):
+        fast = torch.stack(rng.philox4x32(*c, *key), dim=1).tolist()
+        want = [python_philox(tuple(int(x[i]) for x in c), key) for i in range(len(words))]
+        assert fast == [list(w) for w in want]
+
+
+@pytest.mark.parametrize("numel", [1, 3, 45, 769, 4097])
+@pytest.mark.parametrize("seed", [0, 2**32 + 3, 2**62 + 12345])
+def test_fast_randn_equals_the_reference_bit_for_bit(seed, numel):
+    ids = torch.tensor([0, 7, 2**32 - 1, 2**32, 2**40 + 1, 2**62 + 9, 3])
+    ks = torch.tensor([0, 1, 2**31 + 5, 2**32 - 1, 17, 256, 1024])
+    assert torch.equal(rng.randn(seed, ids, ks, numel), reference_randn(seed, ids, ks, numel))
+    assert torch.equal(rng.randn(seed, ids[2:3], 9, numel), reference_randn(seed, ids[2:3], 9, numel))
+
+
+def test_step_noise_equals_per_step_draws_over_many_steps():
+    """The block draw of the sampler's CPU loop gives each step's own key, across block edges."""
+    ids, shape, steps = torch.tensor([2**32 + 5, 0, 11]), (3, 5, 7), 300
+    noise = rng.StepNoise(2**33 + 1, ids, shape, steps, max_elements=7 * 3 * 105)  # 7-step blocks
+    assert noise.block == 7
+    for t in (0, 6, 7, 8, 150, 298, 299):
+        want = reference_randn(2**33 + 1, ids, t + 1, 105).reshape(3, *shape)
+        assert torch.equal(noise[t], want), t
+    with pytest.raises(IndexError):
+        noise[steps]
+
+
+def test_randn_steps_stacks_keys():
+    ids, ks = torch.tensor([4, 2**35]), torch.tensor([1, 5, 2**32 + 2])
+    stacked = rng.randn_steps(8, ids, ks, (2, 3))
+    for j, k in enumerate(ks.tolist()):
+        assert torch.equal(stacked[j], reference_randn(8, ids, k, 6).reshape(2, 2, 3))

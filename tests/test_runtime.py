@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import cfgengine
+from cfgengine import toy
 from cfgengine.unet import UNet, preset
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,8 +44,13 @@ def test_bf16_network_stays_close_to_fp32(tiny_unet):
     assert 0 < rel_err(bf16, fp32) < 0.1
 
 
-def test_auto_backend_on_cpu_is_eager(tiny_unet):
-    assert cfgengine.Sampler(tiny_unet, device="cpu").backend == "torch"
+def test_auto_backend_on_cpu_is_onnxruntime_when_installed_else_eager(tiny_unet):
+    from cfgengine.export import session_cache
+
+    want = "onnxruntime" if session_cache.available() else "torch"
+    assert cfgengine.Sampler(tiny_unet, device="cpu").backend == want
+    mixture = toy.image_mixture()  # a plain-callable Denoiser, not an nn.Module: no export
+    assert cfgengine.Sampler(mixture, device="cpu").backend == "torch"
 
 
 @pytest.mark.parametrize("kwargs,message", [

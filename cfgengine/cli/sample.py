@@ -19,6 +19,7 @@ from cfgengine.runtime import BACKENDS, PRECISIONS
 from cfgengine.sampler import Sampler
 from cfgengine.schedule import GRIDS
 from cfgengine.tables import SAMPLERS
+from cfgengine.threads import apply_to_torch
 
 GUIDANCE = ("cfg", "zero_star", "apg")
 APG_FLAGS = {"apg_eta": "eta", "apg_momentum": "momentum", "apg_norm": "norm_threshold"}
@@ -52,7 +53,9 @@ def add(sub) -> None:
                         "alone (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto = cudagraph on CUDA, torch on CPU; exported files use their own")
+                   help="auto = cudagraph on CUDA; on CPU onnxruntime when installed (the "
+                        "[onnx] extra; graph exported once and cached), else torch; exported "
+                        "files use their own")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default fp32, or an exported file's own); the step "
                         "is always fp32")
@@ -167,6 +170,7 @@ def sample_ids(first_id: int, rows: int) -> torch.Tensor:
 @distributed.command  # under torchrun: each rank samples its shard of ids, rank 0 writes
 def run(args) -> int:
     check_output_flags(args)
+    apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
     labels = sample_labels(model, args.classes, args.n)
@@ -188,8 +192,9 @@ def run(args) -> int:
         return 0  # not rank 0: it writes
     decode = getattr(model, "decode", None)  # latent models: the PNG and --npz hold images
     write_outputs(args, model, (decode(x) if decode else x).cpu(), labels)
+    runtime = getattr(engine.guided_net, "runtime", engine.backend)  # what ran: auto may be eager
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
-          f"samples/s, backend {engine.backend}, device {engine.device}, precision {engine.precision}"
+          f"samples/s, backend {runtime}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
     return 0
 

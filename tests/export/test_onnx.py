@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
-from cfgengine import export  # noqa: E402
+from cfgengine import export, threads  # noqa: E402
 from cfgengine.export import metadata  # noqa: E402
 from cfgengine.export import onnx as onnx_export  # noqa: E402
 from cfgengine.export.program import EXAMPLE_BATCH, cast_for_export, example_inputs  # noqa: E402
@@ -38,11 +38,11 @@ def test_metadata_is_stored_in_the_model(onnx_path):
     assert metadata.parse(stored[metadata.KEY], onnx_path).format == metadata.FORMAT
 
 
-def test_cpu_session_uses_one_thread_per_physical_core(backend):
+def test_cpu_session_uses_the_thread_selection(backend):
     assert backend.providers == ["CPUExecutionProvider"]
-    cores = onnx_export.physical_cores()
-    assert 1 <= cores <= os.cpu_count()
-    assert backend.session.get_session_options().intra_op_num_threads == cores
+    chosen = threads.intra_op_threads()
+    assert chosen >= 1
+    assert backend.session.get_session_options().intra_op_num_threads == chosen
 
 
 def test_fp16_cast_keeps_normalisations_in_fp32(tiny_unet, traced, rel_err):
