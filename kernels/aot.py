@@ -103,7 +103,8 @@ def source(launch: Launch):
     from triton.runtime.jit import native_specialize_impl
 
     fn = launch.kernel
-    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages", "maxnreg")
+               if k in launch.kwargs}
     values = dict(zip(fn.arg_names, launch.args))
     values.update({k: v for k, v in launch.kwargs.items() if k not in options})
     signature, constexprs, attrs = {}, {}, {}

@@ -710,6 +710,11 @@ def _row_stats_kernel(eps_c_ptr, eps_u_ptr, z_ptr, table_ptr, w_ptr, step_ptr, s
 # ---------------------------------------------------------------------------------------------
 
 TILE_ELEMENTS = 2048  # per program: 8 values per thread at 8 warps, two 16-byte fp32 vectors
+# ptxas's own heuristic capped some 256-thread step specialisations at 64 registers and spilled
+# 8–16 bytes (x̂ written at a 0-d step in bf16/fp16 on sm_90, the dpmpp term in fp32 on sm_80:
+# `python -m cfgengine.kernels.aot`); 80 lets them fit and still runs 3 blocks of 256 threads per
+# SM. The occupancy trade-off is unmeasured (no GPU yet): bench/gpu_check.py times it.
+STEP_MAX_REGISTERS = 80
 MAX_GRID_ROWS = 65535  # CUDA's limit on the grid's second axis; the kernels stride past it
 MAX_SPLIT = 32  # slices per row in the reduction pass: ≥ 256 programs at B = 8 for a big D, and
                 # the step kernel's SPLIT·5 partial reads stay ~2% of a tile's bytes
@@ -880,7 +885,7 @@ def _launch_step(ops: StepOperands, mode: int, stats: torch.Tensor, split: int,
         THRESHOLD=_threshold_mode(ops.clip, only_x_hat), LOAD_X_HAT=scale is not None,
         ONLY_X_HAT=only_x_hat, N_COPIES=len(dests) - 1, WRITE_X_HAT=x_hat_dest is not None,
         SPLIT=split, BLOCK_R=config.block_rows, BLOCK_D=config.block_d,
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, maxnreg=STEP_MAX_REGISTERS)
 
 
 def _is_number(value) -> bool:
