@@ -104,3 +104,16 @@ def aoti_path(traced, export_dir):
     from cfgengine.export import aoti
 
     return aoti.export_program(traced, export_dir / "tiny.pt2")
+
+
+def cli_fails(capsys, argv, *mentions) -> str:
+    """Run `cfgengine argv` in-process: it must exit 2 with exactly one `cfgengine: error:` line
+    naming every one of `mentions`; returns that line."""
+    from cfgengine import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cfgengine: error: ") and err.count("\n") == 1, err
+    for word in mentions:
+        assert word in err, err
+    return err

@@ -10,20 +10,14 @@ import zipfile
 import pytest
 import torch
 
-from cfgengine import checkpoint, cli, metrics
+from tests.conftest import cli_fails as _fails
+from cfgengine import checkpoint, metrics
 from cfgengine.checkpoint import ASSETS
 from cfgengine.unet import UNet, preset
 
 DEFAULT = str(ASSETS / "default.safetensors")
 
 
-def _fails(capsys, argv, *mentions):
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("cfgengine: error: ") and err.count("\n") == 1, err
-    for word in mentions:
-        assert word in err, err
-    return err
 
 
 def _eval(tmp_path, *flags):

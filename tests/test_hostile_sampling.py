@@ -13,19 +13,13 @@ import pytest
 import torch
 
 import cfgengine
+from tests.conftest import cli_fails as _fails
 from cfgengine import cli, registry
 from cfgengine.checkpoint import ASSETS
 
 GMM = ["sample", "--ckpt", "gmm", "--steps", "4", "--n", "3"]
 
 
-def _fails(capsys, argv, *mentions):
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("cfgengine: error: ") and err.count("\n") == 1, err
-    for word in mentions:
-        assert word in err, err
-    return err
 
 
 class Wrapped:
