@@ -40,6 +40,7 @@ class EvalConfig:
     v: float = 0.3
     cache_dir: str | None = None  # None: ~/.cache/cfgengine
     trust_code: bool = False  # run .pt2 / TorchScript code files not exported on this machine
+    save_samples: bool = True  # False: score without writing (or, under torchrun, gathering) images
 
     def __post_init__(self):
         if not self.ckpts:
@@ -229,7 +230,9 @@ def run_eval(config: EvalConfig, log=print) -> dict:
     real_radii = metrics.knn_radii(ref.features, config.k)
     out = Path(config.out_dir)
     if distributed.is_main():  # only once every input has been read; rank 0 writes
-        (out / "samples").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if config.save_samples:
+            (out / "samples").mkdir(exist_ok=True)
     cells = []
     for spec in specs:
         for steps in config.steps:
@@ -251,14 +254,18 @@ def _evaluate_configuration(spec: ModelSpec, steps: int, config: EvalConfig, ext
     features, probs = metrics.extract(extractor, from_uint8(images))
     totals = cell_moments(features, w, config, ref)
     count = len(config.w) * config.n  # rank 0 gathers what P/R and the bootstraps resample
-    images, labels, w, features, probs = (distributed.gather_rows(rows, count)
-                                          for rows in (images, labels, w, features, probs))
+    labels, w, features, probs = (distributed.gather_rows(rows, count)
+                                  for rows in (labels, w, features, probs))
+    if config.save_samples:  # the images travel (and reach the disk) only when asked for
+        images = distributed.gather_rows(images, count)
     if not distributed.is_main():
         return []
-    shard = Path(config.out_dir) / "samples" / f"{_slug(spec.name)}-T{steps}.npz"
-    write_shard(shard, images, labels, w)
+    where = "not written (--no-samples)"
+    if config.save_samples:
+        where = Path(config.out_dir) / "samples" / f"{_slug(spec.name)}-T{steps}.npz"
+        write_shard(where, images, labels, w)
     rows = score_configuration(features, probs, labels, w, totals, ref, real_radii, config)
-    log(f"{spec.name} T={steps}: {len(images)} samples in {seconds:.1f} s -> {shard}")
+    log(f"{spec.name} T={steps}: {count} samples in {seconds:.1f} s -> {where}")
     return [{"model": spec.name, "ckpt": spec.path, "p_uncond": spec.p_uncond, "steps": steps,
              "sample_seconds": seconds / len(config.w), **row} for row in rows]
 

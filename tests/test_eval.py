@@ -103,3 +103,16 @@ def test_claims_follow_the_interval_rule():
     assert claims[1]["verdict"] == "inconclusive"
     falling = {0.0: 1.0, 0.3: 2.0, 1.0: 3.0, 4.0: 2.0}
     assert study.judge_claims({"cells": _cells(fid, falling)})[1]["verdict"] == "fails"
+
+
+def test_no_samples_scores_the_same_and_writes_no_images(evaluated, tiny_model, tmp_path):
+    _, out = evaluated
+    assert cli.main(["eval", "--ckpt", tiny_model, "--w", W, "--steps", STEPS, "--n", str(N),
+                     "--bootstrap", "5", "--out-dir", str(tmp_path / "out"),
+                     "--cache-dir", str(tmp_path / "cache"), "--no-samples"]) == 0
+    assert not (tmp_path / "out" / "samples").exists()
+    keys = ("fid", "precision", "recall", "accuracy")
+    with_shards = json.loads((out / "results.json").read_text())["cells"]
+    without = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    assert [{k: c[k] for k in keys} for c in without] == [{k: c[k] for k in keys}
+                                                          for c in with_shards]

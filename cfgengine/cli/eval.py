@@ -35,6 +35,9 @@ def add(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="reference statistics cache "
                    "(default: ~/.cache/cfgengine)")
     add_trust_flag(p, "--ckpt or --features")
+    p.add_argument("--no-samples", dest="save_samples", action="store_false",
+                   help="score without writing the sample shards (under torchrun the images are "
+                        "then not gathered either: only features travel)")
     p.set_defaults(run=run)
 
 
@@ -44,7 +47,8 @@ def run(args) -> int:
 
     config = EvalConfig(tuple(args.ckpt), tuple(args.w), tuple(args.steps), args.n, args.seed,
                         args.out_dir, args.features, args.k, args.bootstrap, args.batch,
-                        cache_dir=args.cache_dir, trust_code=args.trust_code)
+                        cache_dir=args.cache_dir, trust_code=args.trust_code,
+                        save_samples=args.save_samples)
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir: {out} is a file")
