@@ -364,6 +364,14 @@ def _table_column(table_ptr, step, table_len, row_mask, column: tl.constexpr, mi
 
 
 @_jit()
+def _tile(rows, row_mask, cols, numel):
+    """(mask, int64 offsets) of the tile rows × cols of a [B, numel] tensor: int64 because B·D
+    may pass 2³¹."""
+    mask = row_mask[:, None] & (cols < numel)[None, :]
+    return mask, rows.to(tl.int64)[:, None] * numel + cols[None, :]
+
+
+@_jit()
 def _data_prediction(z, eps_ptr, offs, mask, alpha, sigma):
     """x̂ = (z − σ·ε)/α with ε loaded from `eps_ptr`."""
     eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -554,8 +562,7 @@ def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr
     for row_block in range(tl.program_id(1), tl.cdiv(batch, BLOCK_R), tl.num_programs(1)):
         rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
         row_mask = rows < batch
-        mask = row_mask[:, None] & (cols < numel)[None, :]
-        offs = rows.to(tl.int64)[:, None] * numel + cols[None, :]  # int64: B·D may pass 2³¹
+        mask, offs = _tile(rows, row_mask, cols, numel)
         step = _per_row(step_ptr, step_value, rows, row_mask, STEP_MODE, tl.int64)
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if LOAD_X_HAT:
@@ -610,9 +617,7 @@ def _rescale_stats(eps_c_ptr, eps_u_ptr, stats_ptr, w, rows, row_mask, start, st
     zero = tl.zeros(rows.shape, tl.float32)
     n, mean_c, m2_c, mean_g, m2_g = zero, zero, zero, zero, zero
     for begin in range(start, stop, BLOCK_D):
-        cols = begin + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < numel)[None, :]
-        offs = rows.to(tl.int64)[:, None] * numel + cols[None, :]
+        mask, offs = _tile(rows, row_mask, begin + tl.arange(0, BLOCK_D), numel)
         eps_c = tl.load(eps_c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         eps_u = tl.load(eps_u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         eps = tl.where(mask, eps_c + w * (eps_c - eps_u), 0.0)
@@ -635,9 +640,7 @@ def _zero_star_stats(eps_c_ptr, eps_u_ptr, stats_ptr, rows, row_mask, start, sto
     dot = tl.zeros(rows.shape, tl.float32)
     norm = tl.zeros(rows.shape, tl.float32)
     for begin in range(start, stop, BLOCK_D):
-        cols = begin + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < numel)[None, :]
-        offs = rows.to(tl.int64)[:, None] * numel + cols[None, :]
+        mask, offs = _tile(rows, row_mask, begin + tl.arange(0, BLOCK_D), numel)
         eps_c = tl.load(eps_c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         eps_u = tl.load(eps_u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dot += tl.sum(eps_c * eps_u, axis=1)
@@ -656,9 +659,7 @@ def _apg_stats(eps_c_ptr, eps_u_ptr, z_ptr, state_ptr, stats_ptr, alpha, sigma, 
     md = tl.zeros(rows.shape, tl.float32)
     dd = tl.zeros(rows.shape, tl.float32)
     for begin in range(start, stop, BLOCK_D):
-        cols = begin + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (cols < numel)[None, :]
-        offs = rows.to(tl.int64)[:, None] * numel + cols[None, :]
+        mask, offs = _tile(rows, row_mask, begin + tl.arange(0, BLOCK_D), numel)
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d_c = _data_prediction(z, eps_c_ptr, offs, mask, alpha, sigma)
         m = tl.where(mask, d_c - _data_prediction(z, eps_u_ptr, offs, mask, alpha, sigma), 0.0)
