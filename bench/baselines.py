@@ -48,7 +48,7 @@ class TwoForwardLoop:
 
     def __call__(self, steps: int, sampler: str) -> torch.Tensor:
         work = self.work
-        table, logsnr = schedule(steps, sampler, str(work.device))
+        table, logsnr = schedule(steps, sampler).on(work.device)
         gen = torch.Generator(work.device).manual_seed(work.seed)
         z = work.z0()
         for t in range(steps):
@@ -90,7 +90,7 @@ class DiffusersLoop:
 
     def __call__(self, steps: int, sampler: str) -> torch.Tensor:
         work, scheduler = self.work, self._scheduler(steps, sampler)
-        _, logsnr = schedule(steps, sampler, str(work.device))
+        _, logsnr = schedule(steps, sampler).on(work.device)
         latents, extra = work.z0(), self._step_kwargs(sampler)
         for i, t in enumerate(scheduler.timesteps):
             latent_model_input = torch.cat([latents] * 2)  # (2B, *S)

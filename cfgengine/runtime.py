@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from cfgengine.guidance import GuidedDenoiser
+from dataclasses import dataclass
+from typing import Callable
+
+from cfgengine.guidance import doubled_batch, null_labels
+from cfgengine.model import ModelInfo, info
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "cudagraph")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
@@ -23,18 +27,18 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return None if precision == "fp32" else PRECISIONS[precision]
 
 
-def check_backend(name: str | None, model, device: torch.device, precision: str = "fp32") -> str:
-    """The backend that will run `model` on `device` at `precision`; ValueError when it cannot."""
+def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torch.device,
+                  precision: str = "fp32") -> str:
+    """The backend that will run a model (`facts`; `module`: a torch nn.Module) on `device` at
+    `precision`; ValueError when it cannot."""
     name = name or "auto"
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    exported = getattr(model, "backend_name", None)
-    if exported is not None:
-        if name not in ("auto", exported):
-            raise ValueError(f"this model is an exported {exported} file; it runs only on "
-                             f"backend {exported}")
-        return exported
-    module = isinstance(model, torch.nn.Module)
+    if facts.exported:
+        if name not in ("auto", facts.backend):
+            raise ValueError(f"this model is an exported {facts.backend} file; it runs only on "
+                             f"backend {facts.backend}")
+        return facts.backend
     if name == "auto":
         if device.type == "cuda":
             return "cudagraph" if module else "torch"
@@ -45,7 +49,7 @@ def check_backend(name: str | None, model, device: torch.device, precision: str 
         raise ValueError("backend onnxruntime has no bf16 kernels; use --precision fp32 or fp16")
     if name == "cudagraph" and device.type != "cuda":
         raise ValueError("backend cudagraph needs a CUDA device (--device cuda)")
-    if name == "cudagraph" and not isinstance(model, torch.nn.Module):
+    if name == "cudagraph" and not module:
         raise ValueError("backend cudagraph needs a torch nn.Module model")
     return name
 
@@ -76,40 +80,101 @@ def check_device(device: torch.device | str | None, model) -> torch.device:
     return device
 
 
-def check_precision(precision: str | None, model) -> str:
+def check_precision(precision: str | None, facts: ModelInfo) -> str:
     """The network precision; an exported file runs at the precision it was exported with."""
-    exported = getattr(model, "backend_name", None)
-    if exported is not None:
-        if precision not in (None, model.precision):
-            raise ValueError(f"this {exported} file holds {model.precision} weights; export it "
-                             f"again with --precision {precision} instead")
-        return model.precision
+    if facts.exported:
+        if precision not in (None, facts.precision):
+            raise ValueError(f"this {facts.backend} file holds {facts.precision} weights; export "
+                             f"it again with --precision {precision} instead")
+        return facts.precision
     precision = precision or "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
 
 
-def split_model(model, backend: str, precision: str = "fp32",
-                device: torch.device | None = None, auto: bool = False):
-    """(doubled-batch callable, plain B-row net or None) for a Denoiser or an exported backend."""
-    if getattr(model, "returns_doubled", False):
-        return model, getattr(model, "denoiser", None)
-    if backend == "onnxruntime":
-        from cfgengine.export.session_cache import OnnxRuntimeDenoiser
+@dataclass
+class Prepared:
+    """A model made ready to sample, shared by the Sampler and the server: its facts, the net
+    that computes ε for every row it is given (rows in = rows out), and where and how it runs.
+    `eps` builds the doubled batch (one forward of 2B rows) where a step is guided."""
 
-        guided = OnnxRuntimeDenoiser(model, precision, device or model_device(model), auto)
-        return guided, guided.denoiser
-    guided = GuidedDenoiser(model)
-    if backend == "compile":
-        return torch.compile(guided), torch.compile(model)
-    return guided, model
+    info: ModelInfo
+    net: Callable
+    backend: str
+    device: torch.device
+    precision: str
+    autocast_dtype: torch.dtype | None
+
+    def eps(self, z: torch.Tensor, logsnr: torch.Tensor, cond: torch.Tensor,
+            doubled: bool) -> torch.Tensor:
+        """ε of the B rows, or of the doubled batch (conditional rows, then null rows)."""
+        if doubled:
+            z, logsnr, cond = doubled_batch(z, logsnr, cond, null_labels(cond,
+                                                                         self.info.null_label))
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            return check_rows(self.net(z, logsnr, cond), z.shape[0], self.info.name)
+
+    def announce(self, rows: int, steps: int) -> None:
+        """A sampling call of `rows` × `steps` forwards is coming (ONNX Runtime exports only when
+        the work pays for it)."""
+        if isinstance(self.net, session_cache_type()):
+            self.net.plan(rows=rows, steps=steps)
+
+    def warm(self) -> None:
+        """Export (or load) an ONNX Runtime session now, whatever the size of the next call."""
+        if isinstance(self.net, session_cache_type()):
+            self.net.warm()
+
+    @property
+    def runtime(self) -> str:
+        """What ran the last forward (auto on CPU may have run eager torch)."""
+        return self.net.runtime if isinstance(self.net, session_cache_type()) else self.backend
+
+
+def prepare(model, *, device=None, backend: str | None = None, precision: str | None = None,
+            facts: ModelInfo | None = None) -> Prepared:
+    """`model` ready to sample on `device` with `backend` at `precision` (each checked, one-line
+    ValueError otherwise); the model is moved there (in place for nn.Modules, like `.to`)."""
+    facts = facts or info(model)
+    module = isinstance(model, torch.nn.Module)
+    device = check_device(device, model)
+    precision = check_precision(precision, facts)
+    name = check_backend(backend, facts, module, device, precision)
+    model = move_model(model, device)
+    runs_own_precision = facts.exported or name == "onnxruntime"
+    dtype = None if runs_own_precision else autocast_dtype(precision)
+    if name == "onnxruntime":
+        net = session_cache_type()(model, precision, device, backend in (None, "auto"))
+    elif name == "compile":
+        net = torch.compile(model)
+    else:
+        net = model
+    return Prepared(facts, net, name, device, precision, dtype)
+
+
+def session_cache_type():
+    """The ONNX Runtime session backend's class (imported on first use: onnx is an extra)."""
+    from cfgengine.export.session_cache import OnnxRuntimeDenoiser
+
+    return OnnxRuntimeDenoiser
+
+
+def check_rows(eps: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """eps if it has `rows` rows (shape metadata: no sync); a B-row answer where 2B are due
+    would make every guided step silently unguided."""
+    if eps.shape[0] != rows:
+        raise ValueError(f"{name}: returned {eps.shape[0]} rows where {rows} are due (a denoiser "
+                         "returns one row of ε per input row)")
+    return eps
 
 
 def move_model(model, device: torch.device):
     """Put a Denoiser on `device` (in place for nn.Modules, as `module.to` does)."""
-    to = getattr(model, "to", None)
-    return to(device) if to is not None else model
+    if isinstance(model, torch.nn.Module) or callable(getattr(model, "to", None)):
+        return model.to(device)
+    return model
 
 
 def model_device(model) -> torch.device:

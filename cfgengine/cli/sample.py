@@ -14,6 +14,7 @@ from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_w
 from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
+from cfgengine.model import ModelInfo
 from cfgengine.registry import BUILTINS, load
 from cfgengine.runtime import BACKENDS, PRECISIONS
 from cfgengine.sampler import Sampler
@@ -139,16 +140,16 @@ def guidance_rule(args):
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 
 
-def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tensor:
+def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) -> torch.Tensor:
     """One block of n rows per class, in class order."""
-    classes = list(range(model.num_classes)) if classes is None else classes
+    classes = list(range(facts.num_classes)) if classes is None else classes
     if not classes:
         raise UserError("--classes: give at least one class id")
-    bad = [k for k in classes if not 0 <= k < model.num_classes]
+    bad = [k for k in classes if not 0 <= k < facts.num_classes]
     if bad:
-        raise UserError(f"--classes: class {bad[0]} is outside [0, {model.num_classes})")
+        raise UserError(f"--classes: class {bad[0]} is outside [0, {facts.num_classes})")
     if n is None:
-        n = 400 if len(model.sample_shape) == 1 else 4
+        n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
     return torch.tensor(classes).repeat_interleave(n)
@@ -176,12 +177,12 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
-    labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
+    labels = sample_labels(engine.info, args.classes, args.n)
     rows = len(labels) * len(args.w)
     ids = sample_ids(args.first_id, rows)
-    batch = plan_batch(rows, engine.sample_shape, args.steps, args.batch, engine.device)
+    batch = plan_batch(rows, engine.info.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
@@ -193,19 +194,18 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     if x is None:
         return 0  # not rank 0: it writes
-    decode = getattr(model, "decode", None)  # latent models: the PNG and --npz hold images
-    write_outputs(args, model, (decode(x) if decode else x).cpu(), labels)
-    runtime = getattr(engine.guided_net, "runtime", engine.backend)  # what ran: auto may be eager
+    decode = engine.info.decode  # latent models: the PNG and --npz hold images
+    write_outputs(args, engine.info, (decode(x) if decode else x).cpu(), labels)
+    runtime = engine.model.runtime  # what ran: auto may have run eager torch
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
           f"samples/s, backend {runtime}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
     return 0
 
 
-def write_outputs(args, model, x: torch.Tensor, labels: torch.Tensor) -> None:
+def write_outputs(args, facts: ModelInfo, x: torch.Tensor, labels: torch.Tensor) -> None:
     """The PNG grid and the optional npz, both or neither."""
-    names = getattr(model, "class_names", None) or [f"class {k}" for k in
-                                                    range(model.num_classes)]
+    names = facts.class_names or [f"class {k}" for k in range(facts.num_classes)]
     chunks = x.split(len(labels))
     with atomic_paths(args.out, args.npz) as (png, npz):  # both appear, or neither
         if npz is not None:

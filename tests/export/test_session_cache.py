@@ -47,7 +47,7 @@ def test_auto_on_cpu_runs_onnxruntime_and_equals_eager(net, monkeypatch):
     engine = cfgengine.Sampler(net, device="cpu")
     assert engine.backend == "onnxruntime"
     x = engine.sample(LABELS, w=W, steps=STEPS, seed=4)
-    assert engine.guided_net.runtime == "onnxruntime"
+    assert engine.model.runtime == "onnxruntime"
     assert rel(x, eager(net)) < 1e-4
     unguided = engine.sample(None, n=3, steps=STEPS, seed=4)  # the doubled graph, sliced
     want = cfgengine.sample(net, None, n=3, steps=STEPS, seed=4, backend="torch")
@@ -58,8 +58,8 @@ def test_small_uncached_calls_stay_eager(net):
     net.conv_out.bias.data.add_(0.25)  # weights no other test exported: nothing cached
     engine = cfgengine.Sampler(net)
     x = engine.sample(LABELS, w=W, steps=STEPS, seed=4)  # 30 row-steps: not worth an export
-    assert engine.guided_net.runtime == "torch"
-    assert not session_cache.cached(engine.guided_net.key())
+    assert engine.model.runtime == "torch"
+    assert not session_cache.cached(engine.model.net.key())
     assert torch.equal(x, eager(net))
 
 
@@ -94,7 +94,7 @@ def test_failed_export_falls_back_with_one_warning_line(net, monkeypatch, capsys
     engine.sample(LABELS, w=W, steps=STEPS, seed=4)  # no retry, no second warning
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "exporter exploded" in lines[0] and "eager torch" in lines[0]
-    assert engine.guided_net.runtime == "torch" and torch.equal(x, eager(net))
+    assert engine.model.runtime == "torch" and torch.equal(x, eager(net))
     with pytest.raises(ValueError, match="exporter exploded"):
         cfgengine.Sampler(net, backend="onnxruntime").sample(LABELS, w=W, steps=STEPS)
 
@@ -103,12 +103,12 @@ def test_changed_weights_never_reuse_a_stale_session(net, monkeypatch):
     monkeypatch.setattr(session_cache, "AUTO_EXPORT_ROW_STEPS", 1)
     engine = cfgengine.Sampler(net)
     before = engine.sample(LABELS, w=W, steps=STEPS, seed=4)
-    old_key = engine.guided_net.key()
+    old_key = engine.model.net.key()
     with torch.no_grad():
         for param in net.parameters():
             param.mul_(1.1)  # in place, as load_state_dict or an optimizer step does
     after = engine.sample(LABELS, w=W, steps=STEPS, seed=4)  # the same Sampler
-    assert engine.guided_net.key() != old_key and engine.guided_net.runtime == "onnxruntime"
+    assert engine.model.net.key() != old_key and engine.model.runtime == "onnxruntime"
     assert rel(after, eager(net)) < 1e-4 and rel(after, before) > 1e-3
 
 
