@@ -278,3 +278,20 @@ def test_help_names_the_backend_that_healthz_reports(capsys):
     app.state.service.shutdown()
     assert "auto = torch" not in help_text
     assert f"{backend} on CPU" in help_text or f"else {backend}" in help_text, help_text
+
+
+def test_bad_guard_flags_are_one_line_user_errors(tmp_path, capsys):
+    from cfgengine.cli import main
+
+    (tmp_path / "empty").write_text("\n")
+    empty, missing = str(tmp_path / "empty"), str(tmp_path / "missing")
+    bad = [["--max-body-bytes", "0"], ["--client-timeout", "nan"], ["--api-key", " "],
+           ["--api-key-file", missing], ["--api-key-file", empty],
+           ["--api-key", "k", "--api-key-file", empty]]
+    for flags in bad:
+        assert main(["serve", "--ckpt", "gmm", "--port", "0", *flags]) == 2, flags
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == len(bad) and all("Traceback" not in line for line in lines)
+    for line, words in zip(lines, ("--max-body-bytes", "--client-timeout", "empty", "missing",
+                                   "empty", "not both")):
+        assert words in line, line

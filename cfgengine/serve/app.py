@@ -1,8 +1,8 @@
 """The HTTP side of `cfgengine serve` (FastAPI): `POST /v1/samples`, `GET /healthz`,
 `GET /metrics`, the OpenAPI schema at `/openapi.json` and a self-contained page of it at `/docs`
-(FastAPI's own pages load their assets from a CDN, blank offline). Handlers are async and never touch torch: they validate,
-enqueue a Job for the scheduler's worker thread and await its answer, cancelling the job when the
-client goes away."""
+(FastAPI's own pages load their assets from a CDN, blank offline). Handlers are async and never
+touch torch: they validate, enqueue a Job for the scheduler's worker thread and await its answer,
+cancelling the job when the client goes away."""
 from __future__ import annotations
 
 import asyncio

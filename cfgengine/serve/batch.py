@@ -92,6 +92,9 @@ class TableBank:
                 self._tables.popitem(last=False)
         return self._tables[combo]
 
+    def __len__(self) -> int:
+        return len(self._tables)
+
     def _build(self, combo: Combo) -> Tables:
         logsnr = combo_logsnr(combo, self.engine.model)
         table = combo_table(combo, logsnr, self.engine.model, self.engine.device)

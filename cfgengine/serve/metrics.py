@@ -41,7 +41,8 @@ class Metrics:
                             "(guided rows count twice)", self.cost_in_flight)
             lines += ["# HELP cfgengine_steps_total scheduler steps (one network call each)",
                       "# TYPE cfgengine_steps_total counter", f"cfgengine_steps_total {self.steps}"]
-            lines += ["# HELP cfgengine_requests_total answers by HTTP status (all but /healthz, /metrics)",
+            lines += ["# HELP cfgengine_requests_total answers by HTTP status, every path but "
+                      "/healthz and /metrics",
                       "# TYPE cfgengine_requests_total counter"]
             lines += [f'cfgengine_requests_total{{code="{code}"}} {n}'
                       for code, n in sorted(self.requests.items())]
@@ -50,7 +51,8 @@ class Metrics:
 
     def _histogram(self) -> list[str]:
         name = "cfgengine_request_latency_seconds"
-        lines = [f"# HELP {name} POST /v1/samples: time from arrival to answer", f"# TYPE {name} histogram"]
+        lines = [f"# HELP {name} POST /v1/samples: time from arrival to answer",
+                 f"# TYPE {name} histogram"]
         total = 0
         for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self._buckets):
             total += n
