@@ -12,6 +12,7 @@ the concatenated-table index instead of the request's t.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass, field, replace
 
@@ -62,17 +63,26 @@ class Tables:
 
 class TableBank:
     """Step plans per (combo, rule), built once as `cfgengine.sample` builds them, and the
-    concatenation of their tables for the running batch."""
+    concatenation of their tables for the running batch. At most `max_tables` are kept, the least
+    recently used dropped first: clients choose combos, so an unbounded cache would grow with
+    every distinct request (members keep their own tables)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._tables: dict[tuple, Tables] = {}
+    def __init__(self, engine: Engine, max_tables: int = 64):
+        self.engine, self.max_tables = engine, max_tables
+        self._tables: collections.OrderedDict[tuple, Tables] = collections.OrderedDict()
 
     def get(self, combo: Combo, rule) -> Tables:
         key = (combo, rule)
-        if key not in self._tables:
+        if key in self._tables:
+            self._tables.move_to_end(key)
+        else:
             self._tables[key] = self._build(combo, rule)
+            while len(self._tables) > self.max_tables:
+                self._tables.popitem(last=False)
         return self._tables[key]
+
+    def __len__(self) -> int:
+        return len(self._tables)
 
     def _build(self, combo: Combo, rule) -> Tables:
         facts = self.engine.info
