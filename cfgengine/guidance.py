@@ -150,4 +150,5 @@ class DynamicThreshold:
         _check_number("DynamicThreshold max_value", self.max_value, 1.0, math.inf, open_hi=True)
 
 
-RULES = (CFG, ZeroStar, APG)
+RULE_NAMES = {"cfg": CFG, "zero_star": ZeroStar, "apg": APG}  # CLI and HTTP spellings
+RULES = tuple(RULE_NAMES.values())

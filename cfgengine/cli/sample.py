@@ -13,7 +13,7 @@ from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
-from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
+from cfgengine.guidance import APG, CFG, RULE_NAMES, DynamicThreshold, ZeroStar
 from cfgengine.model import ModelInfo
 from cfgengine.registry import BUILTINS, load
 from cfgengine.runtime import BACKENDS, PRECISIONS
@@ -22,7 +22,7 @@ from cfgengine.schedule import GRIDS
 from cfgengine.tables import SAMPLERS
 from cfgengine.threads import apply_to_torch
 
-GUIDANCE = ("cfg", "zero_star", "apg")
+GUIDANCE = tuple(RULE_NAMES)
 APG_FLAGS = {"apg_eta": "eta", "apg_momentum": "momentum", "apg_norm": "norm_threshold"}
 
 
