@@ -64,11 +64,6 @@ class RowState:
         """The state of some rows (a slice gives views, updated in place by a step on them)."""
         return RowState(**{name: t[index] for name, t in self.kept().items()})
 
-    def zero_(self) -> "RowState":
-        for t in self.kept().values():
-            t.zero_()
-        return self
-
 
 @dataclasses.dataclass(frozen=True)
 class CounterNoise:
@@ -111,6 +106,8 @@ def check_step_args(eps2, z, w, table, step, *, rule=None, clip=None, state=None
     rows = dict(_state_fields(state))
     if isinstance(noise, torch.Tensor):
         rows["noise"] = noise
+    elif not (noise is None or isinstance(noise, CounterNoise)):
+        raise ValueError(f"noise must be a Tensor, a CounterNoise or None, got {noise!r}")
     for name, t in rows.items():
         if t.shape[0] != batch or tuple(t.shape[1:]) != sample_shape:
             raise ValueError(f"{name} must have shape [{batch}, {sample_shape}], "

@@ -41,7 +41,7 @@ class LaunchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StepOperands:
-    """One step's operands as `guided_step` takes them, checked once; `out` [B] or [2B] rows."""
+    """One step's operands, checked, defaults filled in; `out` has B or 2B rows."""
     eps2: torch.Tensor
     z: torch.Tensor
     w: float | torch.Tensor
@@ -51,7 +51,7 @@ class StepOperands:
     clip: float | DynamicThreshold | None
     state: RowState
     noise: torch.Tensor | CounterNoise
-    out: torch.Tensor | None
+    out: torch.Tensor
 
     @property
     def guided(self) -> bool:
@@ -74,22 +74,24 @@ def guided_step_triton(eps2, z, w, table, step, *, rule=None, clip=None,
     rule = CFG() if rule is None else rule
     check_step_args(eps2, z, w, table, step, rule=rule, clip=clip, state=state, noise=noise,
                     out=out, impl="triton")
-    ops = StepOperands(eps2, z, w, table, step, rule, clip, RowState() if state is None else state,
-                       CounterNoise() if noise is None else noise, out)
-    return launch_step(ops, config)
+    return launch_step(eps2, z, w, table, step, rule=rule, clip=clip, state=state, noise=noise,
+                       out=out, config=config)
 
 
-def launch_step(ops: StepOperands, config: LaunchConfig | None = None) -> torch.Tensor:
-    """The launches of one step on operands that passed `check_step_args`: the reduction pass
+def launch_step(eps2, z, w, table, step, *, rule, clip, state: RowState | None,
+                noise: torch.Tensor | CounterNoise | None, out: torch.Tensor | None,
+                config: LaunchConfig | None = None) -> torch.Tensor:
+    """The launches of one step on arguments that passed `check_step_args`: the reduction pass
     when the rule needs it, then the step; DynamicThreshold splits the step at x̂ around torch's
     per-sample quantile (docs/design.md: its cost). Returns z' (out[:B] when out is given)."""
-    require_triton(ops.z.device)
-    check_kernel_operands(ops.eps2, ops.z, ops.w, ops.table, ops.step, state=ops.state,
-                          noise=ops.noise, out=ops.out)
-    batch, numel = ops.z.shape[0], ops.z[0].numel()
-    out = torch.empty_like(ops.z) if ops.out is None else ops.out
-    ops = dataclasses.replace(ops, eps2=ops.eps2.contiguous(), z=ops.z.contiguous(),
-                              table=ops.table.contiguous(), out=out)  # rows of 6 floats
+    require_triton(z.device)
+    state = RowState() if state is None else state
+    noise = CounterNoise() if noise is None else noise
+    check_kernel_operands(eps2, z, w, table, step, state=state, noise=noise, out=out)
+    batch, numel = z.shape[0], z[0].numel()
+    out = torch.empty_like(z) if out is None else out
+    ops = StepOperands(eps2.contiguous(), z.contiguous(), w, table.contiguous(), step, rule, clip,
+                       state, noise, out)  # the kernels read the table as rows of 6 floats
     config = config or launch_config(batch, numel)
     mode = rule_mode(ops.rule, ops.guided)
     stats, split = _launch_row_stats(ops, mode, config)

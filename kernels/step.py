@@ -38,11 +38,8 @@ def guided_step(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Tensor,
     check_step_args(eps2, z, w, table, step, rule=rule, clip=clip, state=state, noise=noise,
                     out=out, impl=impl)
     if _use_triton(impl, z):
-        launch = _launcher()
-        ops = launch.StepOperands(eps2, z, w, table, step, rule, clip,
-                                  RowState() if state is None else state,
-                                  CounterNoise() if noise is None else noise, out)
-        return launch.launch_step(ops)
+        return _launcher().launch_step(eps2, z, w, table, step, rule=rule, clip=clip,
+                                       state=state, noise=noise, out=out)
     z_next, x_hat = guided_step_reference(eps2, z, w, table, step, rule=rule, clip=clip,
                                           state=state, noise=noise)
     if state is not None and state.x_hat is not None:

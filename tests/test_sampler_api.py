@@ -509,6 +509,7 @@ def _bad_step_args():
         ({"step": torch.tensor([1, 2])}, "step"),
         ({"w": torch.zeros(3)}, "w"),
         ({"noise": noise[:2]}, "noise"),
+        ({"noise": 3}, "noise must be a Tensor, a CounterNoise or None"),
         ({"out": torch.empty(B, 7, 3)}, "out"),
         ({"state": RowState(x_hat=torch.empty(B + 1, *S))}, "state.x_hat"),
         ({"out": torch.empty(B + 1, *S)}, "out"),

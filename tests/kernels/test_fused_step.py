@@ -308,6 +308,36 @@ def test_module_imports_and_runs_torch_without_triton():
     assert "needs the `triton` package" in done.stdout
 
 
+def test_cpu_step_does_not_import_triton():
+    """The torch path (every CPU sampling run) leaves Triton unimported: the kernels' layers load
+    on first use of impl="triton" or of a CUDA tensor."""
+    script = (
+        "import sys, torch\n"
+        "import cfgengine\n"
+        "from cfgengine.kernels import CounterNoise, RowState, guided_step\n"
+        "z = torch.zeros(2, 3)\n"
+        "guided_step(torch.zeros(4, 3), z, 0.3, torch.zeros(3, 6) + 0.5, 1,\n"
+        "            state=RowState.zeros_like(z, ['x_hat']), noise=CounterNoise(3))\n"
+        "print(sorted(m for m in sys.modules if m == 'triton' or m.endswith('.launch')))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_row_state_allocates_and_selects_its_fields():
+    z = torch.ones(4, 3, dtype=torch.bfloat16)
+    state = RowState.zeros_like(z, ["momentum", "x_hat"])
+    assert state.momentum.dtype == state.x_hat.dtype == torch.float32
+    assert state.momentum.shape == z.shape and not state.momentum.any()
+    part = state.rows(slice(1, 3))
+    part.x_hat.fill_(2.0)  # views: a step on some rows updates the whole batch's state
+    assert state.x_hat[1:3].eq(2.0).all() and not state.x_hat[0].any()
+    assert RowState.zeros_like(z, ["x_hat"]).momentum is None
+    with pytest.raises(ValueError, match="RowState has no field"):
+        RowState.zeros_like(z, ["x_hat_prev"])
+
+
 @pytest.mark.parametrize("bad", ["strided out", "int32 ids", "float step", "double eps"])
 def test_launcher_rejects_bad_operands(bad):
     eps2, z, _, w = make_inputs(seed=21)
