@@ -74,6 +74,11 @@ class CounterNoise:
     sample_ids: torch.Tensor | None = None
 
 
+def first_half(out: torch.Tensor, batch: int) -> torch.Tensor:
+    """z' as the step returns it: `out` itself, or rows 0..B−1 of a 2B-row `out`."""
+    return out if out.shape[0] == batch else out[:batch]
+
+
 def table_rows(table: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """The coefficient rows for each row, float32 (B or 1, 6), without a host sync."""
     if isinstance(step, torch.Tensor):

@@ -14,8 +14,8 @@ from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
 from cfgengine.kernels import triton_step
 from cfgengine.kernels.contract import (RULE_APG, RULE_PLAIN, THRESHOLD_CLIP, THRESHOLD_NONE,
                                         THRESHOLD_SCALE, CounterNoise, RowState,
-                                        check_kernel_operands, check_step_args, is_number,
-                                        rule_mode)
+                                        check_kernel_operands, check_step_args, first_half,
+                                        is_number, rule_mode)
 from cfgengine.kernels.reference import dynamic_threshold_scale
 
 # triton.jit picks the interpreter when it decorates, so this is read once, at import.
@@ -97,12 +97,12 @@ def launch_step(eps2, z, w, table, step, *, rule, clip, state: RowState | None,
     stats, split = _launch_row_stats(ops, mode, config)
     if not isinstance(ops.clip, DynamicThreshold):
         _launch_step(ops, mode, stats, split, config)
-        return out[:batch]
+        return first_half(out, batch)
     x_tmp = torch.empty(ops.z.shape, dtype=torch.float32, device=ops.z.device)
     _launch_step(ops, mode, stats, split, config, x_tmp=x_tmp)
     scale = dynamic_threshold_scale(x_tmp, ops.clip)  # (B,) fp32
     _launch_step(ops, mode, stats, split, config, x_tmp=x_tmp, scale=scale)
-    return out[:batch]
+    return first_half(out, batch)
 
 
 def launch_config(batch: int, numel: int) -> LaunchConfig:
@@ -138,7 +138,8 @@ def _row_grid(batch: int, config: LaunchConfig) -> int:
 
 def _row_operand(value, fallback: torch.Tensor, cast):
     """(mode, tensor, scalar) for the kernels' `_per_row` (OPERAND_*): a Python number, a
-    one-element tensor, a row tensor. `fallback` stands in for the pointer a scalar leaves unread."""
+    one-element tensor, a row tensor. `fallback` stands in for the pointer a scalar leaves
+    unread."""
     if not isinstance(value, torch.Tensor):
         return triton_step.OPERAND_SCALAR, fallback, cast(value)
     shared = value.numel() == 1

@@ -13,7 +13,7 @@ import importlib.util
 import torch
 
 from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
-from cfgengine.kernels.contract import CounterNoise, RowState, check_step_args
+from cfgengine.kernels.contract import CounterNoise, RowState, check_step_args, first_half
 from cfgengine.kernels.reference import guided_step_reference
 
 
@@ -85,8 +85,8 @@ def _store(z_next: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -
     of a 2B-row `out`."""
     if out is None:
         return z_next.to(dtype)
-    batch = z_next.shape[0]
-    out[:batch].copy_(z_next)
-    if out.shape[0] > batch:
-        out[batch:].copy_(out[:batch])
-    return out[:batch]
+    z_out = first_half(out, z_next.shape[0])
+    z_out.copy_(z_next)
+    if out.shape[0] > z_out.shape[0]:
+        out[z_out.shape[0]:].copy_(z_out)
+    return z_out

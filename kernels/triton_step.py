@@ -62,7 +62,7 @@ def _per_row(ptr, value, rows, row_mask, MODE: tl.constexpr, DTYPE: tl.constexpr
     if MODE == _SCALAR:
         x = value + tl.zeros(rows.shape, DTYPE)
     elif MODE == _SHARED:
-        x = tl.load(ptr + rows * 0, mask=row_mask, other=0).to(DTYPE)
+        x = tl.load(ptr + rows * 0, mask=row_mask, other=0).to(DTYPE)  # ptr[0] for every row
     else:
         x = tl.load(ptr + rows, mask=row_mask, other=0).to(DTYPE)
     return x
@@ -70,8 +70,8 @@ def _per_row(ptr, value, rows, row_mask, MODE: tl.constexpr, DTYPE: tl.constexpr
 
 @triton.jit
 def _table_column(table_ptr, step, table_len, row_mask, column: tl.constexpr, missing):
-    """table[step_i, column] of the [T, TABLE_COLUMNS] table for each row as (BLOCK_R, 1) fp32; `missing`
-    off the table."""
+    """table[step_i, column] of the [T, TABLE_COLUMNS] table for each row as (BLOCK_R, 1) fp32;
+    `missing` off the table."""
     valid = row_mask & (step >= 0) & (step < table_len)
     return tl.load(table_ptr + step * TABLE_COLUMNS + column, mask=valid, other=missing)[:, None]
 
