@@ -290,6 +290,14 @@ def test_triton_impl_without_triton_says_so(monkeypatch):
         guided_step(eps2, z, w, coefficient_table(4, "ancestral"), 1, impl="triton")
 
 
+def python_stdout(script: str) -> str:
+    """What `script` prints, run in a fresh interpreter (imports start from nothing)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_module_imports_and_runs_torch_without_triton():
     """Where Triton cannot be installed, the torch path works and impl="triton" says why not."""
     script = (
@@ -302,10 +310,7 @@ def test_module_imports_and_runs_torch_without_triton():
         "    guided_step(*args, impl='triton')\n"
         "except RuntimeError as err:\n"
         "    print(err)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "needs the `triton` package" in done.stdout
+    assert "needs the `triton` package" in python_stdout(script)
 
 
 def test_cpu_step_does_not_import_triton():
@@ -319,10 +324,7 @@ def test_cpu_step_does_not_import_triton():
         "guided_step(torch.zeros(4, 3), z, 0.3, torch.zeros(3, 6) + 0.5, 1,\n"
         "            state=RowState.zeros_like(z, ['x_hat']), noise=CounterNoise(3))\n"
         "print(sorted(m for m in sys.modules if m == 'triton' or m.endswith('.launch')))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert python_stdout(script).strip() == "[]"
 
 
 def test_row_state_allocates_and_selects_its_fields():
