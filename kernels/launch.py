@@ -186,7 +186,7 @@ def _launch_step(ops: StepOperands, mode: int, stats: torch.Tensor, split: int,
     triton_step._guided_step_kernel[grid](
         ops.eps2, ops.eps2[batch:] if ops.guided else ops.eps2, ops.z, _or(given, ops.z),
         ops.table, w_ptr, step_ptr, seed_ptr, _or(counter.sample_ids, ops.table), stats,
-        _or(state.momentum, ops.z), _or(state.x_hat, ops.z), _or(scale, ops.table),
+        _or(state.momentum, ops.z), *[_or(state.x_hat, ops.z)] * 2, _or(scale, ops.table),
         _or(x_tmp, ops.z), out, out[batch:] if out.shape[0] > batch else out,
         batch, numel, ops.table.shape[0], w_value, step_value, seed_value,
         float(ops.clip) if is_number(ops.clip) else 0.0,

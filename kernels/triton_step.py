@@ -185,10 +185,10 @@ def _threshold(x_hat, clip, scale_ptr, rows, row_mask, THRESHOLD: tl.constexpr):
 
 
 @triton.jit
-def _previous_term(z_next, c_p, x_hat_ptr, offs, mask, HAS_X_HAT: tl.constexpr):
+def _previous_term(z_next, c_p, x_prev_ptr, offs, mask, HAS_X_HAT: tl.constexpr):
     """z' + c_p·x̂_prev, x̂_prev read only where c_p ≠ 0; NaN there when no x̂ is kept."""
     if HAS_X_HAT:
-        x_prev = tl.load(x_hat_ptr + offs, mask=mask & (c_p != 0.0), other=0.0).to(tl.float32)
+        x_prev = tl.load(x_prev_ptr + offs, mask=mask & (c_p != 0.0), other=0.0).to(tl.float32)
         z_next += c_p * x_prev
     else:
         z_next = tl.where(c_p != 0.0, float("nan"), z_next)
@@ -236,7 +236,7 @@ def _store_z_next(out_ptr, copy_ptr, offs, mask, z_next, DOUBLED_OUT: tl.constex
 
 
 @triton.jit
-def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_len, x_hat_ptr,
+def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_len, x_prev_ptr,
             noise_ptr, seed_ptr, seed_value, ids_ptr, HAS_X_HAT: tl.constexpr,
             HAS_NOISE: tl.constexpr, SEED_MODE: tl.constexpr, HAS_IDS: tl.constexpr,
             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -245,7 +245,7 @@ def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_
     c_x = _table_column(table_ptr, step, table_len, row_mask, C_X, 0.0)
     s = _table_column(table_ptr, step, table_len, row_mask, NOISE, 0.0)
     c_p = _table_column(table_ptr, step, table_len, row_mask, C_P, 0.0)
-    z_next = _previous_term(c_z * z + c_x * x_hat, c_p, x_hat_ptr, offs, mask, HAS_X_HAT)
+    z_next = _previous_term(c_z * z + c_x * x_hat, c_p, x_prev_ptr, offs, mask, HAS_X_HAT)
     seed = _per_row(seed_ptr, seed_value, rows, row_mask, SEED_MODE, tl.int64)
     if HAS_IDS:
         sample_id = _per_row(ids_ptr, 0, rows, row_mask, _ROWS, tl.int64)
@@ -257,8 +257,8 @@ def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_
 
 @triton.jit(do_not_specialize=["step_value", "seed_value"])
 def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr, step_ptr,
-                        seed_ptr, ids_ptr, stats_ptr, momentum_ptr, x_hat_ptr, scale_ptr,
-                        x_tmp_ptr, out_ptr, copy_ptr,
+                        seed_ptr, ids_ptr, stats_ptr, momentum_ptr, x_prev_ptr, x_hat_ptr,
+                        scale_ptr, x_tmp_ptr, out_ptr, copy_ptr,
                         batch, numel, table_len, w_value, step_value, seed_value, clip, rescale,
                         apg_eta, apg_norm,
                         GUIDED: tl.constexpr, RULE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
@@ -270,7 +270,9 @@ def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr
     """The fused step (formula above) over a grid (blocks of D, blocks of rows), rows strided by
     the grid's second axis so any B fits CUDA's 65535 limit on it. DynamicThreshold's halves:
     ONLY_X_HAT stores the unthresholded x̂ into `x_tmp` and stops; LOAD_X_HAT reads it back
-    instead of computing it. HAS_X_HAT: the kept x̂ is read as x̂_prev, then overwritten."""
+    instead of computing it. HAS_X_HAT: the kept x̂ is read as x̂_prev (`x_prev`), then
+    overwritten (`x_hat`): one buffer passed as two pointers, since through one pointer the fp32
+    0-d step spilled 16 B on sm_90 at the 80-register cap (`python -m cfgengine.kernels.aot`)."""
     pid_d = tl.program_id(0)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) element index j within a row
     for row_block in range(tl.program_id(1), tl.cdiv(batch, BLOCK_R), tl.num_programs(1)):
@@ -293,9 +295,9 @@ def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr
             tl.store(x_tmp_ptr + offs, x_hat, mask=mask)
         else:
             z_next = _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr,
-                             table_len, x_hat_ptr, noise_ptr, seed_ptr, seed_value, ids_ptr,
+                             table_len, x_prev_ptr, noise_ptr, seed_ptr, seed_value, ids_ptr,
                              HAS_X_HAT, HAS_NOISE, SEED_MODE, HAS_IDS, BLOCK_R, BLOCK_D)
-            if HAS_X_HAT:  # after x̂_prev was read from the same buffer
+            if HAS_X_HAT:  # after x̂_prev was read from the same buffer (`x_prev`)
                 tl.store(x_hat_ptr + offs, x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
             _store_z_next(out_ptr, copy_ptr, offs, mask, z_next, DOUBLED_OUT)
 
