@@ -97,11 +97,11 @@ def test_cudagraph_loop_never_syncs_and_replays_draw_fresh_noise(tiny_unet):
     engine = cfgengine.Sampler(tiny_unet.cuda(), backend="cudagraph")
     labels = LABELS.cuda()
     engine.sample(labels, w=W, steps=8, seed=0)  # capture outside the checked region
-    plan = engine._plan(8, "ancestral", 0.3, 0.0, "auto", 1, None)
+    call = engine._call(8, "ancestral", 0.3, 0.0, "cosine", None, None, None, "auto", 1, None)
     ids = torch.arange(len(labels), device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        first = engine._sample_chunk(plan, labels, W.cuda(), ids, True, None)
+        first = engine._sample_chunk(call, engine.plan(call), labels, W.cuda(), ids, None)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     second = engine.sample(labels, w=W, steps=8, seed=2)

@@ -218,7 +218,7 @@ class RunningBatch:
             noise = rng.randn_like_rows(run.seed, ids, self.t[rows] + 1, self.engine.sample_shape)
         else:
             noise = self._zeros(run.stop - run.start)
-        state = RowState(**{name: buffer[rows] for name, buffer in self.extra.items()})
+        state = RowState(**self.extra).rows(rows)
         guided_step(eps2, self.z[rows], self.w[rows], self.table, self.index[rows],
                     rule=run.rule, clip=self.engine.info.clip, state=state, noise=noise,
                     out=self.z_next[rows])
