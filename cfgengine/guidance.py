@@ -30,6 +30,8 @@ def doubled_batch(z: torch.Tensor, logsnr: torch.Tensor, cond, null,
 
 
 def _concat(cond, null):
+    if cond is None:  # an optional field of a conditioning record
+        return None
     if isinstance(cond, torch.Tensor):
         return torch.cat([cond, null])
     return type(cond)(**{f.name: _concat(getattr(cond, f.name), getattr(null, f.name))

@@ -1,9 +1,11 @@
 """The model contract: what the engine calls, and ONE record of what it knows about a model.
 
 A denoiser is any callable `net(z[N, *S], logsnr[N], cond[N]) -> eps[N, *S]`: rows in, rows out,
-each row its own λ and condition. `cond` is an int64 tensor of class ids in which id `num_classes`
-is the null label ∅ (paper §3: one network serves ε(z, c) and ε(z, ∅)). A guidance-distilled net
-(`guidance_embedded`) also takes w: `net(z, logsnr, cond, w[N]) -> ε̃_w`, one row per guided row.
+each row its own λ and condition. For a class model `cond` is an int64 tensor of class ids in which
+id `num_classes` is the null label ∅ (paper §3: one network serves ε(z, c) and ε(z, ∅)); for a text
+model it is a `TextCondition` (its null rows: the encoded negative prompt, "" by default). A
+guidance-distilled net (`guidance_embedded`) also takes w: `net(z, logsnr, cond, w[N]) -> ε̃_w`,
+one row per guided row.
 
 What the engine needs to know besides the call — classes, sample shape, clip bound, λ range, the
 model's own grid, names — is a `ModelInfo`, made once where a model is loaded (`info(model)`) and
@@ -31,6 +33,29 @@ class Denoiser(Protocol):
 
 
 @dataclass(frozen=True)
+class TextCondition:
+    """Prompt conditioning of N rows, as a text encoder gives it: token embeddings [N, L, D],
+    optionally pooled embeddings [N, P] and an attention mask [N, L]. The doubled batch
+    concatenates it field by field (cfgengine.guidance.doubled_batch)."""
+
+    embeddings: torch.Tensor
+    pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def __getitem__(self, rows) -> "TextCondition":
+        return TextCondition(*(None if t is None else t[rows] for t in self.fields()))
+
+    def fields(self) -> tuple:
+        return (self.embeddings, self.pooled, self.mask)
+
+    def to(self, device) -> "TextCondition":
+        return TextCondition(*(None if t is None else t.to(device) for t in self.fields()))
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A model's facts. `num_classes` K: class ids 0..K−1, K the null label. `grid(steps)` is the
     model's own float64 λ grid (e.g. a diffusers scheduler's timesteps), used when the caller keeps
@@ -47,6 +72,8 @@ class ModelInfo:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     class_names: tuple[str, ...] = ()
     guidance_embedded: bool = False
+    conditioning: str = "class"  # "class": int64 ids (K = null); "text": TextCondition rows
+    encode: Callable[[list[str]], TextCondition] | None = None  # prompts → rows ("text" models)
     backend: str | None = None
     precision: str | None = None
     extra: dict = field(default_factory=dict, compare=False)

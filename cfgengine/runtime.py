@@ -39,10 +39,14 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
             raise ValueError(f"this model is an exported {facts.backend} file; it runs only on "
                              f"backend {facts.backend}")
         return facts.backend
+    if name == "cudagraph" and facts.guidance_embedded:
+        raise ValueError("backend cudagraph does not run guidance-distilled models yet; use "
+                         "backend torch or compile")
     if name == "auto":
         if device.type == "cuda":
-            return "cudagraph" if module else "torch"
-        return "onnxruntime" if module and _onnxruntime_pays(precision) else "torch"
+            return "cudagraph" if module and not facts.guidance_embedded else "torch"
+        exportable = module and not facts.guidance_embedded  # the cached graph takes no w yet
+        return "onnxruntime" if exportable and _onnxruntime_pays(precision) else "torch"
     if name == "onnxruntime" and not module:
         raise ValueError("backend onnxruntime exports the model: it needs a torch nn.Module")
     if name == "onnxruntime" and precision == "bf16":
@@ -106,15 +110,17 @@ class Prepared:
     precision: str
     autocast_dtype: torch.dtype | None
 
-    def eps(self, z: torch.Tensor, logsnr: torch.Tensor, cond: torch.Tensor,
-            doubled: bool) -> torch.Tensor:
-        """ε of the B rows, or of the doubled batch (conditional rows, then null rows)."""
+    def eps(self, z: torch.Tensor, logsnr: torch.Tensor, cond, doubled: bool, null=None,
+            w: torch.Tensor | None = None) -> torch.Tensor:
+        """ε of the B rows, or of the doubled batch (conditional rows, then the `null` rows: the
+        null label by default). A guidance-embedded net takes w and answers ε̃_w in B rows."""
         if doubled:
-            z, logsnr, cond = doubled_batch(z, logsnr, cond, null_labels(cond,
-                                                                         self.info.null_label))
+            null = null_labels(cond, self.info.null_label) if null is None else null
+            z, logsnr, cond = doubled_batch(z, logsnr, cond, null)
+        extra = (w,) if self.info.guidance_embedded else ()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            return check_rows(self.net(z, logsnr, cond), z.shape[0], self.info.name)
+            return check_rows(self.net(z, logsnr, cond, *extra), z.shape[0], self.info.name)
 
     def announce(self, rows: int, steps: int) -> None:
         """A sampling call of `rows` × `steps` forwards is coming (ONNX Runtime exports only when

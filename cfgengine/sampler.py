@@ -118,13 +118,20 @@ class Sampler:
         counter = CounterNoise(call.seed, sample_ids)
         finite = finite or FiniteFlag(plan.rows, self.device)
         for t in range(plan.rows):
-            eps2 = self.model.eps(z, lam[t].expand(batch), labels, plan.doubled[t])  # (2B|B, *S)
+            eps2 = self._eps(z, lam[t].expand(batch), labels, w, plan.doubled[t])  # (2B|B, *S)
             finite.update(eps2, t)  # before the step: its clip would hide ±inf
             noise = counter if drawn is None else silence if plan.quiet[t] else drawn[t]
             z = guided_step(eps2, z, w, table, t, rule=call.rule, clip=call.clip, state=state,
                             noise=noise)
             _advance(bar, 1)
         return z
+
+    def _eps(self, z, logsnr, labels, w, doubled: bool) -> torch.Tensor:
+        """ε for one step: the doubled batch where the plan guides; a guidance-embedded net
+        instead answers ε̃_w in B rows (w = 0 outside the rule's interval)."""
+        if self.info.guidance_embedded:
+            return self.model.eps(z, logsnr, labels, False, w=w if doubled else w * 0)
+        return self.model.eps(z, logsnr, labels, doubled)
 
     def _graph(self, call: Call, plan: StepPlan, batch: int) -> CudaGraphLoop:
         """The captured loop for this chunk size and plan: a 2B-row graph for guided steps and a
@@ -156,7 +163,8 @@ class Sampler:
         shape = tuple(shape) if shape is not None else self.info.sample_shape
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
-        return Call(sampler, float(v), float(eta), tuple(lam.tolist()), _check_rule(guidance),
+        rule = _check_rule(guidance, self.info.guidance_embedded)
+        return Call(sampler, float(v), float(eta), tuple(lam.tolist()), rule,
                     self._check_clip(clip), seed, shape)
 
     def _grid(self, steps, grid, logsnr_range, logsnr) -> torch.Tensor:
@@ -257,11 +265,16 @@ def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Ten
     return ids.to(device, torch.int64)
 
 
-def _check_rule(guidance):
+def _check_rule(guidance, embedded: bool = False):
     """The guidance rule: None → CFG(); else one of CFG, ZeroStar, APG (frozen dataclasses that
-    validate their own parameters)."""
+    validate their own parameters). A guidance-embedded net has no separate branches: plain CFG
+    (with an interval) only."""
     if guidance is None:
         return CFG()
+    if embedded and not (isinstance(guidance, CFG) and guidance.rescale == 0):
+        raise ValueError(f"{guidance!r} needs the conditional and null branches apart; this "
+                         "guidance-distilled model only answers ε̃_w (use CFG(), optionally "
+                         "with an interval)")
     if not isinstance(guidance, RULES):
         raise ValueError(f"guidance must be CFG(...), ZeroStar(...) or APG(...), got "
                          f"{guidance!r}")
