@@ -1,6 +1,8 @@
-"""The modules the installed package holds, found the way Python finds them: kernels/, export/ and
-bench/ are mapped into cfgengine by pyproject.toml (cfgengine/__init__.py), so a walk of the
-cfgengine/ folder alone would miss them; pyproject's package list names every package."""
+"""The modules the installed package holds. kernels/, export/ and bench/ are mapped into cfgengine
+by pyproject.toml (cfgengine/__init__.py says how), so a walk of the cfgengine/ folder alone would
+miss them; an editable install finds their modules through the mapping, not through the package's
+`__path__`. So each package is walked both in its `__path__` and in the folder pyproject maps it
+to, and a name counts only if Python finds it."""
 from __future__ import annotations
 
 import importlib
@@ -10,30 +12,35 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
+_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def _children(package: str) -> list[pkgutil.ModuleInfo]:
+    folders = list(importlib.import_module(package).__path__)
+    mapped = _CONFIG.get("package-dir", {}).get(package)
+    if mapped is not None:
+        folders.append(str(ROOT / mapped))
+    return list(pkgutil.iter_modules(folders))
 
 
 def packages() -> list[str]:
-    """Every package pyproject.toml installs, plus any subpackage pkgutil finds inside one."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    names = list(config["tool"]["setuptools"]["packages"])
-    for name in list(names):
-        for info in pkgutil.iter_modules(importlib.import_module(name).__path__, f"{name}."):
-            if info.ispkg and info.name not in names:
-                names.append(info.name)
+    """Every package pyproject.toml installs, plus any subpackage found inside one."""
+    names = list(_CONFIG["packages"])
+    for name in names:  # grows while it is walked: subpackages of subpackages
+        names += [f"{name}.{info.name}" for info in _children(name)
+                  if info.ispkg and f"{name}.{info.name}" not in names]
     return names
 
 
-def modules(*, with_packages: bool = True) -> list[str]:
-    """The dotted name of every installed module (`__main__` entry points left out: they run on
-    import); the packages themselves too unless `with_packages` is False."""
+def modules() -> list[str]:
+    """The dotted name of every installed package and module (`__main__` entry points left out:
+    they run on import)."""
     names = []
     for package in packages():
-        if with_packages:
-            names.append(package)
-        names += [f"{package}.{info.name}" for info in
-                  pkgutil.iter_modules(importlib.import_module(package).__path__)
-                  if not info.ispkg and info.name != "__main__"]
-    return names
+        names.append(package)
+        names += sorted({f"{package}.{info.name}" for info in _children(package)
+                         if not info.ispkg and info.name != "__main__"})
+    return [name for name in names if importlib.util.find_spec(name) is not None]
 
 
 def source_file(name: str) -> Path:
