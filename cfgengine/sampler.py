@@ -17,7 +17,8 @@ from cfgengine import rng
 from cfgengine.cudagraph import CudaGraphLoop
 from cfgengine.guidance import APG, CFG, RULES, DynamicThreshold, ZeroStar
 from cfgengine.kernels import CounterNoise, RowState, guided_step
-from cfgengine.runtime import (autocast_dtype, check_backend, check_device, check_precision,
+from cfgengine.precision import autocast_dtype
+from cfgengine.runtime import (check_backend, check_device, check_precision,
                                 move_model, split_model)
 from cfgengine.schedule import GRIDS, LOGSNR_RANGE, check_logsnr_range
 from cfgengine.tables import NOISE, check_sampler_args, grid_logsnr, table_from_logsnr
