@@ -31,7 +31,7 @@ import torch
 
 from cfgengine import rng
 from cfgengine.bench import baselines, timing
-from cfgengine.runtime import PRECISIONS
+from cfgengine.precision import PRECISIONS
 from cfgengine.bench.workload import SAMPLER_ARGS, Workload, bench_model, make_workload, \
     schedule
 from cfgengine.kernels import CounterNoise, RowState, guided_step

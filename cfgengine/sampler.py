@@ -16,7 +16,7 @@ from cfgengine import rng
 from cfgengine.cudagraph import CudaGraphLoop
 from cfgengine.guidance import RULES, CFG, DynamicThreshold
 from cfgengine.kernels import CounterNoise, RowState, guided_step
-from cfgengine.runtime import Prepared, prepare
+from cfgengine.backends import Prepared, prepare
 from cfgengine.schedule import GRIDS, check_logsnr_range
 from cfgengine.tables import StepPlan, check_sampler_args, grid_logsnr, step_plan
 

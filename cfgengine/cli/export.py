@@ -9,7 +9,7 @@ from cfgengine.atomic import check_distinct, check_writable
 from cfgengine.cli.args import UserError
 from cfgengine import trust
 from cfgengine.registry import BUILTINS, load
-from cfgengine.runtime import check_device
+from cfgengine.backends import check_device
 
 
 def add(sub) -> None:

@@ -16,7 +16,8 @@ from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.guidance import APG, CFG, RULE_NAMES, DynamicThreshold, ZeroStar
 from cfgengine.model import ModelInfo
 from cfgengine.registry import BUILTINS, load
-from cfgengine.runtime import BACKENDS, PRECISIONS
+from cfgengine.precision import PRECISIONS
+from cfgengine.backends import BACKENDS
 from cfgengine.sampler import Sampler
 from cfgengine.schedule import GRIDS
 from cfgengine.tables import SAMPLERS

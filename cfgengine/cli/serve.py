@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from cfgengine.cli.args import UserError, add_model_flag
-from cfgengine.runtime import BACKENDS
+from cfgengine.backends import BACKENDS
 
 
 def add(sub) -> None:

@@ -21,7 +21,7 @@ import torch
 from cfgengine import rng
 from cfgengine.guidance import doubled_batch, null_labels
 from cfgengine.kernels import RowState, guided_step
-from cfgengine.runtime import check_rows, prepare
+from cfgengine.backends import check_rows, prepare
 from cfgengine.schedule import logsnr_grid
 from cfgengine.serve.schema import Combo, Job
 from cfgengine.tables import StepPlan, step_plan
@@ -29,7 +29,7 @@ from cfgengine.tables import StepPlan, step_plan
 
 
 class Engine:
-    """The served model ready to run (the Sampler's own preparation, `cfgengine.runtime.prepare`):
+    """The served model ready to run (the Sampler's own preparation, `cfgengine.backends.prepare`):
     its facts and the net that computes ε for every row it is given."""
 
     def __init__(self, model, *, device=None, backend=None):

@@ -1,30 +1,27 @@
-"""Backends: what computes eps2 = backend(z[B], λ[B], labels[B]) for the sampler (docs/design.md §3).
+"""Backends: what runs a model's network for the sampler (docs/design.md §3.4). Every backend is a
+denoiser in the sense of cfgengine.model — rows in, rows out — and `prepare` makes a model ready to
+sample once, for the Sampler and the server alike (`Prepared`: its facts, the net, device,
+precision; `Prepared.eps` builds the doubled batch of a guided step).
 
-`torch` runs the GuidedDenoiser eagerly, `compile` runs it through torch.compile, `onnxruntime`
-runs it as an ONNX graph exported on first use and cached (cfgengine.export.session_cache), and
-`cudagraph` captures the whole step (net forward on a static [2B] buffer + the fused step kernel)
-as a CUDA graph (cfgengine/cudagraph.py). `auto` is cudagraph on CUDA; on CPU it is onnxruntime
-when onnxruntime imports, the model is a torch module and the precision fp32, else torch.
-Exported files (.onnx, .pt2, .plan) load as backends of their own.
+`torch` runs the model eagerly, `compile` through torch.compile, `onnxruntime` as an ONNX graph
+exported on first use and cached (cfgengine/backends/onnxruntime.py), and `cudagraph` captures the
+whole step (net forward on a static [2B] buffer + the fused step kernel) as a CUDA graph
+(cfgengine/cudagraph.py). `auto` is cudagraph on CUDA; on CPU it is onnxruntime when onnxruntime
+imports, the model is a torch module and the precision fp32, else torch. Exported files (.onnx,
+.pt2, .plan) load as backends of their own and run only on themselves.
 """
 from __future__ import annotations
-
-import torch
 
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from cfgengine.guidance import doubled_batch, null_labels
 from cfgengine.model import ModelInfo, info
+from cfgengine.precision import PRECISIONS, autocast_dtype
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "cudagraph")
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                      "fp16": torch.float16}  # network precision name → dtype
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The dtype autocast runs the network in at `precision`; None for fp32 (no autocast)."""
-    return None if precision == "fp32" else PRECISIONS[precision]
 
 
 def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torch.device,
@@ -60,9 +57,9 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
 
 def _onnxruntime_pays(precision: str) -> bool:
     """Whether auto may pick ONNX Runtime on CPU: installed, and a precision it runs fast."""
-    from cfgengine.export import session_cache
+    from cfgengine.backends import onnxruntime
 
-    return precision in session_cache.AUTO_PRECISIONS and session_cache.available()
+    return precision in onnxruntime.AUTO_PRECISIONS and onnxruntime.available()
 
 
 def check_device(device: torch.device | str | None, model) -> torch.device:
@@ -125,18 +122,18 @@ class Prepared:
     def announce(self, rows: int, steps: int) -> None:
         """A sampling call of `rows` × `steps` forwards is coming (ONNX Runtime exports only when
         the work pays for it)."""
-        if isinstance(self.net, session_cache_type()):
+        if isinstance(self.net, onnxruntime_denoiser()):
             self.net.plan(rows=rows, steps=steps)
 
     def warm(self) -> None:
         """Export (or load) an ONNX Runtime session now, whatever the size of the next call."""
-        if isinstance(self.net, session_cache_type()):
+        if isinstance(self.net, onnxruntime_denoiser()):
             self.net.warm()
 
     @property
     def runtime(self) -> str:
         """What ran the last forward (auto on CPU may have run eager torch)."""
-        return self.net.runtime if isinstance(self.net, session_cache_type()) else self.backend
+        return self.net.runtime if isinstance(self.net, onnxruntime_denoiser()) else self.backend
 
 
 def prepare(model, *, device=None, backend: str | None = None, precision: str | None = None,
@@ -152,7 +149,7 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     runs_own_precision = facts.exported or name == "onnxruntime"
     dtype = None if runs_own_precision else autocast_dtype(precision)
     if name == "onnxruntime":
-        net = session_cache_type()(model, precision, device, backend in (None, "auto"))
+        net = onnxruntime_denoiser()(model, precision, device, backend in (None, "auto"))
     elif name == "compile":
         net = torch.compile(model)
     else:
@@ -160,9 +157,9 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     return Prepared(facts, net, name, device, precision, dtype)
 
 
-def session_cache_type():
+def onnxruntime_denoiser():
     """The ONNX Runtime session backend's class (imported on first use: onnx is an extra)."""
-    from cfgengine.export.session_cache import OnnxRuntimeDenoiser
+    from cfgengine.backends.onnxruntime import OnnxRuntimeDenoiser
 
     return OnnxRuntimeDenoiser
 
