@@ -8,13 +8,16 @@ from cfgengine.registry import load
 
 def add(sub) -> None:
     p = sub.add_parser("classifier-accuracy", help="class accuracy and diversity of a model's "
-                       "samples per w, judged by the dataset's shipped classifier")
+                       "samples per w, judged by the dataset's shipped classifier",
+                       description="Sample each class at each w and report the share the "
+                                   "dataset's shipped classifier assigns to the intended class "
+                                   "(with its 95% lower bound) and the samples' diversity.")
     add_model_flag(p)
     p.add_argument("--w", type=guidance_weights(), default=[0.0, 0.3, 1.0, 4.0],
                    help="guidance weights w of the paper, comma list (default: 0,0.3,1,4)")
     p.add_argument("--steps", type=int, default=256, help="sampling steps T (default: 256)")
     p.add_argument("--n", type=int, default=16, help="samples per class (default: 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.set_defaults(run=run)
 
 

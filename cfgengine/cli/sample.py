@@ -28,7 +28,11 @@ APG_FLAGS = {"apg_eta": "eta", "apg_momentum": "momentum", "apg_norm": "norm_thr
 
 
 def add(sub) -> None:
-    p = sub.add_parser("sample", help="sample a guided grid (one row per class, one panel per w)")
+    p = sub.add_parser("sample", help="sample a guided grid (one row per class, one panel per w)",
+                       description="Sample a model with classifier-free guidance and write a PNG "
+                                   "grid: one row per class, one labelled panel per guidance "
+                                   "weight w (and, with --npz, the images as uint8 arrays). "
+                                   "Samplers, grids and rules: docs/samplers.md.")
     add_model_flag(p)
     p.add_argument("--w", type=guidance_weights(), default=[0.3],
                    help="guidance weight w of the paper (diffusers' guidance_scale = 1 + w); "
@@ -37,12 +41,13 @@ def add(sub) -> None:
     p.add_argument("--sampler", "--solver", dest="sampler", choices=SAMPLERS, default="ancestral",
                    help="the sampling algorithm (--solver is an old spelling). For the paper's "
                         "quality at the least cost use --sampler dpmpp_2m --steps 16: it matched "
-                        "the 256-step ancestral FID at w >= 1 in our study (README); at small w "
+                        "the 256-step ancestral FID at w >= 1 in our study (docs/studies.md); at small w "
                         "(0.3) keep ancestral")
     p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
                    help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
                         "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η ∈ [0, 1]: 0 = deterministic, 1 = the ancestral step with v = 0 "
+                        "(default: 0)")
     add_grid_flags(p)
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
@@ -51,7 +56,9 @@ def add(sub) -> None:
                    help="samples per class (--n is an old spelling that torchrun's own parser "
                         "rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed: sample i depends only on (seed, i, its class, w, settings) "
+                        "(default: 0)")
     p.add_argument("--first-id", type=int, default=0,
                    help="noise key of the first row (rows get FIRST-ID, FIRST-ID+1, …): with "
                         "--classes C --n 1 --first-id K, regenerates row K of a larger run "
@@ -64,7 +71,7 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default fp32, or an exported file's own); the step "
                         "is always fp32")
-    p.add_argument("--out", default="samples.png", help="the figure (PNG)")
+    p.add_argument("--out", default="samples.png", help="the figure (PNG; default: samples.png)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=run)
 
