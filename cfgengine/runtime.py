@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import torch
 
+from cfgengine import cpu
 from cfgengine.guidance import GuidedDenoiser
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "cudagraph")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                      "fp16": torch.float16}  # network precision name → dtype
+                                      "fp16": torch.float16, "int8": torch.int8}
+# network precision name → dtype; int8 runs only as a quantized graph (export/quantize.py)
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The dtype autocast runs the network in at `precision`; None for fp32 (no autocast)."""
-    return None if precision == "fp32" else PRECISIONS[precision]
+    """The dtype autocast runs the network in at `precision`; None for fp32 and int8 (no
+    autocast: int8 runs a quantized graph that takes and returns fp32)."""
+    return None if precision in ("fp32", "int8") else PRECISIONS[precision]
 
 
 def check_backend(name: str | None, model, device: torch.device, precision: str = "fp32") -> str:
@@ -35,6 +38,12 @@ def check_backend(name: str | None, model, device: torch.device, precision: str 
                              f"backend {exported}")
         return exported
     module = isinstance(model, torch.nn.Module)
+    if device.type == "cpu":
+        cpu.check_precision(precision)  # refuses int8 / warns bf16 where the CPU cannot
+    if precision == "int8":
+        from cfgengine.backends import quantized
+
+        return quantized.check_backend(name, module, device)
     if name == "auto":
         if device.type == "cuda":
             return "cudagraph" if module else "torch"
@@ -95,6 +104,11 @@ def split_model(model, backend: str, precision: str = "fp32",
     """(doubled-batch callable, plain B-row net or None) for a Denoiser or an exported backend."""
     if getattr(model, "returns_doubled", False):
         return model, getattr(model, "denoiser", None)
+    if backend == "onnxruntime" and precision == "int8":
+        from cfgengine.backends import quantized
+
+        guided = quantized.Int8Denoiser(model, device or model_device(model))
+        return guided, guided.denoiser
     if backend == "onnxruntime":
         from cfgengine.export.session_cache import OnnxRuntimeDenoiser
 

@@ -19,6 +19,7 @@ from cfgengine.threads import intra_op_threads
 
 OPSET = 18
 SUPPORTED_PRECISIONS = ("fp32", "fp16")
+LOADABLE_PRECISIONS = (*SUPPORTED_PRECISIONS, "int8")  # int8: made from fp32 by export/quantize
 _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
 
 
@@ -78,7 +79,7 @@ def load(path: str | Path, *, device: torch.device | str = "cpu",
     path = Path(path)
     meta = read_metadata(path)
     device = torch.device(device)
-    if meta.precision not in SUPPORTED_PRECISIONS:
+    if meta.precision not in LOADABLE_PRECISIONS:
         raise ValueError(f"{path}: precision {meta.precision} has no ONNX Runtime kernels")
     return OnnxBackend(meta, path, device, _session(path, meta, device, threads))
 
