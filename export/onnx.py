@@ -25,7 +25,12 @@ _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
 
 def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, opset: int = OPSET, source: str | None = None) -> Path:
-    """Write `model` as an ONNX file at `path` (atomically); returns the path."""
+    """Write `model` as an ONNX file at `path` (atomically); returns the path. int8: the fp32
+    graph statically quantized (export/quantize.py)."""
+    if precision == "int8":
+        from cfgengine.export import quantize
+
+        return quantize.export_int8(model, path, max_batch=max_batch, opset=opset, source=source)
     metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "ONNX")
     return export_program(trace(model, precision=precision, max_batch=max_batch, source=source),
                           path, opset=opset)

@@ -158,3 +158,16 @@ def int8_graph(model: torch.nn.Module, settings: Calibration = Calibration()) ->
         return path
     fp32 = session_cache.session(model, "fp32", torch.device("cpu"), fp32_key).path
     return quantize(model, fp32, path, settings)
+
+
+def export_int8(model: torch.nn.Module, path: str | Path, *, max_batch: int, opset: int,
+                source: str | None, settings: Calibration = Calibration()) -> Path:
+    """`cfgengine export --format onnx --precision int8`: the fp32 ONNX export, quantized."""
+    import tempfile
+
+    from cfgengine.export import onnx as onnx_export
+
+    with tempfile.TemporaryDirectory(prefix="cfgengine-int8-") as tmp:
+        fp32 = onnx_export.export(model, Path(tmp) / "fp32.onnx", max_batch=max_batch,
+                                  opset=opset, source=source)
+        return quantize(model, fp32, Path(path), settings)

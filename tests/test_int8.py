@@ -120,3 +120,15 @@ def test_int8_eps_within_its_quantization_steps_and_is_cached(net, monkeypatch):
     monkeypatch.setattr(quantize, "quantize", lambda *a, **k: pytest.fail("re-quantized"))
     again = cfgengine.Sampler(net, precision="int8")
     assert torch.equal(again.sample(torch.tensor([0, 1, 2]), w=1.0, steps=4, seed=3), x)
+
+
+def test_exported_int8_file_loads_and_samples(net, tmp_path):
+    path = onnx_export.export(net, tmp_path / "m.onnx", precision="int8", max_batch=4)
+    model = cfgengine.load(path)
+    assert model.precision == "int8"
+    engine = cfgengine.Sampler(model)
+    assert engine.precision == "int8" and engine.autocast_dtype is None
+    x = engine.sample(torch.tensor([0, 1]), w=1.0, steps=3, seed=0)
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="holds int8 weights"):
+        cfgengine.Sampler(model, precision="fp32")

@@ -23,8 +23,9 @@ def add(sub) -> None:
     p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
                    help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "
                         "untested here, needs TensorRT and a CUDA GPU)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="weight precision; normalisations stay fp32 (default: fp32)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                   help="weight precision; normalisations stay fp32; int8 (onnx): calibrated "
+                        "on the model's own sampling trajectories (default: fp32)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="largest batch B the artifact accepts (it computes 2B rows; default: 64)")
     p.add_argument("--device", default=None,
