@@ -1,6 +1,8 @@
 """ms per forward of the shipped default network under each CPU runtime and precision, each runner
 in its OWN process (two runtimes' thread pools in one process disturb each other), 1 thread,
 warm-up then the median of timed calls; ratios against eager torch fp32 measured in the same run.
+Both clocks are reported: wall ms, and process CPU ms (all of the runner's threads), which a CPU
+shared with other work disturbs much less.
 
     OMP_NUM_THREADS=1 python -m cfgengine.bench.precision_runtimes [--rows 2,16,64] [--calls 15]
 
@@ -103,18 +105,19 @@ def child(name: str, rows: list[int], calls: int) -> dict:
     build = _torch_runner if name.split("-")[0] in ("torch", "compile") else \
         _ort_runner if name.startswith("onnxruntime") else _openvino_runner
     run = build(model, name)
-    ms = {}
+    ms, cpu_ms = {}, {}
     for n in rows:
         args = _inputs(model, n)
         for _ in range(3):
             run(*args)
-        times = []
+        wall, cpu = [], []
         for _ in range(calls):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run(*args)
-            times.append(time.perf_counter() - start)
-        ms[n] = 1e3 * statistics.median(times)
-    return dict(runner=name, ms=ms, uptime=os.getloadavg())
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        ms[n], cpu_ms[n] = 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+    return dict(runner=name, ms=ms, cpu_ms=cpu_ms, uptime=os.getloadavg())
 
 
 def main(argv=None) -> None:
@@ -145,7 +148,8 @@ def _spawn(name: str, args) -> dict:
     if done.returncode:
         return dict(error=(done.stderr.strip().splitlines() or ["?"])[-1][:160])
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["ms"] = {int(n): ms for n, ms in result["ms"].items()}  # JSON keys are text
+    for clock in ("ms", "cpu_ms"):
+        result[clock] = {int(n): ms for n, ms in result[clock].items()}  # JSON keys are text
     return result
 
 
@@ -154,14 +158,15 @@ def _print(name: str, pairs: list[tuple[dict, dict]], rows: list[int]) -> None:
     if failed:
         print(f"{name:20s} failed: {failed[0]}", flush=True)
         return
-    cells = []
-    for n in rows:
-        ms = statistics.median(run["ms"][n] for _, run in pairs)
-        base = statistics.median(b["ms"][n] for b, _ in pairs)
-        ratio = statistics.median(b["ms"][n] / run["ms"][n] for b, run in pairs)
-        cells.append(f"{n:3d} rows {ms:7.2f} ms (eager {base:6.2f}, {ratio:.2f}×)")
     load = " ".join(f"{r['uptime'][0]:.1f}" for pair in pairs for r in pair)
-    print(f"{name:20s} " + "  ".join(cells) + f"  load1 {load}", flush=True)
+    for clock in ("ms", "cpu_ms"):
+        cells = []
+        for n in rows:
+            ms = statistics.median(run[clock][n] for _, run in pairs)
+            base = statistics.median(b[clock][n] for b, _ in pairs)
+            ratio = statistics.median(b[clock][n] / run[clock][n] for b, run in pairs)
+            cells.append(f"{n:3d} rows {ms:7.2f} (eager {base:6.2f}, {ratio:.2f}×)")
+        print(f"{name:20s} {clock:6s} " + "  ".join(cells) + f"  load1 {load}", flush=True)
 
 
 if __name__ == "__main__":

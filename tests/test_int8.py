@@ -19,15 +19,7 @@ from cfgengine.schedule import LOGSNR_RANGE  # noqa: E402
 
 CAL = quantize.Calibration(guidance=(1.0, 3.0), steps=4, rows=3, seed=0)
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """Graphs go to a private cache folder, sessions to an empty in-memory cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CFGENGINE_CACHE_DIR", str(tmp_path_factory.mktemp("cfgengine-cache")))
-        patch.setattr(session_cache, "_SESSIONS", session_cache.OrderedDict())
-        yield
+pytestmark = pytest.mark.usefixtures("private_onnx_cache")  # never the user's ~/.cache
 
 
 @pytest.fixture
