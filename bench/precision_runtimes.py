@@ -49,12 +49,13 @@ def _torch_runner(model, name: str):
 
 
 def _graph(model, name: str):
-    from cfgengine.export import quantize, session_cache
-
-    if "int8" in name:
-        return quantize.int8_graph(model)
     import torch
 
+    from cfgengine.backends.quantized import Int8Denoiser
+    from cfgengine.export import session_cache
+
+    if "int8" in name:
+        return Int8Denoiser(model, torch.device("cpu")).graph()
     key = session_cache.cache_key(model, "fp32", tuple(model.sample_shape))
     return session_cache.session(model, "fp32", torch.device("cpu"), key).path
 

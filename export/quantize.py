@@ -147,19 +147,6 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def int8_graph(model: torch.nn.Module, settings: Calibration = Calibration()) -> Path:
-    """The cached int8 graph of `model` (made now from its cached fp32 graph when missing)."""
-    from cfgengine.export import session_cache
-
-    shape = tuple(model.sample_shape)
-    fp32_key = session_cache.cache_key(model, "fp32", shape)
-    path = session_cache.cache_dir() / f"{cache_key(fp32_key, settings)}.onnx"
-    if path.is_file():
-        return path
-    fp32 = session_cache.session(model, "fp32", torch.device("cpu"), fp32_key).path
-    return quantize(model, fp32, path, settings)
-
-
 def export_int8(model: torch.nn.Module, path: str | Path, *, max_batch: int, opset: int,
                 source: str | None, settings: Calibration = Calibration()) -> Path:
     """`cfgengine export --format onnx --precision int8`: the fp32 ONNX export, quantized."""

@@ -4,6 +4,8 @@ graph takes and returns fp32 (its int8 work is inside, between QuantizeLinear/De
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from cfgengine.export import quantize
@@ -45,16 +47,18 @@ class Int8Denoiser(OnnxRuntimeDenoiser):
 
     def _backend(self, shape: tuple[int, ...], batch: int):
         if shape == self.sample_shape and batch <= MAX_BATCH and not self._failed:
-            key = self.key()
-            if not cached(key):
-                try:
-                    self._make(key)
-                except Exception as err:  # exporter, calibration or quantizer: cannot run int8
-                    return self._fall_back(err)
+            try:
+                self.graph()
+            except Exception as err:  # exporter, calibration or quantizer: cannot run int8
+                return self._fall_back(err)
         return super()._backend(shape, batch)
 
-    def _make(self, key: str) -> None:
-        """Quantize the cached fp32 graph into the cache under `key`."""
+    def graph(self) -> Path:
+        """The cached int8 graph's path, made now (from the cached fp32 graph) when missing."""
+        key = self.key()
+        path = cache_dir() / f"{key}.onnx"
+        if cached(key):
+            return path
         fp32_key = cache_key(self.model, "fp32", self.sample_shape)
         fp32 = session(self.model, "fp32", torch.device("cpu"), fp32_key).path
         try:
@@ -62,4 +66,4 @@ class Int8Denoiser(OnnxRuntimeDenoiser):
         except OSError as err:
             raise ValueError(f"cannot write the int8 graph to {cache_dir()} ({err.strerror}); "
                              "set CFGENGINE_CACHE_DIR to a writable folder") from None
-        quantize.quantize(self.model, fp32, cache_dir() / f"{key}.onnx", self.calibration)
+        return quantize.quantize(self.model, fp32, path, self.calibration)
