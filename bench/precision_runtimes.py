@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-RUNNERS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32",
+RUNNERS = ("torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32",
            "openvino-int8-qdq", "openvino-int8-nncf", "openvino-bf16", "compile-fp32",
            "compile-bf16")  # the compiled ones last: minutes of compiling on a loaded CPU
 BASELINE = "torch-fp32"
