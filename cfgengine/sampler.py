@@ -52,7 +52,7 @@ class Sampler:
     def __init__(self, model, *, device: torch.device | str | None = None,
                  backend: str | None = None, precision: str | None = None):
         self.model: Prepared = prepare(model, device=device, backend=backend,
-                                       precision=precision)
+                                       precision=precision, sample=sample)
         self.info = self.model.info
         self.device, self.backend = self.model.device, self.model.backend
         self.precision = self.model.precision

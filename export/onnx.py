@@ -19,12 +19,14 @@ from cfgengine.threads import intra_op_threads
 
 OPSET = 18
 SUPPORTED_PRECISIONS = ("fp32", "fp16")
+LOADABLE_PRECISIONS = (*SUPPORTED_PRECISIONS, "int8")  # int8: made from fp32 by export/quantize
 _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
 
 
 def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, opset: int = OPSET, source: str | None = None) -> Path:
-    """Write `model` as an ONNX file at `path` (atomically); returns the path."""
+    """Write `model` as an ONNX file at `path` (atomically); returns the path. (int8 is this
+    fp32 graph statically quantized: cfgengine.export.export dispatches it to export/quantize.py.)"""
     metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "ONNX")
     return export_program(trace(model, precision=precision, max_batch=max_batch, source=source),
                           path, opset=opset)
@@ -78,7 +80,7 @@ def load(path: str | Path, *, device: torch.device | str = "cpu",
     path = Path(path)
     meta = read_metadata(path)
     device = torch.device(device)
-    if meta.precision not in SUPPORTED_PRECISIONS:
+    if meta.precision not in LOADABLE_PRECISIONS:
         raise ValueError(f"{path}: precision {meta.precision} has no ONNX Runtime kernels")
     return OnnxBackend(meta, path, device, _session(path, meta, device, threads))
 
