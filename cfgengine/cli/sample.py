@@ -139,8 +139,8 @@ def guidance_rule(args):
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 
 
-def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tensor:
-    """One block of n rows per class, in class order."""
+def sample_classes(model, classes: list[int] | None, n: int | None) -> tuple[list[int], int]:
+    """(class ids, samples per class), checked; nothing allocated (the memory budget is next)."""
     classes = list(range(model.num_classes)) if classes is None else classes
     if not classes:
         raise UserError("--classes: give at least one class id")
@@ -151,7 +151,7 @@ def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tens
         n = 400 if len(model.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
-    return torch.tensor(classes).repeat_interleave(n)
+    return classes, n
 
 
 def check_output_flags(args) -> None:
@@ -176,12 +176,14 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
-    labels = sample_labels(model, args.classes, args.n)
+    classes, n = sample_classes(model, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
-    rows = len(labels) * len(args.w)
+    rows = len(classes) * n * len(args.w)
+    batch = plan_batch(rows, engine.sample_shape, args.steps, args.batch, engine.device,
+                       n_flag="--per-class")  # before anything of `rows` size is allocated
+    labels = torch.tensor(classes).repeat_interleave(n)  # one block of n rows per class
     ids = sample_ids(args.first_id, rows)
-    batch = plan_batch(rows, engine.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
