@@ -44,26 +44,23 @@ def _swapping_loader(path: Path, seen: list):
     return load
 
 
-def test_pt2_swapped_between_check_and_load_is_not_loaded(tmp_path, monkeypatch):
-    """A racing rename won 1 of 9 loads: trust.check hashed the path, torch reopened it."""
-    package = tmp_path / "m.pt2"
-    package.write_bytes(TRUSTED)
-    trust.record(package)
-    seen: list[bytes] = []
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", _swapping_loader(package, seen))
-    with pytest.raises(ValueError, match="not a loadable AOTInductor package"):
-        cfgengine.load(package)
-    assert seen == [TRUSTED]
+RACES = {  # code file → (its name, the loader the race is won before, how it is loaded)
+    "AOTInductor package": ("m.pt2", (torch._inductor, "aoti_load_package"), cfgengine.load),
+    "TorchScript": ("net.pt", (torch.jit, "load"), metrics._load_network),
+}
 
 
-def test_torchscript_swapped_between_check_and_load_is_not_loaded(tmp_path, monkeypatch):
-    module = tmp_path / "net.pt"
-    module.write_bytes(TRUSTED)
-    trust.record(module)
+@pytest.mark.parametrize("kind", list(RACES))
+def test_code_swapped_between_check_and_load_is_not_loaded(tmp_path, monkeypatch, kind):
+    """A racing rename won 1 of 9 loads: the trust check hashed the path, torch reopened it."""
+    name, (module, loader), load = RACES[kind]
+    code = tmp_path / name
+    code.write_bytes(TRUSTED)
+    trust.record(code)
     seen: list[bytes] = []
-    monkeypatch.setattr(torch.jit, "load", _swapping_loader(module, seen))
-    with pytest.raises(RuntimeError, match="stop"):
-        metrics._load_network(module)
+    monkeypatch.setattr(module, loader, _swapping_loader(code, seen))
+    with pytest.raises((ValueError, RuntimeError)):
+        load(code)
     assert seen == [TRUSTED]
 
 
