@@ -251,11 +251,11 @@ def _load_network(path: Path, trust_code: bool = False):
 
     from cfgengine import trust
 
+    data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
     if path.suffix == ".pt2":
-        data = path.read_bytes()  # read once: the archive checked is the archive loaded
         check_weights_only_archive(path, data)
         return torch.export.load(io.BytesIO(data)).module()
-    data = trust.trusted_bytes(path, "a TorchScript module", trust_code)
+    trust.check_bytes(data, path, "a TorchScript module", trust_code)
     with warnings.catch_warnings():  # TorchScript is deprecated, yet it is how Inception ships
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()

@@ -117,12 +117,9 @@ def _check_digest(digest: str, path: Path, what: str, trust_code: bool) -> None:
                      "(trust_code=True)")
 
 
-def trusted_bytes(path: str | Path, what: str, trust_code: bool = False) -> bytes:
-    """The file's bytes, read once; ValueError unless those bytes may run code."""
-    path = Path(path)
-    data = path.read_bytes()
-    _check_digest(hashlib.sha256(data).hexdigest(), path, what, trust_code)
-    return data
+def check_bytes(data: bytes, path: str | Path, what: str, trust_code: bool = False) -> None:
+    """ValueError unless `data`, read once from `path`, may run code; load only `data` after."""
+    _check_digest(hashlib.sha256(data).hexdigest(), Path(path), what, trust_code)
 
 
 @contextmanager

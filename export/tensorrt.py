@@ -228,12 +228,14 @@ def build_engine(trt, onnx_bytes: bytes, profile: Profile, sample_shape: tuple[i
 def load(path: str | Path, *, device: torch.device | str = "cuda",
          trust_code: bool = False) -> "TensorRTBackend":
     """The backend of a cfgengine plan; ValueError if foreign, stale, or no GPU/TensorRT. A plan
-    is code: it loads only when trusted, checked on the bytes read once here (cfgengine.trust)."""
+    is code: it loads only when trusted, checked on the bytes read once here (cfgengine.trust);
+    its header is data, read first so that a foreign file says what it is."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    header, engine_bytes = parse_plan(trust.trusted_bytes(path, "a TensorRT plan", trust_code),
-                                      path)
+    data = Path(path).read_bytes()  # read once: the bytes checked are the bytes deserialized
+    header, engine_bytes = parse_plan(data, path)
     meta = metadata.parse(header.get("meta"), path)  # before TensorRT: a foreign file says so
+    trust.check_bytes(data, path, "a TensorRT plan", trust_code)
     trt, device = _tensorrt(), _cuda(device)
     check_target(header, current_target(trt, device), path)
     with torch.cuda.device(device):

@@ -181,7 +181,7 @@ def run(args) -> int:
                      precision=args.precision)
     rows = len(classes) * n * len(args.w)
     batch = plan_batch(rows, engine.sample_shape, args.steps, args.batch, engine.device,
-                       n_flag="--per-class")  # before anything of `rows` size is allocated
+                       n_flag="--per-class/--n")  # before anything of `rows` size is allocated
     labels = torch.tensor(classes).repeat_interleave(n)  # one block of n rows per class
     ids = sample_ids(args.first_id, rows)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
