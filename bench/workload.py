@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cfgengine import rng
-from cfgengine.runtime import autocast_dtype
+from cfgengine.precision import autocast_dtype
 from cfgengine.registry import load
 from cfgengine.schedule import logsnr_grid
 from cfgengine.tables import coefficient_table

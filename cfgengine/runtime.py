@@ -1,7 +1,7 @@
 """Backends: what computes eps2 = backend(z[B], λ[B], labels[B]) for the sampler (docs/design.md §3).
 
 `torch` runs the GuidedDenoiser eagerly, `compile` runs it through torch.compile, `onnxruntime`
-runs it as an ONNX graph exported on first use and cached (cfgengine.export.session_cache), and
+runs it as an ONNX graph exported on first use and cached (cfgengine/backends/onnxruntime.py), and
 `cudagraph` captures the whole step (net forward on a static [2B] buffer + the fused step kernel)
 as a CUDA graph (cfgengine/cudagraph.py). `auto` is cudagraph on CUDA; on CPU it is onnxruntime
 when onnxruntime imports, the model is a torch module and the precision fp32, else torch.
@@ -12,15 +12,9 @@ from __future__ import annotations
 import torch
 
 from cfgengine.guidance import GuidedDenoiser
+from cfgengine.precision import PRECISIONS
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "cudagraph")
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                      "fp16": torch.float16}  # network precision name → dtype
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The dtype autocast runs the network in at `precision`; None for fp32 (no autocast)."""
-    return None if precision == "fp32" else PRECISIONS[precision]
 
 
 def check_backend(name: str | None, model, device: torch.device, precision: str = "fp32") -> str:
@@ -52,9 +46,9 @@ def check_backend(name: str | None, model, device: torch.device, precision: str 
 
 def _onnxruntime_pays(precision: str) -> bool:
     """Whether auto may pick ONNX Runtime on CPU: installed, and a precision it runs fast."""
-    from cfgengine.export import session_cache
+    from cfgengine.backends import onnxruntime
 
-    return precision in session_cache.AUTO_PRECISIONS and session_cache.available()
+    return precision in onnxruntime.AUTO_PRECISIONS and onnxruntime.available()
 
 
 def check_device(device: torch.device | str | None, model) -> torch.device:
@@ -96,7 +90,7 @@ def split_model(model, backend: str, precision: str = "fp32",
     if getattr(model, "returns_doubled", False):
         return model, getattr(model, "denoiser", None)
     if backend == "onnxruntime":
-        from cfgengine.export.session_cache import OnnxRuntimeDenoiser
+        from cfgengine.backends.onnxruntime import OnnxRuntimeDenoiser
 
         guided = OnnxRuntimeDenoiser(model, precision, device or model_device(model), auto)
         return guided, guided.denoiser

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cfgengine.runtime import PRECISIONS
+from cfgengine.precision import PRECISIONS
 from cfgengine.schedule import LOGSNR_RANGE, check_logsnr_range
 
 FORMAT = "cfgengine-export"

@@ -45,9 +45,9 @@ def test_bf16_network_stays_close_to_fp32(tiny_unet):
 
 
 def test_auto_backend_on_cpu_is_onnxruntime_when_installed_else_eager(tiny_unet):
-    from cfgengine.export import session_cache
+    from cfgengine.backends import onnxruntime as ort_backend
 
-    want = "onnxruntime" if session_cache.available() else "torch"
+    want = "onnxruntime" if ort_backend.available() else "torch"
     assert cfgengine.Sampler(tiny_unet, device="cpu").backend == want
     mixture = toy.image_mixture()  # a plain-callable Denoiser, not an nn.Module: no export
     assert cfgengine.Sampler(mixture, device="cpu").backend == "torch"

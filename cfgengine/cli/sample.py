@@ -15,7 +15,8 @@ from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
 from cfgengine.registry import BUILTINS, load
-from cfgengine.runtime import BACKENDS, PRECISIONS
+from cfgengine.precision import PRECISIONS
+from cfgengine.runtime import BACKENDS
 from cfgengine.sampler import Sampler
 from cfgengine.schedule import GRIDS
 from cfgengine.tables import SAMPLERS

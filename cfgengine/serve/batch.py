@@ -12,6 +12,7 @@ the concatenated-table index instead of the request's t.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import itertools
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cfgengine import rng
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import RowState, guided_step
 from cfgengine.runtime import check_backend, check_device, move_model, split_model
 from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_grid
 from cfgengine.serve.schema import Combo, Job
@@ -74,16 +75,25 @@ class Tables:
 
 class TableBank:
     """Tables per combo, built once (float64 → float32 as `cfgengine.sample` builds them), and
-    their concatenation for the combos of the running batch."""
+    their concatenation for the combos of the running batch. At most `max_tables` are kept, the
+    least recently used dropped first: clients choose combos, so an unbounded cache would grow
+    with every distinct request (members keep their own tables)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._tables: dict[Combo, Tables] = {}
+    def __init__(self, engine: Engine, max_tables: int = 64):
+        self.engine, self.max_tables = engine, max_tables
+        self._tables: collections.OrderedDict[Combo, Tables] = collections.OrderedDict()
 
     def get(self, combo: Combo) -> Tables:
-        if combo not in self._tables:
+        if combo in self._tables:
+            self._tables.move_to_end(combo)
+        else:
             self._tables[combo] = self._build(combo)
+            while len(self._tables) > self.max_tables:
+                self._tables.popitem(last=False)
         return self._tables[combo]
+
+    def __len__(self) -> int:
+        return len(self._tables)
 
     def _build(self, combo: Combo) -> Tables:
         logsnr = combo_logsnr(combo, self.engine.model)
@@ -129,7 +139,7 @@ def step_state(table: torch.Tensor, rule) -> list[str]:
     """The per-row state tensors the installed kernel keeps for this table and rule: x̂_prev when
     the table has a c_p column (DPM-Solver++(2M)), the momentum when the rule has one (APG)."""
     names = []
-    if "x_hat_prev" in STEP_KEYWORDS and table.shape[1] > C_P:
+    if "state" in STEP_KEYWORDS and table.shape[1] > C_P:
         names.append("x_hat_prev")
     if "state" in STEP_KEYWORDS and hasattr(rule, "momentum"):
         names.append("state")
@@ -250,17 +260,16 @@ class RunningBatch:
         else:
             noise = self._zeros(run.stop - run.start)
         guided_step(eps2, self.z[rows], self.w[rows], self.table, self.index[rows],
-                    clip=self.engine.clip, noise=noise, seed=run.seed, sample_ids=ids,
-                    out=self.z_next[rows], **self._step_extras(run, rows))
+                    clip=self.engine.clip, noise=noise, out=self.z_next[rows],
+                    **self._step_extras(run, rows))
 
     def _step_extras(self, run: Run, rows: slice) -> dict:
         """Keywords of the installed kernel beyond eq. 6: the rule, and the per-row state it and
         multistep samplers keep (x̂_prev for c_p, APG's momentum), updated in place."""
         extras = {} if run.rule is None else {"rule": run.rule}
-        for name in step_state(self.table, run.rule):
-            extras[name] = self.extra[name][rows]
-        if "x_hat_prev" in extras:
-            extras["x_hat_out"] = extras["x_hat_prev"]  # in place: this step's x̂ is the next prev
+        kept = {name: self.extra[name][rows] for name in step_state(self.table, run.rule)}
+        if kept:  # views, updated in place: this step's x̂ is the next step's x̂_prev
+            extras["state"] = RowState(momentum=kept.get("state"), x_hat=kept.get("x_hat_prev"))
         return extras
 
     def _zeros(self, count: int) -> torch.Tensor:
