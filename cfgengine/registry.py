@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from cfgengine import adapters, toy, trust
+from cfgengine import adapters, toy
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
                                   read_safetensors, require_keys)
 from cfgengine.unet import UNet
@@ -22,18 +22,16 @@ def _load_safetensors(path: Path) -> UNet:
     return build_unet(meta["model_config"], meta["dataset"], weights, path)
 
 
-# exported formats that are native code (DESIGN: data vs code files): loaded only when trusted
-CODE_SUFFIXES = {".pt2": "an AOTInductor package (.pt2)", ".plan": "a TensorRT plan",
-                 ".engine": "a TensorRT plan"}
+# exported formats that are native code (DESIGN: data vs code files): each loads only when
+# trusted, checked by its loader on the very bytes it loads (cfgengine.trust)
+CODE_SUFFIXES = (".pt2", ".plan", ".engine")
 
 
 def _load_exported(path: Path, trust_code: bool = False):
     from cfgengine import export  # lazy: onnx / onnxruntime are optional
 
     if path.suffix in CODE_SUFFIXES:
-        trust.check_trusted(path, CODE_SUFFIXES[path.suffix], trust_code)
-        if path.suffix == ".pt2":
-            return export.load(path, trust_code=True)  # just checked: hash the file once
+        return export.load(path, trust_code=trust_code)
     return export.load(path)
 
 

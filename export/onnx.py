@@ -120,10 +120,8 @@ def check_graph(proto, props: dict, meta: metadata.ExportMeta, path: Path) -> No
     if half != (meta.precision == "fp16"):
         raise ValueError(f"{path}: metadata precision {meta.precision} but the graph's weights "
                          f"are {'fp16' if half else 'fp32'}")
-    table = [t for t in proto.graph.initializer if t.name.endswith("class_embed.weight")]
-    if table and table[0].dims[0] != meta.num_classes + 1:
-        raise ValueError(f"{path}: metadata num_classes {meta.num_classes} but the graph's label "
-                         f"table has {table[0].dims[0]} rows (num_classes + 1 null label)")
+    table = [t.dims[0] for t in proto.graph.initializer if t.name.endswith(metadata.LABEL_TABLE)]
+    metadata.check_label_table(table[0] if table else None, meta, path)
 
 
 def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, threads: int | None):

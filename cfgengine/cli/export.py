@@ -53,6 +53,8 @@ def run(args) -> int:
     from cfgengine import export
 
     out = output_path(args)
+    if args.format != "onnx":  # code formats are recorded: a damaged trust file fails first
+        trust.trusted_hashes()
     options = {"precision": args.precision, "max_batch": args.max_batch, "source": args.model}
     if args.device is not None:
         if args.format == "onnx":

@@ -14,7 +14,7 @@ from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_w
 from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.guidance import APG, CFG, RULE_NAMES, DynamicThreshold, ZeroStar
-from cfgengine.model import ModelInfo
+from cfgengine.model import ModelInfo, info as model_info
 from cfgengine.registry import BUILTINS, load
 from cfgengine.precision import PRECISIONS
 from cfgengine.backends import BACKENDS
@@ -148,8 +148,9 @@ def guidance_rule(args):
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 
 
-def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) -> torch.Tensor:
-    """One block of n rows per class, in class order."""
+def sample_classes(facts: ModelInfo, classes: list[int] | None,
+                   n: int | None) -> tuple[list[int], int]:
+    """(class ids, samples per class), checked; nothing allocated (the memory budget is next)."""
     classes = list(range(facts.num_classes)) if classes is None else classes
     if not classes:
         raise UserError("--classes: give at least one class id")
@@ -160,7 +161,7 @@ def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) ->
         n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
-    return torch.tensor(classes).repeat_interleave(n)
+    return classes, n
 
 
 def check_output_flags(args) -> None:
@@ -185,12 +186,15 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
+    facts = model_info(model)
+    classes, n = sample_classes(facts, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
-    labels = sample_labels(engine.info, args.classes, args.n)
-    rows = len(labels) * len(args.w)
+    rows = len(classes) * n * len(args.w)
+    batch = plan_batch(rows, facts.sample_shape, args.steps, args.batch, engine.device,
+                       n_flag="--per-class/--n")  # before anything of `rows` size is allocated
+    labels = torch.tensor(classes).repeat_interleave(n)  # one block of n rows per class
     ids = sample_ids(args.first_id, rows)
-    batch = plan_batch(rows, engine.info.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
