@@ -32,6 +32,7 @@ from cfgengine.unet import UNet
 # model's)
 TRAIN_P_UNCOND = 0.1
 RESUMABLE = ("steps", "out", "ckpt", "ckpt_every", "device")
+FLAGS = {"steps": "--iters", "batch_size": "--batch"}  # the CLI's names, where not --field-name
 RESUME_KEYS = ("config", "model_config", "dataset", "model", "ema", "optimizer", "step", "rng",
                "teacher", "teacher_config")
 
@@ -60,13 +61,12 @@ class DistillConfig:
     def __post_init__(self):
         if not (math.isfinite(self.w_max) and self.w_max > 0):
             raise ValueError(f"--w-max must be a finite number > 0, got {self.w_max}")
-        for name, flag in (("steps", "--iters"), ("batch_size", "--batch"),
-                           ("ckpt_every", "--ckpt-every")):
+        for name in ("steps", "batch_size", "ckpt_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{flag} must be ≥ 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be ≥ 1, got {getattr(self, name)}")
         for name in ("lr", "grad_clip"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0")
+                raise ValueError(f"{flag(name)} must be a finite number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be a finite number ≥ 0, got {self.weight_decay}")
         if self.p_uncond is not None and not 0.0 <= self.p_uncond <= 1.0:
@@ -75,6 +75,11 @@ class DistillConfig:
             raise ValueError("--ema-decay must be in [0, 1), --warmup ≥ 0, --seed in [0, 2^63)")
         if Path(self.out).suffix != ".safetensors":
             raise ValueError(f"--out: the student is written as .safetensors, got {self.out}")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of DistillConfig field `name`."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 @dataclass
@@ -179,11 +184,14 @@ def distill(config: DistillConfig, progress: bool = False) -> DistillState:
 def resume(path: str | Path, progress: bool = False, **overrides) -> DistillState:
     """Continue the run saved in `path` (writing its checkpoints back there unless `ckpt` is
     given); bit-identical to a run never interrupted. `overrides`: RESUMABLE settings only."""
-    contents = checkpoint.require_keys(checkpoint.read_checkpoint(path), RESUME_KEYS, path)
+    contents = checkpoint.read_checkpoint(path)
+    if "teacher" not in contents:
+        raise ValueError(f"{path}: not a distillation checkpoint (it holds no teacher)")
+    checkpoint.require_keys(contents, RESUME_KEYS, path)
     fixed = set(overrides) - set(RESUMABLE)
     if fixed:
-        raise ValueError(f"--resume keeps the checkpoint's {', '.join(sorted(fixed))}; only "
-                         f"{', '.join(RESUMABLE)} may change")
+        raise ValueError(f"--resume keeps the checkpoint's {', '.join(map(flag, sorted(fixed)))}; "
+                         f"only {', '.join(map(flag, RESUMABLE))} may change")
     saved = {f.name: contents["config"][f.name] for f in fields(DistillConfig)
              if f.name in contents["config"]}
     config = replace(DistillConfig(**saved), **{"ckpt": str(path), **overrides})

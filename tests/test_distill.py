@@ -153,6 +153,10 @@ def test_teacher_p_uncond_comes_from_its_checkpoint(tmp_path):
     state = distill(DistillConfig(teacher=str(run / "ckpt.pt"), steps=1, batch_size=4,
                                   out=str(tmp_path / "s.safetensors")))
     assert state.config.p_uncond == 0.3
+    with pytest.raises(ValueError, match="not a distillation checkpoint"):
+        resume(run / "ckpt.pt")
+    with pytest.raises(ValueError, match="keeps the checkpoint's --batch, --w-max"):
+        resume(tmp_path / "s.ckpt.pt", batch_size=8, w_max=2.0)
 
 
 def test_cli_distills(gmm_teacher, tmp_path, capsys):

@@ -6,11 +6,9 @@ import sys
 
 from cfgengine.cli.args import add_config_flags, given
 
-FLAGS = {"steps": "--iters", "batch_size": "--batch"}
-
 
 def add(sub) -> None:
-    from cfgengine.distill import DistillConfig
+    from cfgengine.distill import FLAGS, DistillConfig
 
     p = sub.add_parser("distill", help="distil a model's guided ε into a one-forward student",
                        description="Trains a student ε(z, λ, c, w) ≈ (1+w)·ε(z, c) − w·ε(z, ∅) "
