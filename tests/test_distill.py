@@ -83,6 +83,21 @@ def test_guided_target_is_one_doubled_forward(recorder, gmm):
     torch.testing.assert_close(target.double(), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_default_distilled_is_the_default_models_student():
+    """The shipped `default-distilled` (≤ 10 MB) is `default`'s architecture plus the w embedding,
+    and on held-out examples its error to default's guided ε̃_w is a small fraction of ε̃_w itself
+    and well below the w-blind start's (scripts/distill_check.py prints the full table)."""
+    from cfgengine.checkpoint import ASSETS
+
+    assert (ASSETS / "default-distilled.safetensors").stat().st_size <= 10e6
+    student, teacher = load("default-distilled"), load("default")
+    assert student.guidance_embedded and student.dataset == teacher.dataset
+    assert replace(student.config, guidance_embedding=False) == teacher.config
+    rows = guidance_error(student, teacher, load_dataset("shapes"), [0.3, 1.0, 2.0, 4.0], n=96)
+    assert all(row["relative"] < 0.02 for row in rows), rows
+    assert all(row["vs_blind"] < 0.5 for row in rows if row["w"] >= 1), rows
+
+
 @pytest.fixture(scope="module")
 def gmm_teacher():
     """A tiny UNet trained 60 steps on `gmm` (images of a Gaussian mixture): a teacher whose
