@@ -1,6 +1,6 @@
 """Model names, files and folders → what `cfgengine.sample` runs (`cfgengine.load`): the built-in
-models (`default`, `gmm`), cfgengine's own weight files, exported artifacts, and diffusers
-pipeline folders (cfgengine/adapters.py)."""
+models (`default`, `default-distilled`, `gmm`), cfgengine's own weight files, exported artifacts,
+and diffusers pipeline folders (cfgengine/adapters.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,6 +38,8 @@ def _load_exported(path: Path, trust_code: bool = False):
 BUILTINS: dict[str, Callable[[], Any]] = {
     "gmm": toy.ring_mixture,
     "default": lambda: _load_safetensors(ASSETS / "default.safetensors"),
+    # `default` guidance-distilled (scripts/distill_default.sh): net(z, logsnr, labels, w)
+    "default-distilled": lambda: _load_safetensors(ASSETS / "default-distilled.safetensors"),
 }
 LOADERS: dict[str, Callable[[Path], Any]] = {
     ".pt": _load_pt, ".safetensors": _load_safetensors,
@@ -46,9 +48,10 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
 
 
 def load(model: str | Path, *, trust_code: bool = False):
-    """A built-in name (`default`, `gmm`), a model file or a diffusers pipeline folder → what
-    `cfgengine.sample` runs: a UNet in eval mode with EMA weights for .pt / .safetensors, a backend
-    for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json.
+    """A built-in name (`default`, `default-distilled`, `gmm`), a model file or a diffusers pipeline
+    folder → what `cfgengine.sample` runs: a UNet in eval mode with EMA weights for .pt /
+    .safetensors, a backend for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with
+    model_index.json.
     `.pt2` and `.plan` files are code: they load only if trusted (`cfgengine.trust`) or with
     `trust_code=True`."""
     name = str(model)
