@@ -1,0 +1,431 @@
+"""The samplers people pick, each as rows of the engine's one fused step (docs/samplers.md).
+
+A row is one network evaluation: x̂ = rule(z, ε) at the row's λ, then
+
+    z' = c_z·z + c_x·x̂ + c_p·x̂₁ + c_p2·x̂₂ + c_p3·x̂₃ + s·n
+
+where x̂_k is the x̂ of the row k rows back and n the counter noise at the row's key. A sampler is
+registered once (name → row builder, options and their defaults, NFE per step); nothing else
+branches on its name. Builders write each update the way k-diffusion and diffusers do, in
+σ-space (x = z/α, σ = e^(−λ/2), D = x̂), as a `Combo` of this row's state and earlier rows' x̂;
+`compile_rows` turns the combos into the float64 VP table. An update that needs an earlier state
+(Heun's x, DPM++ 2S's x, UniPC's corrected x) expresses it through the current state by
+inverting the row that produced it (`state_before`), so the table never looks back at a z.
+
+Noise: every draw of grid step t (whichever of its rows draws) uses key t + 1, as the paper's
+ancestral sampler does; no sampler here draws twice per step, so no other keys are in use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cfgengine.schedule import alpha_sigma
+from cfgengine.tables import ancestral_coefficients, ddim_coefficients, dpmpp_2m_coefficients
+
+ALPHA, SIGMA, C_Z, C_X, NOISE, C_P, C_P2, C_P3 = range(8)
+COLUMNS = 8  # (α, σ, c_z, c_x, s, c_p, c_p2, c_p3)
+MAX_HISTORY = 3  # x̂ of up to three earlier rows (UniPC order 3)
+
+
+class Combo(dict):
+    """A linear combination {term: coefficient}; terms are ("x", row) — that row's σ-space
+    state — and ("D", row) — that row's x̂."""
+
+    def __add__(self, other: "Combo") -> "Combo":
+        out = Combo(self)
+        for term, coef in other.items():
+            out[term] = out.get(term, 0.0) + coef
+        return out
+
+    def __sub__(self, other: "Combo") -> "Combo":
+        return self + other * -1.0
+
+    def __mul__(self, scale: float) -> "Combo":
+        return Combo({term: coef * scale for term, coef in self.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: float) -> "Combo":
+        return self * (1.0 / scale)
+
+
+def X(row: int) -> Combo:
+    """The σ-space state x = z/α that row `row` evaluates the network on."""
+    return Combo({("x", row): 1.0})
+
+
+def D(row: int) -> Combo:
+    """Row `row`'s x̂ (k-diffusion's `denoised`, diffusers' x0 prediction)."""
+    return Combo({("D", row): 1.0})
+
+
+@dataclass(frozen=True)
+class Update:
+    """One row in σ-space: the net sees `logsnr`; the next state is `combo` + `noise`·n, n drawn
+    at key `step` + 1 (the row's grid step)."""
+
+    step: int
+    logsnr: float
+    combo: Combo
+    noise: float = 0.0
+
+
+def state_before(update: Update, row: int) -> Combo:
+    """The state x_row of `update` (row `row`, combo a·x_row + rest, noiseless) in terms of the
+    next row's state: (x_{row+1} − rest)/a."""
+    if update.noise:
+        raise ValueError("a noisy row's state cannot be recovered from the next")
+    a = update.combo[("x", row)]
+    rest = Combo({t: c for t, c in update.combo.items() if t != ("x", row)})
+    return (X(row + 1) - rest) / a
+
+
+def sigma_k(logsnr: float) -> float:
+    """k-diffusion's σ = σ_VP/α_VP = e^(−λ/2)."""
+    return math.exp(-logsnr / 2)
+
+
+def logsnr_of(sigma: float) -> float:
+    """λ = −2·ln σ of a k-diffusion σ."""
+    return -2.0 * math.log(sigma)
+
+
+def denoise(step: int, logsnr: float, row: int) -> Update:
+    """The last row: x' = x̂ (σ' = 0)."""
+    return Update(step, logsnr, D(row))
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(σ_down, σ_up) of an ancestral step (k-diffusion's `get_ancestral_step`): σ_up² is
+    η²·σ'²·(σ² − σ'²)/σ², at most σ'², and σ_down² = σ'² − σ_up²."""
+    if not eta:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+def toward(x: Combo, d: Combo, ratio: float) -> Combo:
+    """An Euler (DDIM η = 0) step in σ-space: x + (σ_next − σ)·(x − D)/σ with ratio = σ_next/σ."""
+    return x * ratio + d * (1.0 - ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders: grid λ_0 < … < λ_{T−1} (then σ = 0) → one Update per network evaluation. Each follows
+# the named k-diffusion / diffusers sampler line by line; tests/samplers runs those against them.
+# ---------------------------------------------------------------------------------------------
+
+
+def euler_ancestral(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0) -> list[Update]:
+    """k-diffusion `sample_euler_ancestral`: an Euler step to σ_down, then s_noise·σ_up·n.
+    With s_noise = 1 and η ≤ 1 these are DDIM's rows at the same η (`ddim_coefficients`)."""
+    rows = []
+    for t in range(len(lam) - 1):
+        sigma = sigma_k(lam[t])
+        down, up = ancestral_step(sigma, sigma_k(lam[t + 1]), eta)
+        rows.append(Update(t, lam[t], toward(X(t), D(t), down / sigma), s_noise * up))
+    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+
+
+def heun(lam: list[float]) -> list[Update]:
+    """k-diffusion `sample_heun` (s_churn = 0): per step an Euler row to x₂ at σ', then a row at
+    x₂ with x' = x + (σ' − σ)·(d + d₂)/2; d = (x − D_A)/σ = (x₂ − x)/(σ' − σ) and
+    d₂ = (x₂ − D_B)/σ'. The step into σ = 0 is one Euler row (x' = D)."""
+    rows = []
+    for t in range(len(lam) - 1):
+        first, second = len(rows), len(rows) + 1
+        sigma, sigma_next = sigma_k(lam[t]), sigma_k(lam[t + 1])
+        predict = Update(t, lam[t], toward(X(first), D(first), sigma_next / sigma))
+        x, x2 = state_before(predict, first), X(second)
+        dt = sigma_next - sigma
+        correct = (x + x2) * 0.5 + (x2 - D(second)) * (dt / (2 * sigma_next))
+        rows += [predict, Update(t, lam[t + 1], correct)]
+    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+
+
+def dpmpp_2s_ancestral(lam: list[float], *, eta: float = 1.0,
+                       s_noise: float = 1.0) -> list[Update]:
+    """k-diffusion `sample_dpmpp_2s_ancestral`: per step a row at σ that moves to the midpoint
+    σ_s = √(σ·σ_down) (in log σ), a row there whose x̂ takes x to σ_down, then s_noise·σ_up·n
+    on that second row (key t + 1)."""
+    rows, sigmas = [], [sigma_k(value) for value in lam] + [0.0]
+    for t, sigma in enumerate(sigmas[:-1]):
+        first, second = len(rows), len(rows) + 1
+        down, up = ancestral_step(sigma, sigmas[t + 1], eta)
+        if down == 0.0:  # the step into σ = 0 (or η large enough): Euler, x' = D
+            rows.append(Update(t, lam[t], D(first), s_noise * up))
+            continue
+        h = math.log(sigma / down)
+        mid = sigma * math.exp(-h / 2)
+        predict = Update(t, lam[t], toward(X(first), D(first), mid / sigma))
+        x = state_before(predict, first)
+        rows += [predict, Update(t, logsnr_of(mid), toward(x, D(second), down / sigma),
+                                 s_noise * up)]
+    return rows
+
+
+def dpmpp_2m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0,
+                 solver: str = "midpoint") -> list[Update]:
+    """k-diffusion `sample_dpmpp_2m_sde` (`solver_type` midpoint or heun): with h = t' − t
+    (t = λ/2), x' = (σ'/σ)·e^(−ηh)·x + (1 − e^(−h−ηh))·D + c·(D − D₁)/r, r = h₁/h, then
+    σ'·√(1 − e^(−2ηh))·s_noise·n. First order on the first step."""
+    rows, h_last = [], None
+    for t in range(len(lam) - 1):
+        h = (lam[t + 1] - lam[t]) / 2
+        gain = -math.expm1(-h - eta * h)
+        combo = X(t) * math.exp(-h - eta * h) + D(t) * gain
+        if h_last is not None:
+            r = h_last / h
+            c = (gain / (-h - eta * h) + 1.0) / r if solver == "heun" else 0.5 * gain / r
+            combo = combo + (D(t) - D(t - 1)) * c
+        noise = sigma_k(lam[t + 1]) * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
+        rows.append(Update(t, lam[t], combo, noise))
+        h_last = h
+    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+
+
+def dpmpp_3m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0) -> list[Update]:
+    """k-diffusion `sample_dpmpp_3m_sde`: x' = e^(−h_η)·x + (1 − e^(−h_η))·D + φ₂·d₁ − φ₃·d₂
+    (h_η = (1 + η)·h), d₁, d₂ the divided differences of D, D₁, D₂ over the last steps' h
+    (first order on step 0, second on step 1), then σ'·√(1 − e^(−2ηh))·s_noise·n."""
+    rows, hs = [], []
+    for t in range(len(lam) - 1):
+        h = (lam[t + 1] - lam[t]) / 2
+        h_eta = h * (eta + 1)
+        combo = X(t) * math.exp(-h_eta) + D(t) * -math.expm1(-h_eta)
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        if len(hs) >= 2:
+            r0, r1 = hs[-1] / h, hs[-2] / h
+            d1_0, d1_1 = (D(t) - D(t - 1)) / r0, (D(t - 1) - D(t - 2)) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            combo = combo + d1 * phi_2 - d2 * (phi_2 / h_eta - 0.5)
+        elif hs:
+            combo = combo + (D(t) - D(t - 1)) * (phi_2 * h / hs[-1])
+        noise = sigma_k(lam[t + 1]) * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+        rows.append(Update(t, lam[t], combo, noise))
+        hs.append(h)
+    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+
+
+def unipc_rhos(h: float, ratios: list[float], order: int, corrector: bool) -> list[float]:
+    """UniPC's B(h) = e^(−h) − 1 ("bh2") weights (Zhao et al. 2023, alg. 1–2, data prediction)
+    as diffusers computes them: R[k][j] = r_j^k, b_k = h·φ_{k+1}(h)·(k+1)!/B(h); the predictor
+    solves the leading (order−1)² block (0.5 at order 2), the corrector all of it (0.5 at
+    order 1). `ratios` = r_1 … r_{order−1}, 1."""
+    hh = -h
+    phi, factorial, b = math.expm1(hh) / hh - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(phi * factorial / math.expm1(hh))
+        factorial *= k + 1
+        phi = phi / hh - 1 / factorial
+    size = order if corrector else order - 1
+    if size <= 1:  # UniP-2 and UniC-1 use 0.5, not the solve
+        return [0.5] * size
+    R = torch.tensor([[r**k for r in ratios[:size]] for k in range(size)], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b[:size], dtype=torch.float64)).tolist()
+
+
+def unipc_step(lam: list[float], s0: int, target: int, order: int, corrector: bool):
+    """One UniP (or UniC) update from grid point s0 to `target`: (e^(−h), D-part) where the new
+    state is e^(−h)·x + D-part, and the corrector's weight on (D_target − D_s0) (0 for UniP)."""
+    h = (lam[target] - lam[s0]) / 2
+    ratios = [(lam[s0 - k] - lam[s0]) / (2 * h) for k in range(1, order)] + [1.0]
+    rhos = unipc_rhos(h, ratios, order, corrector)
+    b_h = math.expm1(-h)
+    part = D(s0) * -b_h  # −h·φ₁(h)·m₀, h·φ₁ = e^(−h) − 1 = B(h) for bh2
+    for k, ratio in enumerate(ratios[:-1], 1):
+        part = part - (D(s0 - k) - D(s0)) * (b_h * rhos[k - 1] / ratio)
+    last = -b_h * rhos[-1] if corrector else 0.0
+    return math.exp(-h), part, last
+
+
+def unipc(lam: list[float], *, order: int = 2) -> list[Update]:
+    """diffusers `UniPCMultistepScheduler` (bh2, x0 prediction, lower_order_final, final σ = 0):
+    at grid point i the net sees the predicted x_i; the corrector (UniC, order of the previous
+    predictor) forms x_i^c from x_{i−1}^c, the x̂ history and x̂_i; the predictor (UniP, order
+    min(order, i + 1, T − i)) moves x_i^c to x_{i+1}. x_{i−1}^c enters as
+    (x_i − D-part)/e^(−h), the previous predictor inverted, so no z history is kept."""
+    rows, corrected, last_order = [], X(0), 0
+    for i in range(len(lam) - 1):
+        if i > 0:
+            decay, part, weight = unipc_step(lam, i - 1, i, last_order, corrector=True)
+            corrected = corrected * decay + part + (D(i) - D(i - 1)) * weight
+        last_order = min(order, i + 1, len(lam) - i)
+        decay, part, _ = unipc_step(lam, i, i + 1, last_order, corrector=False)
+        rows.append(Update(i, lam[i], corrected * decay + part))
+        corrected = (X(i + 1) - part) / decay
+    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: the float64 table and the per-row host facts the loop needs.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A sampler on a grid: R network evaluations. `table` float64 [R, 8] holds
+    (α, σ, c_z, c_x, s, c_p, c_p2, c_p3) — c_pk weighs the x̂ of the row k back; `logsnr` the λ
+    the net sees; `steps` each row's grid step (its noise key is step + 1); `history` how many x̂
+    buffers the rows read; `kept` whether a later row reads the row's x̂."""
+
+    table: torch.Tensor
+    logsnr: torch.Tensor
+    steps: tuple[int, ...]
+    history: int
+    kept: tuple[bool, ...]
+
+    @property
+    def noise_keys(self) -> tuple[int, ...]:
+        return tuple(t + 1 for t in self.steps)
+
+    @property
+    def quiet(self) -> tuple[bool, ...]:
+        """Rows that draw no noise (s = 0)."""
+        return tuple(s == 0.0 for s in self.table[:, NOISE].tolist())
+
+    def slots(self, row: int) -> tuple[int | None, tuple[int, ...]]:
+        """The x̂ ring buffers of `row`: (the buffer its x̂ goes to, or None when no later row
+        reads it; the buffers holding the x̂ of the rows 1 … history back). Row r writes buffer
+        r mod H, so the row H back shares the buffer the row writes: the step reads each
+        element before it writes it."""
+        if self.history == 0:
+            return None, ()
+        reads = tuple((row - k) % self.history for k in range(1, self.history + 1))
+        return (row % self.history if self.kept[row] else None), reads
+
+
+LAG_COLUMNS = (C_X, C_P, C_P2, C_P3)  # x̂ of this row, 1, 2 and 3 rows back
+
+
+def compile_rows(updates: list[Update]) -> Rows:
+    """The VP table of σ-space updates: with z = α·x, x' = a·x + Σ b_k·D_{r−k} + d·n becomes
+    c_z = a·α'/α, c_x|c_pk = b_k·α', s = d·α' (α' the next row's α; 1 after the last row)."""
+    lam = torch.tensor([u.logsnr for u in updates], dtype=torch.float64)
+    alpha, sigma = alpha_sigma(lam)
+    alpha_next = torch.cat([alpha[1:], torch.ones(1, dtype=torch.float64)])
+    table = torch.zeros(len(updates), COLUMNS, dtype=torch.float64)
+    table[:, ALPHA], table[:, SIGMA] = alpha, sigma
+    reads = [set() for _ in updates]
+    for r, update in enumerate(updates):
+        for (kind, row), coef in update.combo.items():
+            lag = r - row
+            if (kind == "x" and lag != 0) or not 0 <= lag <= MAX_HISTORY:
+                raise ValueError(f"row {r} reads {kind}[{row}]: outside the step's state")
+            if kind == "D" and lag and coef:
+                reads[row].add(r)
+            table[r, C_Z if kind == "x" else LAG_COLUMNS[lag]] += coef
+        table[r, NOISE] = update.noise
+    table[:, C_Z] /= alpha
+    table[:, C_Z:] *= alpha_next[:, None]
+    lags = [r - row for row, readers in enumerate(reads) for r in readers]
+    return Rows(table, lam, tuple(u.step for u in updates), max(lags, default=0),
+                tuple(bool(readers) for readers in reads))
+
+
+def grid_rows(logsnr: torch.Tensor, c_z, c_x, s, c_p=None) -> Rows:
+    """One row per grid point from VP coefficients of the T − 1 steps (the last row z' = x̂):
+    the paper's ancestral sampler, DDIM and DPM-Solver++(2M) (cfgengine.tables)."""
+    steps = logsnr.numel()
+    alpha, sigma = alpha_sigma(logsnr)
+    table = torch.zeros(steps, COLUMNS, dtype=torch.float64)
+    table[:, ALPHA], table[:, SIGMA] = alpha, sigma
+    table[:-1, C_Z], table[:-1, C_X], table[:-1, NOISE] = c_z, c_x, s
+    table[-1, C_X] = 1.0
+    if c_p is not None:
+        table[:-1, C_P] = c_p
+    kept = tuple(bool(c != 0) for c in table[1:, C_P].tolist()) + (False,)
+    return Rows(table, logsnr, tuple(range(steps)), int(any(kept)), kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: name → rows builder, its options (default, check), network evaluations per step.
+# ---------------------------------------------------------------------------------------------
+
+
+def _number_at_least_0(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value >= 0
+
+
+def _number_in_0_1(value) -> bool:
+    return _number_at_least_0(value) and value <= 1
+
+
+def _one_of(*choices) -> Callable[[object], bool]:
+    return lambda value: not isinstance(value, bool) and value in choices
+
+
+CHECK_TEXT = {_number_at_least_0: "a number ≥ 0", _number_in_0_1: "a number in [0, 1]"}
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: `rows(logsnr, **options)` builds its Rows; `options` maps each
+    option to (default, check); `nfe` is network evaluations per step (the last step: 1)."""
+
+    rows: Callable[..., Rows]
+    options: dict[str, tuple[object, Callable[[object], bool]]]
+    nfe: int
+
+
+def _sigma_space(builder) -> Callable[..., Rows]:
+    return lambda logsnr, **options: compile_rows(builder(logsnr.tolist(), **options))
+
+
+def _ancestral_rows(logsnr, *, v):
+    return grid_rows(logsnr, *ancestral_coefficients(logsnr, v))
+
+
+def _ddim_rows(logsnr, *, eta):
+    return grid_rows(logsnr, *ddim_coefficients(logsnr, eta))
+
+
+def _dpmpp_2m_rows(logsnr):
+    return grid_rows(logsnr, *dpmpp_2m_coefficients(logsnr))
+
+
+NOISE_OPTIONS = {"eta": (1.0, _number_at_least_0), "s_noise": (1.0, _number_at_least_0)}
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ancestral": SamplerSpec(_ancestral_rows, {"v": (0.3, _number_in_0_1)}, 1),
+    "ddim": SamplerSpec(_ddim_rows, {"eta": (0.0, _number_in_0_1)}, 1),
+    "dpmpp_2m": SamplerSpec(_dpmpp_2m_rows, {}, 1),
+    "euler_ancestral": SamplerSpec(_sigma_space(euler_ancestral), NOISE_OPTIONS, 1),
+    "heun": SamplerSpec(_sigma_space(heun), {}, 2),
+    "dpmpp_2s_ancestral": SamplerSpec(_sigma_space(dpmpp_2s_ancestral), NOISE_OPTIONS, 2),
+    "dpmpp_2m_sde": SamplerSpec(_sigma_space(dpmpp_2m_sde), {
+        **NOISE_OPTIONS, "solver": ("midpoint", _one_of("midpoint", "heun"))}, 1),
+    "dpmpp_3m_sde": SamplerSpec(_sigma_space(dpmpp_3m_sde), NOISE_OPTIONS, 1),
+    "unipc": SamplerSpec(_sigma_space(unipc), {"order": (2, _one_of(1, 2, 3))}, 1),
+}
+
+
+def sampler_options(name: str, **options) -> dict[str, object]:
+    """The sampler's options with defaults filled in (an option given as None takes its
+    default); ValueError naming the first unknown sampler, option or bad value."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    known = SAMPLERS[name].options
+    settings = {key: default for key, (default, _) in known.items()}
+    for key, value in options.items():
+        if key not in known:
+            allowed = ", ".join(known) or "none"
+            raise ValueError(f"sampler {name!r} takes no option {key!r} (its options: {allowed})")
+        if value is None:
+            continue
+        check = known[key][1]
+        if not check(value):
+            want = CHECK_TEXT.get(check, "one of the listed values")
+            raise ValueError(f"{name} option {key} must be {want}, got {value!r}")
+        settings[key] = value
+    return settings
+
+
+def sampler_rows(name: str, logsnr: torch.Tensor, **options) -> Rows:
+    """The Rows of sampler `name` on the increasing float64 grid `logsnr` (≥ 2 points)."""
+    settings = sampler_options(name, **options)
+    return SAMPLERS[name].rows(logsnr.to(torch.float64), **settings)
