@@ -94,11 +94,6 @@ def logsnr_of(sigma: float) -> float:
     return -2.0 * math.log(sigma)
 
 
-def denoise(step: int, logsnr: float, row: int) -> Update:
-    """The last row: x' = x̂ (σ' = 0)."""
-    return Update(step, logsnr, D(row))
-
-
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
     """(σ_down, σ_up) of an ancestral step (k-diffusion's `get_ancestral_step`): σ_up² is
     η²·σ'²·(σ² − σ'²)/σ², at most σ'², and σ_down² = σ'² − σ_up²."""
@@ -109,13 +104,15 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
 
 
 def toward(x: Combo, d: Combo, ratio: float) -> Combo:
-    """An Euler (DDIM η = 0) step in σ-space: x + (σ_next − σ)·(x − D)/σ with ratio = σ_next/σ."""
+    """An Euler (DDIM η = 0) step in σ-space: x + (σ_next − σ)·(x − D)/σ with ratio = σ_next/σ;
+    ratio 0 (σ_next = 0) gives D."""
     return x * ratio + d * (1.0 - ratio)
 
 
 # ---------------------------------------------------------------------------------------------
-# Builders: grid λ_0 < … < λ_{T−1} (then σ = 0) → one Update per network evaluation. Each follows
-# the named k-diffusion / diffusers sampler line by line; tests/samplers runs those against them.
+# Builders: the extended grid λ_0 < … < λ_{T−1} < λ_T (λ_T = +∞: σ = 0, the usual end) → one
+# Update per network evaluation. Each follows the named k-diffusion / diffusers sampler line by
+# line, including its special step into σ = 0; tests/samplers runs those against them.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -127,7 +124,7 @@ def euler_ancestral(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0)
         sigma = sigma_k(lam[t])
         down, up = ancestral_step(sigma, sigma_k(lam[t + 1]), eta)
         rows.append(Update(t, lam[t], toward(X(t), D(t), down / sigma), s_noise * up))
-    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+    return rows
 
 
 def heun(lam: list[float]) -> list[Update]:
@@ -139,11 +136,14 @@ def heun(lam: list[float]) -> list[Update]:
         first, second = len(rows), len(rows) + 1
         sigma, sigma_next = sigma_k(lam[t]), sigma_k(lam[t + 1])
         predict = Update(t, lam[t], toward(X(first), D(first), sigma_next / sigma))
+        if sigma_next == 0.0:
+            rows.append(predict)
+            continue
         x, x2 = state_before(predict, first), X(second)
         dt = sigma_next - sigma
         correct = (x + x2) * 0.5 + (x2 - D(second)) * (dt / (2 * sigma_next))
         rows += [predict, Update(t, lam[t + 1], correct)]
-    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+    return rows
 
 
 def dpmpp_2s_ancestral(lam: list[float], *, eta: float = 1.0,
@@ -151,10 +151,11 @@ def dpmpp_2s_ancestral(lam: list[float], *, eta: float = 1.0,
     """k-diffusion `sample_dpmpp_2s_ancestral`: per step a row at σ that moves to the midpoint
     σ_s = √(σ·σ_down) (in log σ), a row there whose x̂ takes x to σ_down, then s_noise·σ_up·n
     on that second row (key t + 1)."""
-    rows, sigmas = [], [sigma_k(value) for value in lam] + [0.0]
-    for t, sigma in enumerate(sigmas[:-1]):
+    rows = []
+    for t in range(len(lam) - 1):
         first, second = len(rows), len(rows) + 1
-        down, up = ancestral_step(sigma, sigmas[t + 1], eta)
+        sigma = sigma_k(lam[t])
+        down, up = ancestral_step(sigma, sigma_k(lam[t + 1]), eta)
         if down == 0.0:  # the step into σ = 0 (or η large enough): Euler, x' = D
             rows.append(Update(t, lam[t], D(first), s_noise * up))
             continue
@@ -171,44 +172,49 @@ def dpmpp_2m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0,
                  solver: str = "midpoint") -> list[Update]:
     """k-diffusion `sample_dpmpp_2m_sde` (`solver_type` midpoint or heun): with h = t' − t
     (t = λ/2), x' = (σ'/σ)·e^(−ηh)·x + (1 − e^(−h−ηh))·D + c·(D − D₁)/r, r = h₁/h, then
-    σ'·√(1 − e^(−2ηh))·s_noise·n. First order on the first step."""
-    rows, h_last = [], None
+    σ'·√(1 − e^(−2ηh))·s_noise·n. First order on the first step; x' = D into σ = 0."""
+    rows = []
     for t in range(len(lam) - 1):
+        if math.isinf(lam[t + 1]):
+            rows.append(Update(t, lam[t], D(t)))
+            continue
         h = (lam[t + 1] - lam[t]) / 2
         gain = -math.expm1(-h - eta * h)
         combo = X(t) * math.exp(-h - eta * h) + D(t) * gain
-        if h_last is not None:
-            r = h_last / h
+        if t > 0:
+            r = (lam[t] - lam[t - 1]) / 2 / h
             c = (gain / (-h - eta * h) + 1.0) / r if solver == "heun" else 0.5 * gain / r
             combo = combo + (D(t) - D(t - 1)) * c
         noise = sigma_k(lam[t + 1]) * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
         rows.append(Update(t, lam[t], combo, noise))
-        h_last = h
-    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+    return rows
 
 
 def dpmpp_3m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0) -> list[Update]:
     """k-diffusion `sample_dpmpp_3m_sde`: x' = e^(−h_η)·x + (1 − e^(−h_η))·D + φ₂·d₁ − φ₃·d₂
     (h_η = (1 + η)·h), d₁, d₂ the divided differences of D, D₁, D₂ over the last steps' h
-    (first order on step 0, second on step 1), then σ'·√(1 − e^(−2ηh))·s_noise·n."""
-    rows, hs = [], []
+    (first order on step 0, second on step 1), then σ'·√(1 − e^(−2ηh))·s_noise·n; x' = D into
+    σ = 0."""
+    rows = []
     for t in range(len(lam) - 1):
+        if math.isinf(lam[t + 1]):
+            rows.append(Update(t, lam[t], D(t)))
+            continue
         h = (lam[t + 1] - lam[t]) / 2
         h_eta = h * (eta + 1)
         combo = X(t) * math.exp(-h_eta) + D(t) * -math.expm1(-h_eta)
         phi_2 = math.expm1(-h_eta) / h_eta + 1
-        if len(hs) >= 2:
-            r0, r1 = hs[-1] / h, hs[-2] / h
+        if t >= 2:
+            r0, r1 = (lam[t] - lam[t - 1]) / 2 / h, (lam[t - 1] - lam[t - 2]) / 2 / h
             d1_0, d1_1 = (D(t) - D(t - 1)) / r0, (D(t - 1) - D(t - 2)) / r1
             d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
             d2 = (d1_0 - d1_1) / (r0 + r1)
             combo = combo + d1 * phi_2 - d2 * (phi_2 / h_eta - 0.5)
-        elif hs:
-            combo = combo + (D(t) - D(t - 1)) * (phi_2 * h / hs[-1])
+        elif t == 1:
+            combo = combo + (D(t) - D(t - 1)) * (phi_2 * 2 * h / (lam[t] - lam[t - 1]))
         noise = sigma_k(lam[t + 1]) * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
         rows.append(Update(t, lam[t], combo, noise))
-        hs.append(h)
-    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+    return rows
 
 
 def unipc_rhos(h: float, ratios: list[float], order: int, corrector: bool) -> list[float]:
@@ -244,21 +250,22 @@ def unipc_step(lam: list[float], s0: int, target: int, order: int, corrector: bo
 
 
 def unipc(lam: list[float], *, order: int = 2) -> list[Update]:
-    """diffusers `UniPCMultistepScheduler` (bh2, x0 prediction, lower_order_final, final σ = 0):
-    at grid point i the net sees the predicted x_i; the corrector (UniC, order of the previous
+    """diffusers `UniPCMultistepScheduler` (bh2, x0 prediction, lower_order_final): at grid
+    point i the net sees the predicted x_i; the corrector (UniC, order of the previous
     predictor) forms x_i^c from x_{i−1}^c, the x̂ history and x̂_i; the predictor (UniP, order
     min(order, i + 1, T − i)) moves x_i^c to x_{i+1}. x_{i−1}^c enters as
     (x_i − D-part)/e^(−h), the previous predictor inverted, so no z history is kept."""
-    rows, corrected, last_order = [], X(0), 0
-    for i in range(len(lam) - 1):
+    rows, corrected, last_order, steps = [], X(0), 0, len(lam) - 1
+    for i in range(steps):
         if i > 0:
             decay, part, weight = unipc_step(lam, i - 1, i, last_order, corrector=True)
             corrected = corrected * decay + part + (D(i) - D(i - 1)) * weight
-        last_order = min(order, i + 1, len(lam) - i)
+        last_order = min(order, i + 1, steps - i)
         decay, part, _ = unipc_step(lam, i, i + 1, last_order, corrector=False)
         rows.append(Update(i, lam[i], corrected * decay + part))
-        corrected = (X(i + 1) - part) / decay
-    return rows + [denoise(len(lam) - 1, lam[-1], len(rows))]
+        if i + 1 < steps:
+            corrected = (X(i + 1) - part) / decay
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,12 +309,13 @@ class Rows:
 LAG_COLUMNS = (C_X, C_P, C_P2, C_P3)  # x̂ of this row, 1, 2 and 3 rows back
 
 
-def compile_rows(updates: list[Update]) -> Rows:
+def compile_rows(updates: list[Update], final_logsnr: float = math.inf) -> Rows:
     """The VP table of σ-space updates: with z = α·x, x' = a·x + Σ b_k·D_{r−k} + d·n becomes
-    c_z = a·α'/α, c_x|c_pk = b_k·α', s = d·α' (α' the next row's α; 1 after the last row)."""
+    c_z = a·α'/α, c_x|c_pk = b_k·α', s = d·α' (α' the next row's α; after the last row the α
+    of `final_logsnr`, 1 at +∞)."""
     lam = torch.tensor([u.logsnr for u in updates], dtype=torch.float64)
     alpha, sigma = alpha_sigma(lam)
-    alpha_next = torch.cat([alpha[1:], torch.ones(1, dtype=torch.float64)])
+    alpha_next = torch.cat([alpha[1:], alpha_sigma(lam.new_tensor([final_logsnr]))[0]])
     table = torch.zeros(len(updates), COLUMNS, dtype=torch.float64)
     table[:, ALPHA], table[:, SIGMA] = alpha, sigma
     reads = [set() for _ in updates]
@@ -327,19 +335,23 @@ def compile_rows(updates: list[Update]) -> Rows:
                 tuple(bool(readers) for readers in reads))
 
 
-def grid_rows(logsnr: torch.Tensor, c_z, c_x, s, c_p=None) -> Rows:
-    """One row per grid point from VP coefficients of the T − 1 steps (the last row z' = x̂):
-    the paper's ancestral sampler, DDIM and DPM-Solver++(2M) (cfgengine.tables)."""
-    steps = logsnr.numel()
-    alpha, sigma = alpha_sigma(logsnr)
-    table = torch.zeros(steps, COLUMNS, dtype=torch.float64)
-    table[:, ALPHA], table[:, SIGMA] = alpha, sigma
-    table[:-1, C_Z], table[:-1, C_X], table[:-1, NOISE] = c_z, c_x, s
-    table[-1, C_X] = 1.0
-    if c_p is not None:
-        table[:-1, C_P] = c_p
-    kept = tuple(bool(c != 0) for c in table[1:, C_P].tolist()) + (False,)
-    return Rows(table, logsnr, tuple(range(steps)), int(any(kept)), kept)
+def grid_rows(coefficients) -> Callable[..., Rows]:
+    """Rows of a sampler given by VP coefficients on the grid (the paper's ancestral sampler,
+    DDIM, DPM-Solver++(2M): cfgengine.tables): `coefficients(λ, **options)` gives
+    (c_z, c_x, s[, c_p]) for each interval of λ, here the grid extended by a finite final λ;
+    with final λ = +∞ the last row is z' = x̂."""
+    def rows(logsnr: torch.Tensor, final_logsnr: float, **options) -> Rows:
+        finite = math.isfinite(final_logsnr)
+        lam = torch.cat([logsnr, logsnr.new_tensor([final_logsnr])]) if finite else logsnr
+        columns = coefficients(lam, **options)
+        table = torch.zeros(logsnr.numel(), COLUMNS, dtype=torch.float64)
+        table[:, ALPHA], table[:, SIGMA] = alpha_sigma(logsnr)
+        table[-1, C_X] = 1.0  # z' = x̂, unless a finite final λ's step overwrites it
+        for column, values in zip((C_Z, C_X, NOISE, C_P), columns):
+            table[: values.numel(), column] = values
+        kept = tuple(bool(c != 0) for c in table[1:, C_P].tolist()) + (False,)
+        return Rows(table, logsnr, tuple(range(logsnr.numel())), int(any(kept)), kept)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,26 +386,17 @@ class SamplerSpec:
 
 
 def _sigma_space(builder) -> Callable[..., Rows]:
-    return lambda logsnr, **options: compile_rows(builder(logsnr.tolist(), **options))
-
-
-def _ancestral_rows(logsnr, *, v):
-    return grid_rows(logsnr, *ancestral_coefficients(logsnr, v))
-
-
-def _ddim_rows(logsnr, *, eta):
-    return grid_rows(logsnr, *ddim_coefficients(logsnr, eta))
-
-
-def _dpmpp_2m_rows(logsnr):
-    return grid_rows(logsnr, *dpmpp_2m_coefficients(logsnr))
+    """A builder's Rows on the grid extended by its final λ."""
+    def rows(logsnr: torch.Tensor, final_logsnr: float, **options) -> Rows:
+        return compile_rows(builder(logsnr.tolist() + [final_logsnr], **options), final_logsnr)
+    return rows
 
 
 NOISE_OPTIONS = {"eta": (1.0, _number_at_least_0), "s_noise": (1.0, _number_at_least_0)}
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ancestral": SamplerSpec(_ancestral_rows, {"v": (0.3, _number_in_0_1)}, 1),
-    "ddim": SamplerSpec(_ddim_rows, {"eta": (0.0, _number_in_0_1)}, 1),
-    "dpmpp_2m": SamplerSpec(_dpmpp_2m_rows, {}, 1),
+    "ancestral": SamplerSpec(grid_rows(ancestral_coefficients), {"v": (0.3, _number_in_0_1)}, 1),
+    "ddim": SamplerSpec(grid_rows(ddim_coefficients), {"eta": (0.0, _number_in_0_1)}, 1),
+    "dpmpp_2m": SamplerSpec(grid_rows(dpmpp_2m_coefficients), {}, 1),
     "euler_ancestral": SamplerSpec(_sigma_space(euler_ancestral), NOISE_OPTIONS, 1),
     "heun": SamplerSpec(_sigma_space(heun), {}, 2),
     "dpmpp_2s_ancestral": SamplerSpec(_sigma_space(dpmpp_2s_ancestral), NOISE_OPTIONS, 2),
@@ -425,7 +428,9 @@ def sampler_options(name: str, **options) -> dict[str, object]:
     return settings
 
 
-def sampler_rows(name: str, logsnr: torch.Tensor, **options) -> Rows:
-    """The Rows of sampler `name` on the increasing float64 grid `logsnr` (≥ 2 points)."""
+def sampler_rows(name: str, logsnr: torch.Tensor, *, final_logsnr: float = math.inf,
+                 **options) -> Rows:
+    """The Rows of sampler `name` on the increasing float64 grid `logsnr` (≥ 2 points), its last
+    row stepping to `final_logsnr` (+∞: σ = 0, z' = x̂)."""
     settings = sampler_options(name, **options)
-    return SAMPLERS[name].rows(logsnr.to(torch.float64), **settings)
+    return SAMPLERS[name].rows(logsnr.to(torch.float64), final_logsnr, **settings)

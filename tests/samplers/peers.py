@@ -5,6 +5,7 @@ calls) and the exact mixture as a denoiser in both parameterisations."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 import types
 from pathlib import Path
@@ -71,10 +72,9 @@ def counter_noise_sampler(sigmas: torch.Tensor, seed: int, ids: torch.Tensor, sh
     return draw
 
 
-def k_sigmas(logsnr: torch.Tensor) -> torch.Tensor:
-    """The grid as k-diffusion's decreasing σ schedule with a final 0."""
-    sigmas = torch.exp(-logsnr.double() / 2)
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
+def k_sigmas(logsnr: torch.Tensor, final: float = math.inf) -> torch.Tensor:
+    """The grid as k-diffusion's decreasing σ schedule ending at e^(−final/2) (0 for +∞)."""
+    return torch.exp(-torch.cat([logsnr.double(), logsnr.new_tensor([final]).double()]) / 2)
 
 
 def start_noise(seed: int, ids: torch.Tensor, shape) -> torch.Tensor:
