@@ -57,9 +57,10 @@ def test_ddim_eta_1_is_euler_ancestral():
 def test_two_stage_rows_see_the_intermediate_logsnr():
     heun = sampler_rows("heun", LAM)
     assert heun.logsnr[1::2].tolist() == LAM[1:].tolist()  # Heun's second row: the next point
-    two_s = sampler_rows("dpmpp_2s_ancestral", LAM)
-    mids = two_s.logsnr[1:-1:2]
-    assert bool(((mids > LAM[:-1]) & (mids < LAM[1:])).all())  # between the grid points
+    deterministic = sampler_rows("dpmpp_2s_ancestral", LAM, eta=0.0).logsnr[1:-1:2]
+    assert torch.allclose(deterministic, (LAM[:-1] + LAM[1:]) / 2)  # log σ's midpoint
+    # η = 1: σ_down = σ'²/σ, so the midpoint √(σ·σ_down) is σ' itself
+    assert torch.allclose(sampler_rows("dpmpp_2s_ancestral", LAM).logsnr[1:-1:2], LAM[1:])
 
 
 @pytest.mark.parametrize("name, options, message", [
