@@ -12,8 +12,11 @@ branches on its name. Builders write each update the way k-diffusion and diffuse
 (Heun's x, DPM++ 2S's x, UniPC's corrected x) expresses it through the current state by
 inverting the row that produced it (`state_before`), so the table never looks back at a z.
 
-Noise: every draw of grid step t (whichever of its rows draws) uses key t + 1, as the paper's
-ancestral sampler does; no sampler here draws twice per step, so no other keys are in use.
+Noise: row r draws at key r + 1 — the step's existing key, with the step being the table row, so
+the kernel and every loop draw it unchanged and a sample depends only on (seed, sample id). With
+one row per grid step that is key t + 1 for step t (DDIM η = 1 and Euler ancestral then add the
+same noise); the two-row samplers draw only on a step's second row, 2t + 1, at key 2t + 2. No
+sampler draws twice in a row, so no other keys are in use.
 """
 from __future__ import annotations
 
@@ -65,8 +68,8 @@ def D(row: int) -> Combo:
 
 @dataclass(frozen=True)
 class Update:
-    """One row in σ-space: the net sees `logsnr`; the next state is `combo` + `noise`·n, n drawn
-    at key `step` + 1 (the row's grid step)."""
+    """One row in σ-space, belonging to grid step `step`: the net sees `logsnr`; the next state
+    is `combo` + `noise`·n, n the row's counter noise."""
 
     step: int
     logsnr: float
@@ -150,7 +153,7 @@ def dpmpp_2s_ancestral(lam: list[float], *, eta: float = 1.0,
                        s_noise: float = 1.0) -> list[Update]:
     """k-diffusion `sample_dpmpp_2s_ancestral`: per step a row at σ that moves to the midpoint
     σ_s = √(σ·σ_down) (in log σ), a row there whose x̂ takes x to σ_down, then s_noise·σ_up·n
-    on that second row (key t + 1)."""
+    on that second row."""
     rows = []
     for t in range(len(lam) - 1):
         first, second = len(rows), len(rows) + 1
@@ -277,7 +280,7 @@ def unipc(lam: list[float], *, order: int = 2) -> list[Update]:
 class Rows:
     """A sampler on a grid: R network evaluations. `table` float64 [R, 8] holds
     (α, σ, c_z, c_x, s, c_p, c_p2, c_p3) — c_pk weighs the x̂ of the row k back; `logsnr` the λ
-    the net sees; `steps` each row's grid step (its noise key is step + 1); `history` how many x̂
+    the net sees; `steps` each row's grid step; `history` how many x̂
     buffers the rows read; `kept` whether a later row reads the row's x̂."""
 
     table: torch.Tensor
@@ -288,7 +291,8 @@ class Rows:
 
     @property
     def noise_keys(self) -> tuple[int, ...]:
-        return tuple(t + 1 for t in self.steps)
+        """The counter-noise key of each row: r + 1 (the key the step draws at for table row r)."""
+        return tuple(range(1, len(self.steps) + 1))
 
     @property
     def quiet(self) -> tuple[bool, ...]:

@@ -63,12 +63,17 @@ class GuidedMixture:
         return x - sigma.double().reshape(alpha.shape) * self.eps(alpha * x, lam)
 
 
-def counter_noise_sampler(sigmas: torch.Tensor, seed: int, ids: torch.Tensor, shape):
-    """k-diffusion's `noise_sampler(σ, σ_next)` returning the engine's draw of grid step i
-    (σ = sigmas[i]): randn_like_rows at key i + 1."""
+def counter_noise_sampler(sigmas: torch.Tensor, rows, seed: int, ids: torch.Tensor, shape):
+    """k-diffusion's `noise_sampler(σ, σ_next)` returning the engine's draw for grid step i
+    (σ = sigmas[i]): randn_like_rows at the key of the step's noisy row."""
+    keys = {rows.steps[r]: key for r, (key, quiet) in enumerate(zip(rows.noise_keys, rows.quiet))
+            if not quiet}
+
     def draw(sigma, sigma_next):
         step = int((sigmas == sigma).nonzero()[0, 0])
-        return rng.randn_like_rows(seed, ids, step + 1, shape).double()
+        if step not in keys:  # k-diffusion draws even where σ_up = 0 (η = 0)
+            return torch.zeros(ids.shape[0], *shape, dtype=torch.float64)
+        return rng.randn_like_rows(seed, ids, keys[step], shape).double()
     return draw
 
 

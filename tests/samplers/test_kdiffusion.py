@@ -42,14 +42,14 @@ GRIDS = [("cosine", 12, (-12.0, 12.0), math.inf), ("karras", 9, (-14.0, 10.0), m
 
 
 def k_diffusion_sample(name: str, kwargs: dict, guided: GuidedMixture, lam: torch.Tensor,
-                       ids: torch.Tensor, shape, final: float = math.inf) -> torch.Tensor:
+                       ids: torch.Tensor, shape, rows, final: float = math.inf) -> torch.Tensor:
     """k-diffusion's sampler `name` from the engine's z_0, in σ-space (its x at the final σ)."""
     sampling = load_k_sampling()
     sigmas = k_sigmas(lam, final)
     x = start_noise(SEED, ids, shape) / alpha_sigma(lam[:1])[0]  # x = z/α at σ_0
     extra = {}
     if "noise_sampler" in inspect.signature(getattr(sampling, name)).parameters:
-        extra["noise_sampler"] = counter_noise_sampler(sigmas, SEED, ids, shape)
+        extra["noise_sampler"] = counter_noise_sampler(sigmas, rows, SEED, ids, shape)
     return getattr(sampling, name)(guided.denoised, x, sigmas, disable=True, **kwargs, **extra)
 
 
@@ -64,7 +64,8 @@ def test_rows_match_k_diffusion(sampler, options, k_name, k_kwargs, grid, steps,
     rows = sampler_rows(sampler, lam, final_logsnr=final, **options)
     z = run_rows(rows, guided.eps, start_noise(SEED, ids, mixture.sample_shape), SEED, ids)
     ours = z / alpha_sigma(torch.tensor(final, dtype=torch.float64))[0]  # x = z/α (1 at σ = 0)
-    theirs = k_diffusion_sample(k_name, k_kwargs, guided, lam, ids, mixture.sample_shape, final)
+    theirs = k_diffusion_sample(k_name, k_kwargs, guided, lam, ids, mixture.sample_shape, rows,
+                                final)
     assert torch.isfinite(theirs).all()
     err = float((ours - theirs).abs().max())
     assert err < TOL, f"{sampler} {options} vs k-diffusion {k_name}: max |Δ| = {err:.3g}"
