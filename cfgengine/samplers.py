@@ -280,14 +280,12 @@ def unipc(lam: list[float], *, order: int = 2) -> list[Update]:
 class Rows:
     """A sampler on a grid: R network evaluations. `table` float64 [R, 8] holds
     (α, σ, c_z, c_x, s, c_p, c_p2, c_p3) — c_pk weighs the x̂ of the row k back; `logsnr` the λ
-    the net sees; `steps` each row's grid step; `history` how many x̂
-    buffers the rows read; `kept` whether a later row reads the row's x̂."""
+    the net sees; `steps` each row's grid step; `history` how many x̂ buffers the rows read."""
 
     table: torch.Tensor
     logsnr: torch.Tensor
     steps: tuple[int, ...]
     history: int
-    kept: tuple[bool, ...]
 
     @property
     def noise_keys(self) -> tuple[int, ...]:
@@ -299,15 +297,11 @@ class Rows:
         """Rows that draw no noise (s = 0)."""
         return tuple(s == 0.0 for s in self.table[:, NOISE].tolist())
 
-    def slots(self, row: int) -> tuple[int | None, tuple[int, ...]]:
-        """The x̂ ring buffers of `row`: (the buffer its x̂ goes to, or None when no later row
-        reads it; the buffers holding the x̂ of the rows 1 … history back). Row r writes buffer
-        r mod H, so the row H back shares the buffer the row writes: the step reads each
-        element before it writes it."""
-        if self.history == 0:
-            return None, ()
-        reads = tuple((row - k) % self.history for k in range(1, self.history + 1))
-        return (row % self.history if self.kept[row] else None), reads
+    def slots(self, row: int) -> tuple[int, ...]:
+        """Which of the `history` x̂ buffers hold the x̂ of the rows 1 … history back at `row`:
+        row r's x̂ goes to buffer r mod H — the last slot named here, the oldest x̂, which the
+        step reads (elementwise) before it writes. No buffer is ever copied."""
+        return tuple((row - k) % self.history for k in range(1, self.history + 1))
 
 
 LAG_COLUMNS = (C_X, C_P, C_P2, C_P3)  # x̂ of this row, 1, 2 and 3 rows back
@@ -322,21 +316,18 @@ def compile_rows(updates: list[Update], final_logsnr: float = math.inf) -> Rows:
     alpha_next = torch.cat([alpha[1:], alpha_sigma(lam.new_tensor([final_logsnr]))[0]])
     table = torch.zeros(len(updates), COLUMNS, dtype=torch.float64)
     table[:, ALPHA], table[:, SIGMA] = alpha, sigma
-    reads = [set() for _ in updates]
+    history = 0
     for r, update in enumerate(updates):
         for (kind, row), coef in update.combo.items():
             lag = r - row
             if (kind == "x" and lag != 0) or not 0 <= lag <= MAX_HISTORY:
                 raise ValueError(f"row {r} reads {kind}[{row}]: outside the step's state")
-            if kind == "D" and lag and coef:
-                reads[row].add(r)
             table[r, C_Z if kind == "x" else LAG_COLUMNS[lag]] += coef
+            history = max(history, lag if coef else 0)
         table[r, NOISE] = update.noise
     table[:, C_Z] /= alpha
     table[:, C_Z:] *= alpha_next[:, None]
-    lags = [r - row for row, readers in enumerate(reads) for r in readers]
-    return Rows(table, lam, tuple(u.step for u in updates), max(lags, default=0),
-                tuple(bool(readers) for readers in reads))
+    return Rows(table, lam, tuple(u.step for u in updates), history)
 
 
 def grid_rows(coefficients) -> Callable[..., Rows]:
@@ -353,8 +344,8 @@ def grid_rows(coefficients) -> Callable[..., Rows]:
         table[-1, C_X] = 1.0  # z' = x̂, unless a finite final λ's step overwrites it
         for column, values in zip((C_Z, C_X, NOISE, C_P), columns):
             table[: values.numel(), column] = values
-        kept = tuple(bool(c != 0) for c in table[1:, C_P].tolist()) + (False,)
-        return Rows(table, logsnr, tuple(range(logsnr.numel())), int(any(kept)), kept)
+        history = int(bool((table[:, C_P] != 0).any()))
+        return Rows(table, logsnr, tuple(range(logsnr.numel())), history)
     return rows
 
 

@@ -43,10 +43,11 @@ def test_history_is_what_the_rows_read(name, options, history):
 
 def test_ring_slots_read_before_write():
     rows = sampler_rows("unipc", LAM, order=3)
-    for r in range(3, rows.table.shape[0]):
-        write, reads = rows.slots(r)
-        assert reads[-1] == r % 3 and write in (None, r % 3)  # the oldest x̂'s buffer
-        assert sorted(reads) == [0, 1, 2]
+    for r in range(rows.table.shape[0]):
+        slots = rows.slots(r)
+        assert slots[-1] == r % 3 and sorted(slots) == [0, 1, 2]  # r's x̂ replaces the oldest
+        if r >= 1:
+            assert slots[0] == rows.slots(r - 1)[-1]  # the row before wrote what lag 1 reads
 
 
 def test_ddim_eta_1_is_euler_ancestral():
