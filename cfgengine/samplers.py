@@ -171,33 +171,10 @@ def dpmpp_2s_ancestral(lam: list[float], *, eta: float = 1.0,
     return rows
 
 
-def dpmpp_2m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0,
-                 solver: str = "midpoint") -> list[Update]:
-    """k-diffusion `sample_dpmpp_2m_sde` (`solver_type` midpoint or heun): with h = t' − t
-    (t = λ/2), x' = (σ'/σ)·e^(−ηh)·x + (1 − e^(−h−ηh))·D + c·(D − D₁)/r, r = h₁/h, then
-    σ'·√(1 − e^(−2ηh))·s_noise·n. First order on the first step; x' = D into σ = 0."""
-    rows = []
-    for t in range(len(lam) - 1):
-        if math.isinf(lam[t + 1]):
-            rows.append(Update(t, lam[t], D(t)))
-            continue
-        h = (lam[t + 1] - lam[t]) / 2
-        gain = -math.expm1(-h - eta * h)
-        combo = X(t) * math.exp(-h - eta * h) + D(t) * gain
-        if t > 0:
-            r = (lam[t] - lam[t - 1]) / 2 / h
-            c = (gain / (-h - eta * h) + 1.0) / r if solver == "heun" else 0.5 * gain / r
-            combo = combo + (D(t) - D(t - 1)) * c
-        noise = sigma_k(lam[t + 1]) * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
-        rows.append(Update(t, lam[t], combo, noise))
-    return rows
-
-
-def dpmpp_3m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0) -> list[Update]:
-    """k-diffusion `sample_dpmpp_3m_sde`: x' = e^(−h_η)·x + (1 − e^(−h_η))·D + φ₂·d₁ − φ₃·d₂
-    (h_η = (1 + η)·h), d₁, d₂ the divided differences of D, D₁, D₂ over the last steps' h
-    (first order on step 0, second on step 1), then σ'·√(1 − e^(−2ηh))·s_noise·n; x' = D into
-    σ = 0."""
+def sde_rows(lam: list[float], eta: float, s_noise: float, correction) -> list[Update]:
+    """DPM-Solver++ SDE steps (k-diffusion's 2M/3M SDE): with h = t' − t (t = λ/2) and
+    h_η = (1 + η)·h, x' = e^(−h_η)·x + (1 − e^(−h_η))·D + correction(t, h, h_η), then
+    σ'·√(1 − e^(−2ηh))·s_noise·n; x' = D into σ = 0."""
     rows = []
     for t in range(len(lam) - 1):
         if math.isinf(lam[t + 1]):
@@ -205,19 +182,44 @@ def dpmpp_3m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0) ->
             continue
         h = (lam[t + 1] - lam[t]) / 2
         h_eta = h * (eta + 1)
-        combo = X(t) * math.exp(-h_eta) + D(t) * -math.expm1(-h_eta)
-        phi_2 = math.expm1(-h_eta) / h_eta + 1
-        if t >= 2:
-            r0, r1 = (lam[t] - lam[t - 1]) / 2 / h, (lam[t - 1] - lam[t - 2]) / 2 / h
-            d1_0, d1_1 = (D(t) - D(t - 1)) / r0, (D(t - 1) - D(t - 2)) / r1
-            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            combo = combo + d1 * phi_2 - d2 * (phi_2 / h_eta - 0.5)
-        elif t == 1:
-            combo = combo + (D(t) - D(t - 1)) * (phi_2 * 2 * h / (lam[t] - lam[t - 1]))
-        noise = sigma_k(lam[t + 1]) * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+        combo = X(t) * math.exp(-h_eta) + D(t) * -math.expm1(-h_eta) + correction(t, h, h_eta)
+        noise = sigma_k(lam[t + 1]) * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
         rows.append(Update(t, lam[t], combo, noise))
     return rows
+
+
+def dpmpp_2m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0,
+                 solver: str = "midpoint") -> list[Update]:
+    """k-diffusion `sample_dpmpp_2m_sde` (`solver_type` midpoint or heun): `sde_rows` plus
+    c·(D − D₁)/r, r = h₁/h, c = (1 − e^(−h_η))/2 (midpoint) or (1 − e^(−h_η))/(−h_η) + 1
+    (heun); first order on the first step."""
+    def correction(t: int, h: float, h_eta: float) -> Combo:
+        if t == 0:
+            return Combo()
+        r = (lam[t] - lam[t - 1]) / 2 / h
+        gain = -math.expm1(-h_eta)
+        c = gain / -h_eta + 1.0 if solver == "heun" else 0.5 * gain
+        return (D(t) - D(t - 1)) * (c / r)
+    return sde_rows(lam, eta, s_noise, correction)
+
+
+def dpmpp_3m_sde(lam: list[float], *, eta: float = 1.0, s_noise: float = 1.0) -> list[Update]:
+    """k-diffusion `sample_dpmpp_3m_sde`: `sde_rows` plus φ₂·d₁ − φ₃·d₂, d₁ and d₂ the divided
+    differences of D, D₁, D₂ over the last steps' h (first order on step 0, second on step 1)."""
+    def correction(t: int, h: float, h_eta: float) -> Combo:
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        if t == 0:
+            return Combo()
+        r0 = (lam[t] - lam[t - 1]) / 2 / h
+        d1_0 = (D(t) - D(t - 1)) / r0
+        if t == 1:
+            return d1_0 * phi_2
+        r1 = (lam[t - 1] - lam[t - 2]) / 2 / h
+        d1_1 = (D(t - 1) - D(t - 2)) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        return d1 * phi_2 - d2 * (phi_2 / h_eta - 0.5)
+    return sde_rows(lam, eta, s_noise, correction)
 
 
 def unipc_rhos(h: float, ratios: list[float], order: int, corrector: bool) -> list[float]:
