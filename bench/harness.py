@@ -34,7 +34,7 @@ from cfgengine.bench import baselines, timing
 from cfgengine.runtime import PRECISIONS
 from cfgengine.bench.workload import SAMPLER_ARGS, Workload, bench_model, make_workload, \
     schedule
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import CounterNoise, guided_step
 from cfgengine.guidance import GuidedDenoiser
 from cfgengine.cudagraph import capture
 from cfgengine.sampler import Sampler
@@ -288,8 +288,8 @@ def step_loop(work: Workload, steps: int, sampler: str) -> Callable[[], torch.Te
             if work.device.type == "cpu" else None
         z = z0
         for t in range(steps):
-            z = guided_step(eps2, z, w, table, t, clip=clip, seed=work.seed, sample_ids=ids,
-                            noise=None if noise is None else noise[t])
+            z = guided_step(eps2, z, w, table, t, clip=clip,
+                            noise=CounterNoise(work.seed, ids) if noise is None else noise[t])
         return z
     return run
 

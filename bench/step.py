@@ -47,7 +47,9 @@ import torch
 from cfgengine.bench.baselines import diffusers_scheduler
 from cfgengine.bench.timing import CPU_MIN_REPS, CPU_MIN_SECONDS, environment, time_seconds
 from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
-from cfgengine.kernels.fused_step import TABLE_COLUMNS, guided_step, guided_step_reference
+from cfgengine.kernels import RowState, guided_step
+from cfgengine.kernels.contract import TABLE_COLUMNS
+from cfgengine.kernels.reference import guided_step_reference
 from cfgengine.tables import coefficient_table
 
 MB = 2**20
@@ -151,9 +153,9 @@ def fused_candidate(t: StepTensors) -> Callable[[], torch.Tensor]:
     """The engine's step as the sampler calls it (impl="auto"), into a preallocated z'; a
     multistep row updates x̂_prev in place."""
     rule, out = RULES[t.case.rule], torch.empty_like(t.z)
-    return lambda: guided_step(t.eps2, t.z, W, t.table, t.step, rule=rule.rule, state=t.state,
-                               x_hat_prev=t.x_hat_prev, clip=rule.clip, noise=t.noise, out=out,
-                               x_hat_out=t.x_hat_prev)
+    state = RowState(momentum=t.state, x_hat=t.x_hat_prev)
+    return lambda: guided_step(t.eps2, t.z, W, t.table, t.step, rule=rule.rule, clip=rule.clip,
+                               state=state, noise=t.noise, out=out)
 
 
 def copy_candidate(case: Case, device: str) -> Callable[[], torch.Tensor]:
@@ -165,8 +167,9 @@ def copy_candidate(case: Case, device: str) -> Callable[[], torch.Tensor]:
 
 def reference_z_next(eps2, z, w, table, step, noise, state, x_hat_prev, rule, clip):
     """guided_step_reference returning z' alone, in the storage dtype (what torch.compile sees)."""
-    z_next, _ = guided_step_reference(eps2, z, w, table, step, rule=rule, state=state,
-                                      x_hat_prev=x_hat_prev, clip=clip, noise=noise)
+    z_next, _ = guided_step_reference(eps2, z, w, table, step, rule=rule, clip=clip,
+                                      state=RowState(momentum=state, x_hat=x_hat_prev),
+                                      noise=noise)
     return z_next.to(z.dtype)
 
 

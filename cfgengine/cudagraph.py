@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from cfgengine.guidance import APG
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import CounterNoise, RowState, guided_step
 
 WARMUP_STEPS = 3  # Triton compilation and cuDNN autotuning happen here, outside the capture
 
@@ -74,10 +74,9 @@ class CudaGraphLoop:
                             enabled=self.autocast_dtype is not None):
             eps2 = self.net(self.z2[:rows], self.logsnr2[:rows], self.labels2[:rows])  # (rows, *S)
         z = self.z2[: self.batch]
-        out, out2 = (None, self.z2) if self.z2.shape[0] > self.batch else (z, None)
-        guided_step(eps2, z, self.w, self.table, self.step, rule=self.rule, state=self.state,
-                    x_hat_prev=self.x_hat, x_hat_out=self.x_hat, clip=self.clip, seed=self.seed,
-                    sample_ids=self.sample_ids, out=out, out2=out2)
+        guided_step(eps2, z, self.w, self.table, self.step, rule=self.rule, clip=self.clip,
+                    state=RowState(momentum=self.state, x_hat=self.x_hat),
+                    noise=CounterNoise(self.seed, self.sample_ids), out=self.z2)  # z2: 2B or B
         self.step.add_(1)
 
     def sample(self, z0: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,

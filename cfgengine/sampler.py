@@ -16,7 +16,7 @@ import torch
 from cfgengine import rng
 from cfgengine.cudagraph import CudaGraphLoop
 from cfgengine.guidance import APG, CFG, RULES, DynamicThreshold, ZeroStar
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import CounterNoise, RowState, guided_step
 from cfgengine.runtime import (autocast_dtype, check_backend, check_device, check_precision,
                                 move_model, split_model)
 from cfgengine.schedule import GRIDS, LOGSNR_RANGE, check_logsnr_range
@@ -151,9 +151,9 @@ class Sampler:
             eps2 = self._eps(z, steps.logsnr[t].expand(batch), labels, doubled[t])  # (2B|B, *S)
             finite.update(eps2, t)  # before the step: its clip would hide ±inf
             noise = silence if steps.quiet[t] else None if drawn is None else drawn[t]
-            z = guided_step(eps2, z, w, steps.table, t, rule=plan.rule, state=state,
-                            x_hat_prev=x_hat, x_hat_out=x_hat, clip=plan.clip, seed=plan.seed,
-                            sample_ids=sample_ids, noise=noise)
+            z = guided_step(eps2, z, w, steps.table, t, rule=plan.rule, clip=plan.clip,
+                            state=RowState(momentum=state, x_hat=x_hat),
+                            noise=CounterNoise(plan.seed, sample_ids) if noise is None else noise)
             _advance(bar, 1)
         return z
 

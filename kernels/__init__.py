@@ -1,4 +1,7 @@
-"""Fused sampling-step kernels (Triton) and their torch references."""
-from cfgengine.kernels.fused_step import guided_step
+"""The guided sampling step, fused: `guided_step` with its per-row state (`RowState`) and noise
+key (`CounterNoise`). Layers: contract → reference → triton_step → launch → step (kernels/step.py
+says what each holds)."""
+from cfgengine.kernels.contract import CounterNoise, RowState
+from cfgengine.kernels.step import guided_step
 
-__all__ = ["guided_step"]
+__all__ = ["CounterNoise", "RowState", "guided_step"]

@@ -67,29 +67,30 @@ class _Recorder:
 
 
 @contextmanager
-def recorded(module) -> Iterator[list[Launch]]:
-    """Swap every launchable JIT function of `module` for a recorder while the block runs."""
+def recorded() -> Iterator[list[Launch]]:
+    """Swap every JIT function of kernels/triton_step.py for a recorder while the block runs."""
     from triton.runtime.jit import JITFunction
 
+    from cfgengine.kernels import launch, triton_step
+
     launches: list[Launch] = []
-    kernels = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
-    saved = module._require_triton
-    module._require_triton = lambda device: None  # CPU tensors stand in for device ones
+    kernels = {name: obj for name, obj in vars(triton_step).items()
+               if isinstance(obj, JITFunction)}
+    saved = launch.require_triton
+    launch.require_triton = lambda device: None  # CPU tensors stand in for device ones
     try:
         for name, kernel in kernels.items():
-            setattr(module, name, _Recorder(kernel, launches))
+            setattr(triton_step, name, _Recorder(kernel, launches))
         yield launches
     finally:
         for name, kernel in kernels.items():
-            setattr(module, name, kernel)
-        module._require_triton = saved
+            setattr(triton_step, name, kernel)
+        launch.require_triton = saved
 
 
 def record(case: Case) -> list[Launch]:
     """The launches one call of `case` makes."""
-    from cfgengine.kernels import fused_step
-
-    with recorded(fused_step) as launches:
+    with recorded() as launches:
         case.call()
     if not launches:
         raise RuntimeError(f"case {case.name} launched no kernel")
@@ -213,8 +214,9 @@ def _rule(name: str):
 class StepOptions:
     """How one call of the step is made: storage dtype, guided or not, given or in-kernel noise,
     step and w as Python scalars ("scalar"), 0-d device tensors ("0d", the CUDA-graph loop) or
-    per-row tensors ("rows", serving), z' into both halves of a [2B] buffer, x̂ written, the guidance
-    rule, the threshold (a number or "dynamic") and DPM-Solver++(2M)'s x̂_prev term."""
+    per-row tensors ("rows", serving), z' into both halves of a [2B] `out` ("out2"), x̂ kept in
+    the RowState, the guidance rule, the threshold (a number or "dynamic") and a DPM-Solver++(2M)
+    table (c_p ≠ 0: the kept x̂ is read as x̂_prev)."""
 
     dtype: torch.dtype
     guided: bool = True
@@ -239,7 +241,7 @@ class StepOptions:
 
 def _step_call(o: StepOptions) -> Callable[[], object]:
     from cfgengine.guidance import DynamicThreshold
-    from cfgengine.kernels import guided_step
+    from cfgengine.kernels import CounterNoise, RowState, guided_step
     from cfgengine.tables import coefficient_table
 
     def call():
@@ -250,15 +252,14 @@ def _step_call(o: StepOptions) -> Callable[[], object]:
         step, w, seed = {"scalar": (3, 0.7, 5),
                          "0d": (torch.tensor(3), torch.tensor(0.7), torch.tensor(5)),
                          "rows": (torch.arange(BATCH) % 7, torch.rand(BATCH), 5)}[o.mode]
-        prev = torch.randn_like(z) if o.dpmpp else None
+        names = ["momentum"] * (o.rule == "apg") + ["x_hat"] * (o.dpmpp or o.x_hat)
+        ids = torch.arange(BATCH) + 2**33 if o.mode == "rows" else None
         return guided_step(
             eps2.to(o.dtype), z, w, table, step, impl="triton", rule=_rule(o.rule),
-            state=torch.zeros(z.shape) if o.rule == "apg" else None, x_hat_prev=prev,
             clip=DynamicThreshold() if o.clip == "dynamic" else float(o.clip),
-            noise=torch.randn_like(z) if o.noise else None, seed=seed,
-            sample_ids=torch.arange(BATCH) + 2**33 if o.mode == "rows" else None,
-            out2=torch.empty_like(eps2.to(o.dtype)) if o.out2 else None,
-            x_hat_out=prev if o.dpmpp else (torch.empty_like(z) if o.x_hat else None))
+            state=RowState.zeros_like(z, names),
+            noise=torch.randn_like(z) if o.noise else CounterNoise(seed, ids),
+            out=torch.empty_like(eps2.to(o.dtype)) if o.out2 else None)
     return call
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cfgengine import APG, CFG, DynamicThreshold, ZeroStar
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import CounterNoise, RowState, guided_step
+from cfgengine.kernels.reference import dynamic_threshold_scale, guided_step_reference
 
 SHAPES = [(3, 5, 7), (13,)]  # odd sizes; a flat toy sample
 W = torch.tensor([0.0, 0.3, 1.0, 4.0, 2.5])  # per-sample, with a w = 0 row
@@ -111,12 +112,14 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def step(t, row, rule, clip=None, state=None, w=W, **kwargs):
-    """The torch reference on table [[row]] at step 0, into NaN-poisoned z' and x̂ buffers."""
+    """The torch reference on table [[row]] at step 0, into NaN-poisoned z' and x̂ buffers (x̂
+    holds x̂_prev when c_p ≠ 0: read, then overwritten); `state` is APG's momentum."""
     table = torch.tensor([row], dtype=torch.float32)
-    out, x_hat = torch.full_like(t["z"], math.nan), torch.full_like(t["z"], math.nan)
-    guided_step(t["eps2"], t["z"], w, table, 0, rule=rule, state=state, clip=clip,
-                x_hat_prev=t["x_prev"], noise=t["noise"], out=out, x_hat_out=x_hat, impl="torch",
-                **kwargs)
+    out = torch.full_like(t["z"], math.nan)
+    x_hat = t["x_prev"].clone() if row[-1] != 0 else torch.full_like(t["z"], math.nan)
+    guided_step(t["eps2"], t["z"], w, table, 0, rule=rule, clip=clip,
+                state=RowState(momentum=state, x_hat=x_hat), noise=t["noise"], out=out,
+                impl="torch", **kwargs)
     assert not out.isnan().any() and not x_hat.isnan().any()
     return out, x_hat
 
@@ -205,21 +208,21 @@ def test_c_p_reads_x_hat_prev_only_where_it_is_not_zero():
     steps = torch.tensor([0, 1, 0, 1, 1])
     x_prev = t["x_prev"].clone()
     x_prev[steps == 0] = math.nan  # never read on c_p = 0 rows
-    got = guided_step(t["eps2"], t["z"], W, table, steps, x_hat_prev=x_prev, noise=t["noise"],
-                      impl="torch")
+    got = guided_step(t["eps2"], t["z"], W, table, steps, state=RowState(x_hat=x_prev),
+                      noise=t["noise"], impl="torch")
     assert not got.isnan().any()
     missing = guided_step(t["eps2"], t["z"], W, table, steps, noise=t["noise"], impl="torch")
     assert missing[steps == 1].isnan().all() and not missing[steps == 0].isnan().any()
 
 
-def test_x_hat_out_may_alias_x_hat_prev():
+def test_kept_x_hat_is_read_before_it_is_overwritten():
     t = inputs(seed=7, shape=(3, 5, 7))
     table = torch.tensor([ROWS["dpmpp_2m"]], dtype=torch.float32)
-    separate_x = torch.empty_like(t["z"])
-    separate = guided_step(t["eps2"], t["z"], W, table, 0, x_hat_prev=t["x_prev"],
-                           x_hat_out=separate_x, impl="torch")
+    separate, separate_x = guided_step_reference(t["eps2"], t["z"], W, table, 0,
+                                                 state=RowState(x_hat=t["x_prev"]),
+                                                 noise=CounterNoise())
     buffer = t["x_prev"].clone()
-    aliased = guided_step(t["eps2"], t["z"], W, table, 0, x_hat_prev=buffer, x_hat_out=buffer,
+    aliased = guided_step(t["eps2"], t["z"], W, table, 0, state=RowState(x_hat=buffer),
                           impl="torch")
     assert torch.equal(aliased, separate) and torch.equal(buffer, separate_x)
 
@@ -328,10 +331,11 @@ def dataclasses_error():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rule="cfg"), "rule must be one of CFG, ZeroStar, APG"),
     (dict(rule=APG(momentum=0.5)), "needs state="),
-    (dict(rule=APG(momentum=0.5), state=torch.zeros(B, 13, dtype=torch.float64)),
-     "state must be float32"),
-    (dict(state=torch.zeros(B + 1, 13)), "state must have shape"),
-    (dict(x_hat_prev=torch.zeros(B, 12)), "x_hat_prev must have shape"),
+    (dict(rule=APG(momentum=0.5), state=RowState(torch.zeros(B, 13, dtype=torch.float64))),
+     "state.momentum must be float32"),
+    (dict(state=RowState(momentum=torch.zeros(B + 1, 13))), "state.momentum must have shape"),
+    (dict(state=RowState(x_hat=torch.zeros(B, 12))), "state.x_hat must have shape"),
+    (dict(state=torch.zeros(B, 13)), "state must be a RowState"),
     (dict(clip=0.0), "clip must be None, a positive number or a DynamicThreshold"),
     (dict(clip="dynamic"), "clip must be"),
 ])
@@ -353,8 +357,6 @@ def test_table_must_have_six_columns():
 def test_dynamic_threshold_quantile_is_torch_quantile_linear(numel):
     """The per-sample scale takes its quantile by two selections, the way torch.quantile computes
     the "linear" one (which refuses inputs over 2²⁴ elements): equal to it, bit for bit."""
-    from cfgengine.kernels.fused_step import dynamic_threshold_scale
-
     x_hat = 3.0 * torch.randn(3, numel, generator=torch.Generator().manual_seed(numel))
     for p in (1e-3, 0.123, 0.5, 0.9, 0.995, 1.0):
         want = torch.quantile(x_hat.abs(), p, dim=1).clamp(1.0, 2.5)
@@ -377,6 +379,6 @@ def test_no_rule_waits_on_the_device(clip, monkeypatch):
     for name in SYNCS:
         monkeypatch.setattr(torch.Tensor, name, _forbidden)
     for rule in RULES.values():
-        guided_step(t["eps2"], t["z"], W, table, torch.tensor(1), rule=rule, state=state,
-                    clip=CLIPS[clip], x_hat_prev=t["x_prev"], seed=torch.tensor(3),
-                    impl="torch")
+        guided_step(t["eps2"], t["z"], W, table, torch.tensor(1), rule=rule,
+                    state=RowState(momentum=state, x_hat=t["x_prev"]), clip=CLIPS[clip],
+                    noise=CounterNoise(torch.tensor(3)), impl="torch")

@@ -30,7 +30,7 @@ MODULES = _modules()
 
 
 def test_the_walk_finds_the_mapped_packages():
-    for name in ("cfgengine.kernels.fused_step", "cfgengine.export.onnx", "cfgengine.bench.harness",
+    for name in ("cfgengine.kernels.step", "cfgengine.export.onnx", "cfgengine.bench.harness",
                  "cfgengine.cli.sample"):
         assert name in MODULES
 

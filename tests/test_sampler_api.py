@@ -10,8 +10,8 @@ import torch
 
 import cfgengine
 from cfgengine import rng, toy
-from cfgengine.kernels import guided_step
-from cfgengine.kernels.fused_step import check_step_args
+from cfgengine.kernels import CounterNoise, RowState, guided_step
+from cfgengine.kernels.contract import check_step_args
 from cfgengine.sampler import Sampler, sample
 from cfgengine.schedule import alpha_sigma, logsnr_grid
 from cfgengine.tables import coefficient_table
@@ -353,7 +353,7 @@ def test_bad_engine_settings_raise(gmm, kwargs, match):
 
 
 # --------------------------------------------------------------------------------------------
-# The guided step's torch reference (kernels/fused_step.py) against a direct float64 computation.
+# The guided step's torch reference (kernels/reference.py) against a direct float64 computation.
 
 B, S = 5, (3, 7)
 
@@ -427,17 +427,19 @@ def test_guided_step_in_kernel_noise_is_keyed_by_seed_id_and_step(step):
     ids = torch.tensor([3, 2**33, 0, 17, 4])
     noise = rng.randn_like_rows(2**40 + 1, ids, step + 1, S)
     expected = reference_step(eps2, z, w, TABLE, step, noise=noise)
-    got = reference_step(eps2, z, w, TABLE, step, seed=2**40 + 1, sample_ids=ids)
+    got = reference_step(eps2, z, w, TABLE, step, noise=CounterNoise(2**40 + 1, ids))
     assert rel_err(got, expected) < STEP_TOL
-    default_ids = reference_step(eps2, z, w, TABLE, step, seed=2**40 + 1)
-    assert rel_err(default_ids, reference_step(eps2, z, w, TABLE, step, seed=2**40 + 1,
-                                            sample_ids=torch.arange(B))) == 0
+    default_ids = reference_step(eps2, z, w, TABLE, step, noise=CounterNoise(2**40 + 1))
+    assert rel_err(default_ids, reference_step(eps2, z, w, TABLE, step,
+                                               noise=CounterNoise(2**40 + 1, torch.arange(B)))) == 0
+    assert torch.equal(reference_step(eps2, z, w, TABLE, step),
+                       reference_step(eps2, z, w, TABLE, step, noise=CounterNoise(0)))
 
 
 def test_guided_step_tensor_step_and_seed_equal_int():
     eps2, z, w, _ = step_inputs(3)
-    ref = reference_step(eps2, z, w, TABLE, 4, seed=11)
-    got = reference_step(eps2, z, w, TABLE, torch.tensor(4), seed=torch.tensor(11))
+    ref = reference_step(eps2, z, w, TABLE, 4, noise=CounterNoise(11))
+    got = reference_step(eps2, z, w, TABLE, torch.tensor(4), noise=CounterNoise(torch.tensor(11)))
     assert rel_err(got, ref) < STEP_TOL
 
 
@@ -445,30 +447,32 @@ def test_guided_step_per_row_steps_equal_separate_calls():
     eps2, z, w, _ = step_inputs(4)
     steps = torch.tensor([0, 8, 3, 3, 6])
     ids = torch.tensor([10, 11, 2**32 + 12, 13, 14])
-    got = reference_step(eps2, z, w, TABLE, steps, seed=5, sample_ids=ids, clip=1.0)
+    got = reference_step(eps2, z, w, TABLE, steps, noise=CounterNoise(5, ids), clip=1.0)
     for i in range(B):
         row_eps2 = eps2[[i, B + i]]
-        alone = reference_step(row_eps2, z[i:i + 1], w[i:i + 1], TABLE, int(steps[i]), seed=5,
-                            sample_ids=ids[i:i + 1], clip=1.0)
+        alone = reference_step(row_eps2, z[i:i + 1], w[i:i + 1], TABLE, int(steps[i]),
+                               noise=CounterNoise(5, ids[i:i + 1]), clip=1.0)
         assert rel_err(got[i:i + 1], alone) < STEP_TOL
 
 
 def test_guided_step_fills_every_output_buffer():
     eps2, z, w, noise = step_inputs(5)
     out = torch.full_like(z, math.nan)
-    x_hat_out = torch.full_like(z, math.nan)
-    out2 = torch.full((2 * B, *S), math.nan)
-    ret = reference_step(eps2, z, w, TABLE, 2, noise=noise, out=out, x_hat_out=x_hat_out, out2=out2)
+    x_hat_out = torch.full_like(z, math.nan)  # TABLE's c_p = 0: the kept x̂ is only written
+    ret = reference_step(eps2, z, w, TABLE, 2, noise=noise, out=out,
+                         state=RowState(x_hat=x_hat_out))
     ref, x_hat = direct_step(eps2, z, w, TABLE[2], noise)
     assert ret is out
     assert rel_err(out, ref) < STEP_TOL and rel_err(x_hat_out, x_hat) < STEP_TOL
+    out2 = torch.full((2 * B, *S), math.nan)
+    reference_step(eps2, z, w, TABLE, 2, noise=noise, out=out2)
     assert torch.equal(out2[:B], out) and torch.equal(out2[B:], out)
 
 
-def test_guided_step_out2_without_out_returns_its_first_half():
+def test_guided_step_out_of_2b_rows_returns_its_first_half():
     eps2, z, w, noise = step_inputs(10)
     out2 = torch.full((2 * B, *S), math.nan)
-    ret = reference_step(eps2, z, w, TABLE, 2, noise=noise, out2=out2)
+    ret = reference_step(eps2, z, w, TABLE, 2, noise=noise, out=out2)
     ref, _ = direct_step(eps2, z, w, TABLE[2], noise)
     assert rel_err(out2[:B], ref) < STEP_TOL and torch.equal(out2[B:], out2[:B])
     assert torch.equal(ret, out2[:B])
@@ -477,7 +481,8 @@ def test_guided_step_out2_without_out_returns_its_first_half():
 def test_guided_step_last_row_returns_x_hat():
     eps2, z, w, noise = step_inputs(6)
     x_hat_out = torch.full_like(z, math.nan)
-    z_next = reference_step(eps2, z, w, TABLE, 8, noise=noise, x_hat_out=x_hat_out, clip=1.0)
+    z_next = reference_step(eps2, z, w, TABLE, 8, noise=noise, state=RowState(x_hat=x_hat_out),
+                            clip=1.0)
     assert rel_err(z_next, x_hat_out) < STEP_TOL
 
 
@@ -490,8 +495,8 @@ def test_guided_step_does_not_modify_inputs():
 
 def _bad_step_args():
     eps2, z, w, noise = step_inputs(8)
-    good = dict(eps2=eps2, z=z, w=w, table=TABLE, step=1, noise=None, out=None, x_hat_out=None,
-                out2=None, impl="auto")
+    good = dict(eps2=eps2, z=z, w=w, table=TABLE, step=1, noise=None, out=None, state=None,
+                impl="auto")
     cases = [
         ({"impl": "cuda"}, "impl"),
         ({"eps2": eps2[:3]}, "eps2"),
@@ -504,9 +509,10 @@ def _bad_step_args():
         ({"step": torch.tensor([1, 2])}, "step"),
         ({"w": torch.zeros(3)}, "w"),
         ({"noise": noise[:2]}, "noise"),
+        ({"noise": 3}, "noise must be a Tensor, a CounterNoise or None"),
         ({"out": torch.empty(B, 7, 3)}, "out"),
-        ({"x_hat_out": torch.empty(B + 1, *S)}, "x_hat_out"),
-        ({"out2": torch.empty(B, *S)}, "out2"),
+        ({"state": RowState(x_hat=torch.empty(B + 1, *S))}, "state.x_hat"),
+        ({"out": torch.empty(B + 1, *S)}, "out"),
     ]
     return [pytest.param({**good, **change}, match, id=f"{match}-{i}")
             for i, (change, match) in enumerate(cases)]
@@ -518,12 +524,13 @@ def test_check_step_args_rejects(args, match):
         check_step_args(**args)
     with pytest.raises(ValueError, match=match):
         guided_step(args["eps2"], args["z"], args["w"], args["table"], args["step"],
-                    noise=args["noise"], out=args["out"], x_hat_out=args["x_hat_out"],
-                    out2=args["out2"], impl=args["impl"])
+                    noise=args["noise"], out=args["out"], state=args["state"], impl=args["impl"])
 
 
 def test_check_step_args_accepts_valid_shapes():
     eps2, z, w, noise = step_inputs(9)
-    check_step_args(eps2, z, 0.3, TABLE, torch.tensor(2), noise, torch.empty_like(z),
-                    torch.empty_like(z), torch.empty_like(eps2), "torch")
-    check_step_args(eps2[:B], z, w, TABLE, torch.arange(B), None, None, None, None, "auto")
+    check_step_args(eps2, z, 0.3, TABLE, torch.tensor(2), noise=noise, out=torch.empty_like(z),
+                    state=RowState(x_hat=torch.empty_like(z)), impl="torch")
+    check_step_args(eps2, z, 0.3, TABLE, torch.tensor(2), noise=CounterNoise(3),
+                    out=torch.empty_like(eps2), impl="torch")
+    check_step_args(eps2[:B], z, w, TABLE, torch.arange(B), impl="auto")

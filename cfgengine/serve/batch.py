@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cfgengine import rng
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import RowState, guided_step
 from cfgengine.runtime import check_backend, check_device, move_model, split_model
 from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_grid
 from cfgengine.serve.schema import Combo, Job
@@ -129,7 +129,7 @@ def step_state(table: torch.Tensor, rule) -> list[str]:
     """The per-row state tensors the installed kernel keeps for this table and rule: x̂_prev when
     the table has a c_p column (DPM-Solver++(2M)), the momentum when the rule has one (APG)."""
     names = []
-    if "x_hat_prev" in STEP_KEYWORDS and table.shape[1] > C_P:
+    if "state" in STEP_KEYWORDS and table.shape[1] > C_P:
         names.append("x_hat_prev")
     if "state" in STEP_KEYWORDS and hasattr(rule, "momentum"):
         names.append("state")
@@ -250,17 +250,16 @@ class RunningBatch:
         else:
             noise = self._zeros(run.stop - run.start)
         guided_step(eps2, self.z[rows], self.w[rows], self.table, self.index[rows],
-                    clip=self.engine.clip, noise=noise, seed=run.seed, sample_ids=ids,
-                    out=self.z_next[rows], **self._step_extras(run, rows))
+                    clip=self.engine.clip, noise=noise, out=self.z_next[rows],
+                    **self._step_extras(run, rows))
 
     def _step_extras(self, run: Run, rows: slice) -> dict:
         """Keywords of the installed kernel beyond eq. 6: the rule, and the per-row state it and
         multistep samplers keep (x̂_prev for c_p, APG's momentum), updated in place."""
         extras = {} if run.rule is None else {"rule": run.rule}
-        for name in step_state(self.table, run.rule):
-            extras[name] = self.extra[name][rows]
-        if "x_hat_prev" in extras:
-            extras["x_hat_out"] = extras["x_hat_prev"]  # in place: this step's x̂ is the next prev
+        kept = {name: self.extra[name][rows] for name in step_state(self.table, run.rule)}
+        if kept:  # views, updated in place: this step's x̂ is the next step's x̂_prev
+            extras["state"] = RowState(momentum=kept.get("state"), x_hat=kept.get("x_hat_prev"))
         return extras
 
     def _zeros(self, count: int) -> torch.Tensor:

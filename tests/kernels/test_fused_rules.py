@@ -6,16 +6,16 @@ Outputs are NaN-poisoned before each call; comparisons are ‖Δ‖/‖ref‖.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
+import cfgengine.kernels.step as dispatch
 from cfgengine import APG, CFG, DynamicThreshold, ZeroStar
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import CounterNoise, RowState, guided_step
 
-gs = importlib.import_module("cfgengine.kernels.fused_step")
-pytestmark = pytest.mark.skipif(gs.triton is None, reason="triton is not installed (non-Linux)")
+pytestmark = pytest.mark.skipif(not dispatch.triton_installed(),
+                                reason="triton is not installed (non-Linux)")
+launch = pytest.importorskip("cfgengine.kernels.launch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 2e-6
 SHAPE = (3, 17, 19)  # D = 969: not a power of two, not a multiple of 4
@@ -57,18 +57,19 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run(impl, t, rule, clip=None, w=W, steps=STEPS, noise=True, **kwargs):
-    """One step into NaN-poisoned z', x̂ and out2; returns (z', x̂, state after)."""
-    state = t["state"].clone() if isinstance(rule, APG) and rule.momentum else None
-    out = torch.full_like(t["z"], float("nan"))
-    x_hat = torch.full(t["z"].shape, float("nan"))
-    out2 = torch.full((2 * t["z"].shape[0],) + t["z"].shape[1:], float("nan"), dtype=t["z"].dtype)
-    guided_step(t["eps2"], t["z"], w, TABLE, steps, rule=rule, state=state, clip=clip,
-                x_hat_prev=t["x_prev"], noise=t["noise"] if noise else None, seed=7, out=out,
-                x_hat_out=x_hat, out2=out2, impl=impl, **kwargs)
-    for buffer in (out, x_hat, out2):
+    """One step into a NaN-poisoned 2B-row out, x̂ kept from x̂_prev; returns (z', x̂, momentum
+    after)."""
+    momentum = t["state"].clone() if isinstance(rule, APG) and rule.momentum else None
+    x_hat = t["x_prev"].clone()  # read as x̂_prev where c_p ≠ 0, then overwritten with x̂
+    out = torch.full((2 * t["z"].shape[0],) + t["z"].shape[1:], float("nan"), dtype=t["z"].dtype)
+    z_next = guided_step(t["eps2"], t["z"], w, TABLE, steps, rule=rule, clip=clip,
+                         state=RowState(momentum=momentum, x_hat=x_hat),
+                         noise=t["noise"] if noise else CounterNoise(7), out=out, impl=impl,
+                         **kwargs)
+    for buffer in (out, x_hat):
         assert not buffer.isnan().any(), "an output element was left unwritten"
-    assert torch.equal(out2[: out.shape[0]], out) and torch.equal(out2[out.shape[0]:], out)
-    return out, x_hat, state
+    assert torch.equal(out[: z_next.shape[0]], z_next) and torch.equal(out[z_next.shape[0]:], z_next)
+    return z_next, x_hat, momentum
 
 
 @pytest.mark.parametrize("clip", CLIPS)
@@ -107,19 +108,20 @@ def test_low_precision_storage_rounds_once(rule, dtype):
 def test_many_slices_per_row_and_strided_rows(rule, monkeypatch):
     """Small tiles make the reduction pass split each row into slices (some partial, one empty),
     several tiles to a slice; a capped grid makes both kernels stride over rows."""
-    monkeypatch.setattr(gs, "MAX_SPLIT", 4)
-    monkeypatch.setattr(gs, "MAX_GRID_ROWS", 1)
+    monkeypatch.setattr(launch, "MAX_SPLIT", 4)
+    monkeypatch.setattr(launch, "MAX_GRID_ROWS", 1)
     t = inputs(seed=4, shape=(70,))
     # 5 tiles of 16 → 4 slices of 2 tiles: [0, 32), [32, 64), [64, 70) partial, [96, …) empty
-    config = gs.LaunchConfig(block_rows=2, block_d=16, num_warps=4)
+    config = launch.LaunchConfig(block_rows=2, block_d=16, num_warps=4)
     rule = RULES[rule]
-    state = t["state"].clone()
-    got = gs.guided_step_triton(t["eps2"], t["z"], W, TABLE, STEPS, rule=rule, state=state,
-                                x_hat_prev=t["x_prev"], noise=t["noise"], config=config)
-    ref_state = t["state"].clone()
+    state = RowState(momentum=t["state"].clone(), x_hat=t["x_prev"].clone())
+    got = launch.guided_step_triton(t["eps2"], t["z"], W, TABLE, STEPS, rule=rule, state=state,
+                                    noise=t["noise"], config=config)
+    ref_state = RowState(momentum=t["state"].clone(), x_hat=t["x_prev"].clone())
     want = guided_step(t["eps2"], t["z"], W, TABLE, STEPS, rule=rule, state=ref_state,
-                       x_hat_prev=t["x_prev"], noise=t["noise"], impl="torch")
-    assert rel_err(got, want) <= FP32_TOL and rel_err(state, ref_state) <= FP32_TOL
+                       noise=t["noise"], impl="torch")
+    assert rel_err(got, want) <= FP32_TOL
+    assert rel_err(state.momentum, ref_state.momentum) <= FP32_TOL
 
 
 @pytest.mark.parametrize("rule", ["cfg-rescale", "zero-star", "apg"])
@@ -138,27 +140,28 @@ def test_apg_state_is_per_row_under_chunking():
     whole, parts = torch.zeros(B, *SHAPE), torch.zeros(B, *SHAPE)
     for seed in (6, 7):
         t = inputs(seed=seed)
-        full = guided_step(t["eps2"], t["z"], W, TABLE, steps, rule=rule, state=whole,
-                           x_hat_prev=t["x_prev"], seed=3, impl="triton")
+        full = guided_step(t["eps2"], t["z"], W, TABLE, steps, rule=rule,
+                           state=RowState(momentum=whole, x_hat=t["x_prev"].clone()),
+                           noise=CounterNoise(3), impl="triton")
         for rows in (slice(0, 1), slice(1, 4)):
             eps2 = torch.cat([t["eps2"][:B][rows], t["eps2"][B:][rows]])
-            chunk_state = parts[rows]  # a view: updated in place
+            chunk_state = RowState(momentum=parts[rows], x_hat=t["x_prev"][rows].clone())
             part = guided_step(eps2, t["z"][rows], W[rows], TABLE, steps[rows], rule=rule,
-                               state=chunk_state, x_hat_prev=t["x_prev"][rows], seed=3,
-                               sample_ids=torch.arange(B)[rows], impl="triton")
-            tol = 0.0 if gs.INTERPRETED else 1e-6
+                               state=chunk_state,  # views: updated in place
+                               noise=CounterNoise(3, torch.arange(B)[rows]), impl="triton")
+            tol = 0.0 if launch.INTERPRETED else 1e-6
             assert rel_err(part, full[rows]) <= tol
             assert rel_err(parts[rows], whole[rows]) <= tol
 
 
-def test_dynamic_threshold_with_x_hat_out_aliasing_x_hat_prev():
+def test_dynamic_threshold_with_x_hat_read_then_overwritten():
     t = inputs(seed=8)
     clip, rule = CLIPS["dynamic"], RULES["cfg-rescale"]
     results = {}
     for impl in ("triton", "torch"):
         buffer = t["x_prev"].clone()
         z_next = guided_step(t["eps2"], t["z"], W, TABLE, STEPS, rule=rule, clip=clip,
-                             x_hat_prev=buffer, x_hat_out=buffer, noise=t["noise"], impl=impl)
+                             state=RowState(x_hat=buffer), noise=t["noise"], impl=impl)
         results[impl] = (z_next, buffer)
     for g, r in zip(results["triton"], results["torch"]):
         assert rel_err(g, r) <= FP32_TOL
@@ -173,16 +176,17 @@ def test_missing_x_hat_prev_gives_nan_rows_where_c_p_is_not_zero():
 def test_unguided_step_leaves_apg_state():
     t = inputs(seed=10)
     state = t["state"].clone()
-    got = guided_step(t["eps2"][:B], t["z"], W, TABLE, STEPS, rule=RULES["apg"], state=state,
-                      x_hat_prev=t["x_prev"], noise=t["noise"], impl="triton")
-    want = guided_step(t["eps2"][:B], t["z"], W, TABLE, STEPS, x_hat_prev=t["x_prev"],
-                       noise=t["noise"], impl="torch")
+    got = guided_step(t["eps2"][:B], t["z"], W, TABLE, STEPS, rule=RULES["apg"],
+                      state=RowState(momentum=state, x_hat=t["x_prev"].clone()),
+                      noise=t["noise"], impl="triton")
+    want = guided_step(t["eps2"][:B], t["z"], W, TABLE, STEPS,
+                       state=RowState(x_hat=t["x_prev"].clone()), noise=t["noise"], impl="torch")
     assert torch.equal(state, t["state"]) and rel_err(got, want) <= FP32_TOL
 
 
 def test_launcher_rejects_a_strided_state():
     t = inputs(seed=11)
     state = torch.zeros(B, *SHAPE[::-1]).transpose(1, 3)
-    with pytest.raises(ValueError, match="state must be contiguous"):
-        guided_step(t["eps2"], t["z"], W, TABLE, STEPS, rule=RULES["apg"], state=state,
-                    x_hat_prev=t["x_prev"], impl="triton")
+    with pytest.raises(ValueError, match="state.momentum must be contiguous"):
+        guided_step(t["eps2"], t["z"], W, TABLE, STEPS, rule=RULES["apg"],
+                    state=RowState(momentum=state, x_hat=t["x_prev"]), impl="triton")

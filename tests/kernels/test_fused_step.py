@@ -6,7 +6,6 @@ Every test seeds its own inputs; comparisons are ‖Δ‖/‖ref‖ against the 
 """
 from __future__ import annotations
 
-import importlib
 import math
 import subprocess
 import sys
@@ -15,13 +14,14 @@ import pytest
 import torch
 from scipy import stats
 
+import cfgengine.kernels.step as dispatch
 from cfgengine import rng
-from cfgengine.kernels import guided_step
+from cfgengine.kernels import CounterNoise, RowState, guided_step
 from cfgengine.tables import coefficient_table as sampler_table
 
-# The package re-exports the function `guided_step`, which shadows the module of the same name.
-gs = importlib.import_module("cfgengine.kernels.fused_step")
-
+pytestmark = pytest.mark.skipif(not dispatch.triton_installed(),
+                                reason="triton is not installed (non-Linux)")
+launch = pytest.importorskip("cfgengine.kernels.launch")
 
 
 def coefficient_table(*args, **kwargs) -> torch.Tensor:
@@ -36,10 +36,8 @@ def coefficient_table(*args, **kwargs) -> torch.Tensor:
 SHAPE = (3, 17, 19)  # D = 969: not a power of two, not a multiple of 4
 BATCH = 3
 FP32_TOL = 2e-6
-needs_triton = pytest.mark.skipif(gs.triton is None, reason="triton is not installed (non-Linux)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = needs_triton
 
 
 @pytest.fixture(autouse=True)
@@ -69,16 +67,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_step(impl: str, eps2, z, w, table, step, **kwargs):
-    """guided_step into poisoned out / x_hat_out / out2; returns (z', x̂, out2) and checks that
-    every element was written and the halves of out2 agree."""
-    out, x_hat, out2 = poisoned(z), poisoned(z, dtype=torch.float32), poisoned(z, 2 * z.shape[0])
-    ret = guided_step(eps2, z, w, table, step, out=out, x_hat_out=x_hat, out2=out2, impl=impl,
+    """guided_step into a poisoned 2B-row out and a poisoned kept x̂ (tables with c_p = 0: never
+    read); returns (z', x̂, out) and checks that every element was written and the halves of out
+    agree."""
+    out, x_hat = poisoned(z, 2 * z.shape[0]), poisoned(z, dtype=torch.float32)
+    ret = guided_step(eps2, z, w, table, step, out=out, state=RowState(x_hat=x_hat), impl=impl,
                       **kwargs)
     assert ret.data_ptr() == out.data_ptr()
-    for t in (out, x_hat, out2):
+    for t in (out, x_hat):
         assert not t.isnan().any(), "an output element was left unwritten"
-    assert torch.equal(out2[: z.shape[0]], out2[z.shape[0]:]) and torch.equal(out2[: z.shape[0]], out)
-    return out, x_hat, out2
+    assert torch.equal(out[: z.shape[0]], out[z.shape[0]:]) and torch.equal(out[: z.shape[0]], ret)
+    return ret, x_hat, out
 
 
 STEP_CASES = {
@@ -97,7 +96,7 @@ def test_kernel_matches_reference(step_case, clip, given_noise):
     eps2, z, noise, w = make_inputs(seed=11)
     table = coefficient_table(9, "ancestral", v=0.3)
     step = STEP_CASES[step_case](table.shape[0])
-    kwargs = dict(clip=clip, noise=noise if given_noise else None, seed=1234)
+    kwargs = dict(clip=clip, noise=noise if given_noise else CounterNoise(1234))
     got = run_step("triton", eps2, z, w, table, step, **kwargs)
     want = run_step("torch", eps2, z, w, table, step, **kwargs)
     for g, r in zip(got, want):
@@ -109,16 +108,16 @@ def test_guidance_weight_forms(w):
     eps2, z, _, _ = make_inputs(seed=12)
     table = coefficient_table(6, "ddim", eta=0.5)
     w = w.to(DEVICE) if isinstance(w, torch.Tensor) else w
-    got = guided_step(eps2, z, w, table, 2, seed=5, impl="triton")
-    want = guided_step(eps2, z, w, table, 2, seed=5, impl="torch")
+    got = guided_step(eps2, z, w, table, 2, noise=CounterNoise(5), impl="triton")
+    want = guided_step(eps2, z, w, table, 2, noise=CounterNoise(5), impl="torch")
     assert rel_err(got, want) <= FP32_TOL
 
 
 def test_guidance_off_with_b_rows_of_eps():
     eps, z, _, _ = make_inputs(seed=13, guided=False)
     table = coefficient_table(6, "ancestral")
-    got = run_step("triton", eps, z, 3.0, table, 1, clip=1.0, seed=2)  # w ignored: ε̃ = ε
-    want = run_step("torch", eps, z, 0.0, table, 1, clip=1.0, seed=2)
+    got = run_step("triton", eps, z, 3.0, table, 1, clip=1.0, noise=CounterNoise(2))  # ε̃ = ε
+    want = run_step("torch", eps, z, 0.0, table, 1, clip=1.0, noise=CounterNoise(2))
     for g, r in zip(got, want):
         assert rel_err(g, r) <= FP32_TOL
 
@@ -147,29 +146,30 @@ def test_storage_dtypes_within_twice_plain_torch_error(dtype):
         assert rel_err(got, truth) <= 2 * rel_err(plain, truth)
 
 
-def test_out2_without_out_returns_its_first_half():
+def test_out_of_2b_rows_returns_its_first_half():
     eps2, z, _, w = make_inputs(seed=15)
     table = coefficient_table(5, "ancestral")
     out2 = poisoned(z, 2 * BATCH)
-    got = guided_step(eps2, z, w, table, 1, out2=out2, impl="triton")
+    got = guided_step(eps2, z, w, table, 1, out=out2, impl="triton")
     assert got.data_ptr() == out2.data_ptr() and torch.equal(out2[:BATCH], out2[BATCH:])
     assert rel_err(got, guided_step(eps2, z, w, table, 1, impl="torch")) <= FP32_TOL
 
 
 @pytest.mark.parametrize("batch, shape, config", [
-    (5, SHAPE, gs.LaunchConfig(block_rows=2, block_d=64, num_warps=4)),  # tails in both axes
+    (5, SHAPE, launch.LaunchConfig(block_rows=2, block_d=64, num_warps=4)),  # tails, both axes
     (37, (2,), None),  # toy 2-d samples: many rows per tile
-    (4, (1,), gs.LaunchConfig(block_rows=1, block_d=16, num_warps=4)),
+    (4, (1,), launch.LaunchConfig(block_rows=1, block_d=16, num_warps=4)),
 ])
 def test_tiles_and_tails(batch, shape, config, monkeypatch):
-    monkeypatch.setattr(gs, "MAX_GRID_ROWS", 2)  # the kernel's row loop must cover the rest
+    monkeypatch.setattr(launch, "MAX_GRID_ROWS", 2)  # the kernel's row loop must cover the rest
     eps2, z, _, w = make_inputs(seed=16, batch=batch, shape=shape)
     table = coefficient_table(7, "ancestral")
     steps = torch.arange(batch) % table.shape[0]
     out = poisoned(z)
-    gs.guided_step_triton(eps2, z, w, table, steps, clip=1.0, seed=9, out=out, config=config)
-    assert rel_err(out, guided_step(eps2, z, w, table, steps, clip=1.0, seed=9, impl="torch")) \
-        <= FP32_TOL
+    launch.guided_step_triton(eps2, z, w, table, steps, clip=1.0, noise=CounterNoise(9), out=out,
+                              config=config)
+    want = guided_step(eps2, z, w, table, steps, clip=1.0, noise=CounterNoise(9), impl="torch")
+    assert rel_err(out, want) <= FP32_TOL
 
 
 def test_given_noise_is_not_read_where_s_is_zero():
@@ -196,8 +196,8 @@ def kernel_noise(seed, sample_ids, steps, numel: int) -> torch.Tensor:
     batch = sample_ids.shape[0]
     table = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]]).repeat(int(steps.max()) + 1, 1)
     zeros = torch.zeros(batch, numel)
-    return guided_step(zeros.repeat(2, 1), zeros, 0.0, table, steps, seed=seed,
-                       sample_ids=sample_ids, impl="triton")
+    return guided_step(zeros.repeat(2, 1), zeros, 0.0, table, steps,
+                       noise=CounterNoise(seed, sample_ids), impl="triton")
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, torch.tensor(2**33 + 1)])
@@ -265,8 +265,8 @@ def test_sampling_run_through_kernel_equals_reference(sampler, kwargs):
         step = torch.zeros((), dtype=torch.int64)  # advanced in place, as a CUDA graph would
         x_hat = torch.empty_like(z)
         for _ in range(steps):
-            z = guided_step(toy_eps2(z, labels), z, w, table, step, clip=1.0, seed=seed,
-                            sample_ids=ids, x_hat_out=x_hat, impl=impl)
+            z = guided_step(toy_eps2(z, labels), z, w, table, step, clip=1.0,
+                            state=RowState(x_hat=x_hat), noise=CounterNoise(seed, ids), impl=impl)
             step += 1
         results[impl] = x_hat
         assert torch.equal(z, x_hat)  # the last row (α, σ, 0, 1, 0) makes z' = x̂
@@ -278,16 +278,24 @@ def test_sampling_run_through_kernel_equals_reference(sampler, kwargs):
 def test_auto_takes_torch_on_cpu(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the kernel ran on CPU under impl='auto'")
-    monkeypatch.setattr(gs, "guided_step_triton", fail)
+    monkeypatch.setattr(launch, "launch_step", fail)
     eps2, z, _, w = (t.cpu() for t in make_inputs(seed=19))
     guided_step(eps2, z, w, coefficient_table(4, "ancestral", device="cpu"), 1, impl="auto")
 
 
 def test_triton_impl_without_triton_says_so(monkeypatch):
-    monkeypatch.setattr(gs, "triton", None)
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
     eps2, z, _, w = make_inputs(seed=20)
     with pytest.raises(RuntimeError, match="needs the `triton` package"):
         guided_step(eps2, z, w, coefficient_table(4, "ancestral"), 1, impl="triton")
+
+
+def python_stdout(script: str) -> str:
+    """What `script` prints, run in a fresh interpreter (imports start from nothing)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_module_imports_and_runs_torch_without_triton():
@@ -302,10 +310,34 @@ def test_module_imports_and_runs_torch_without_triton():
         "    guided_step(*args, impl='triton')\n"
         "except RuntimeError as err:\n"
         "    print(err)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "needs the `triton` package" in done.stdout
+    assert "needs the `triton` package" in python_stdout(script)
+
+
+def test_cpu_step_does_not_import_triton():
+    """The torch path (every CPU sampling run) leaves Triton unimported: the kernels' layers load
+    on first use of impl="triton" or of a CUDA tensor."""
+    script = (
+        "import sys, torch\n"
+        "import cfgengine\n"
+        "from cfgengine.kernels import CounterNoise, RowState, guided_step\n"
+        "z = torch.zeros(2, 3)\n"
+        "guided_step(torch.zeros(4, 3), z, 0.3, torch.zeros(3, 6) + 0.5, 1,\n"
+        "            state=RowState.zeros_like(z, ['x_hat']), noise=CounterNoise(3))\n"
+        "print(sorted(m for m in sys.modules if m == 'triton' or m.endswith('.launch')))\n")
+    assert python_stdout(script).strip() == "[]"
+
+
+def test_row_state_allocates_and_selects_its_fields():
+    z = torch.ones(4, 3, dtype=torch.bfloat16)
+    state = RowState.zeros_like(z, ["momentum", "x_hat"])
+    assert state.momentum.dtype == state.x_hat.dtype == torch.float32
+    assert state.momentum.shape == z.shape and not state.momentum.any()
+    part = state.rows(slice(1, 3))
+    part.x_hat.fill_(2.0)  # views: a step on some rows updates the whole batch's state
+    assert state.x_hat[1:3].eq(2.0).all() and not state.x_hat[0].any()
+    assert RowState.zeros_like(z, ["x_hat"]).momentum is None
+    with pytest.raises(ValueError, match="RowState has no field"):
+        RowState.zeros_like(z, ["x_hat_prev"])
 
 
 @pytest.mark.parametrize("bad", ["strided out", "int32 ids", "float step", "double eps"])
@@ -315,7 +347,7 @@ def test_launcher_rejects_bad_operands(bad):
     if bad == "strided out":
         kwargs["out"] = torch.empty(BATCH, *SHAPE[::-1]).transpose(1, 3)
     elif bad == "int32 ids":
-        kwargs["sample_ids"] = torch.arange(BATCH, dtype=torch.int32)
+        kwargs["noise"] = CounterNoise(0, torch.arange(BATCH, dtype=torch.int32))
     elif bad == "float step":
         kwargs["step"] = torch.tensor(1.0)
     else:
@@ -332,9 +364,10 @@ def test_cuda_kernel_matches_reference_at_size(dtype):
     eps2, z, _, w = (t.cuda() for t in make_inputs(seed=30, batch=16, shape=(4, 64, 64),
                                                    dtype=dtype))
     table = coefficient_table(32, "ancestral", device="cuda")
-    got = guided_step(eps2, z, w, table, torch.arange(16, device="cuda") % 32, clip=1.0, seed=3)
-    truth = guided_step(eps2.float(), z.float(), w, table, torch.arange(16, device="cuda") % 32,
-                        clip=1.0, seed=3, impl="torch")
+    steps = torch.arange(16, device="cuda") % 32
+    got = guided_step(eps2, z, w, table, steps, clip=1.0, noise=CounterNoise(3))
+    truth = guided_step(eps2.float(), z.float(), w, table, steps, clip=1.0, noise=CounterNoise(3),
+                        impl="torch")
     assert rel_err(got, truth) <= (FP32_TOL if dtype == torch.float32 else 1e-2)
 
 
@@ -367,7 +400,7 @@ def test_full_sample_through_the_kernel_equals_the_reference(monkeypatch):
     labels = torch.tensor([0, 3, 1, 4, 2, 2, 0])
     w = torch.tensor([0.0, 0.3, 1.0, 4.0, 0.5, 2.0, 1.5])
     reference = cfgengine.sample(model, labels, w=w, steps=12, seed=3)
-    step_fn = importlib.import_module("cfgengine.kernels.fused_step").guided_step
-    monkeypatch.setattr(sampler_module, "guided_step", functools.partial(step_fn, impl="triton"))
+    monkeypatch.setattr(sampler_module, "guided_step", functools.partial(guided_step,
+                                                                          impl="triton"))
     fused = cfgengine.sample(model, labels, w=w, steps=12, seed=3)
     assert ((fused - reference).norm() / reference.norm()) < 1e-5
