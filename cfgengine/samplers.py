@@ -280,9 +280,10 @@ def unipc(lam: list[float], *, order: int = 2) -> list[Update]:
 
 @dataclass(frozen=True)
 class Rows:
-    """A sampler on a grid: R network evaluations. `table` float64 [R, 8] holds
-    (α, σ, c_z, c_x, s, c_p, c_p2, c_p3) — c_pk weighs the x̂ of the row k back; `logsnr` the λ
-    the net sees; `steps` each row's grid step; `history` how many x̂ buffers the rows read."""
+    """A sampler on a grid: R network evaluations. `table` float64 [R, 5 + max(1, history)]
+    holds (α, σ, c_z, c_x, s, c_p[, c_p2[, c_p3]]) — c_pk weighs the x̂ of the row k back;
+    `logsnr` the λ the net sees; `steps` each row's grid step; `history` how many earlier rows'
+    x̂ the rows read (0–3)."""
 
     table: torch.Tensor
     logsnr: torch.Tensor
@@ -299,14 +300,14 @@ class Rows:
         """Rows that draw no noise (s = 0)."""
         return tuple(s == 0.0 for s in self.table[:, NOISE].tolist())
 
-    def slots(self, row: int) -> tuple[int, ...]:
-        """Which of the `history` x̂ buffers hold the x̂ of the rows 1 … history back at `row`:
-        row r's x̂ goes to buffer r mod H — the last slot named here, the oldest x̂, which the
-        step reads (elementwise) before it writes. No buffer is ever copied."""
-        return tuple((row - k) % self.history for k in range(1, self.history + 1))
+    @property
+    def state(self) -> tuple[str, ...]:
+        """The step's RowState fields holding that history (x̂ of 1, 2, 3 rows back)."""
+        return HISTORY_STATE[: self.history]
 
 
 LAG_COLUMNS = (C_X, C_P, C_P2, C_P3)  # x̂ of this row, 1, 2 and 3 rows back
+HISTORY_STATE = ("x_hat", "x_hat_2", "x_hat_3")  # RowState's x̂ of 1, 2, 3 rows back
 
 
 def compile_rows(updates: list[Update], final_logsnr: float = math.inf) -> Rows:
@@ -329,7 +330,7 @@ def compile_rows(updates: list[Update], final_logsnr: float = math.inf) -> Rows:
         table[r, NOISE] = update.noise
     table[:, C_Z] /= alpha
     table[:, C_Z:] *= alpha_next[:, None]
-    return Rows(table, lam, tuple(u.step for u in updates), history)
+    return Rows(table[:, : C_P + max(1, history)], lam, tuple(u.step for u in updates), history)
 
 
 def grid_rows(coefficients) -> Callable[..., Rows]:
@@ -341,7 +342,7 @@ def grid_rows(coefficients) -> Callable[..., Rows]:
         finite = math.isfinite(final_logsnr)
         lam = torch.cat([logsnr, logsnr.new_tensor([final_logsnr])]) if finite else logsnr
         columns = coefficients(lam, **options)
-        table = torch.zeros(logsnr.numel(), COLUMNS, dtype=torch.float64)
+        table = torch.zeros(logsnr.numel(), C_P + 1, dtype=torch.float64)
         table[:, ALPHA], table[:, SIGMA] = alpha_sigma(logsnr)
         table[-1, C_X] = 1.0  # z' = x̂, unless a finite final λ's step overwrites it
         for column, values in zip((C_Z, C_X, NOISE, C_P), columns):

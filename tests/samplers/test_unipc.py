@@ -1,6 +1,6 @@
 """UniPC's rows against diffusers' UniPCMultistepScheduler (installed; bh2, x0 prediction,
-lower_order_final, final σ = 0 or σ_min) on a diffusers scheduler's own timesteps: the engine's grid is
-λ_i = −2·ln σ_i of the scheduler's σ_i, and the exact mixture's guided ε drives both. The
+lower_order_final, final σ = 0 or σ_min) on a diffusers scheduler's own timesteps: the engine's
+grid is λ_i = −2·ln σ_i of the scheduler's σ_i, and the exact mixture's guided ε drives both. The
 scheduler's σ table is promoted to float64 so both sides run in float64."""
 from __future__ import annotations
 
