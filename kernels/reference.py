@@ -33,7 +33,8 @@ from cfgengine.kernels.contract import (APG_NORM_FLOOR, ZERO_STAR_EPS, CounterNo
 #                        kthvalue selections of several passes each), the second pass reads
 #                        x̂ (F) and z (S) again: +1 S +2 F and the quantile, ≈ +6 F or more
 #   c_p ≠ 0 (dpmpp_2m)   read x̂_prev, write x̂ (both state.x_hat)                            +2
-#   k x̂ kept (k = 2, 3)  read the k kept x̂, write them moved one back and x̂: 3M SDE, UniPC  +2k
+#   k x̂ kept (k = 2, 3)  read the k x̂, write them moved one back and x̂ (3M SDE, UniPC):    +2k
+#                        the moves re-read x̂₁ (x̂₂) after z' is stored, from L2 while it stays
 #   given noise          read n (rows with s ≠ 0 only)                                      +1 S
 # The eager torch below materialises every intermediate; it is the definition, not the fast path.
 # ---------------------------------------------------------------------------------------------

@@ -199,24 +199,29 @@ def _previous_term(z_next, c_p, x_prev_ptr, offs, mask, HAS_X_HAT: tl.constexpr)
 
 
 @triton.jit
-def _older_terms(z_next, table_ptr, step, table_len, row_mask, x_prev_ptr, x_prev2_ptr,
-                 x_prev3_ptr, offs, mask, HISTORY: tl.constexpr, WIDTH: tl.constexpr):
-    """z' + c_p2·x̂₂ + c_p3·x̂₃ (the columns the table has), then the kept history moved one step
-    back in place (x̂₃ ← x̂₂, x̂₂ ← x̂₁; the caller stores x̂ into x̂₁), each element read before
-    it is written."""
+def _older_terms(z_next, table_ptr, step, table_len, row_mask, x_prev2_ptr, x_prev3_ptr, offs,
+                 mask, HISTORY: tl.constexpr, WIDTH: tl.constexpr):
+    """z' + c_p2·x̂₂ + c_p3·x̂₃, for the columns the table has."""
     if WIDTH > C_P2:
         c_p2 = _table_column(table_ptr, step, table_len, row_mask, C_P2, 0.0, WIDTH)
         z_next = _previous_term(z_next, c_p2, x_prev2_ptr, offs, mask, HISTORY >= 2)
     if WIDTH > C_P3:
         c_p3 = _table_column(table_ptr, step, table_len, row_mask, C_P3, 0.0, WIDTH)
         z_next = _previous_term(z_next, c_p3, x_prev3_ptr, offs, mask, HISTORY >= 3)
+    return z_next
+
+
+@triton.jit
+def _move_history(x_prev_ptr, x_prev2_ptr, x_prev3_ptr, offs, mask, HISTORY: tl.constexpr):
+    """The kept x̂ history one step back in place (x̂₃ ← x̂₂, x̂₂ ← x̂₁; the caller then stores
+    x̂ into x̂₁), each element read before it is written. Run after z' is stored, when the
+    noise's registers are free: inside z' it spilled at the 80-register cap."""
     if HISTORY >= 3:
         older = tl.load(x_prev2_ptr + offs, mask=mask, other=0.0)
         tl.store(x_prev3_ptr + offs, older.to(x_prev3_ptr.dtype.element_ty), mask=mask)
     if HISTORY >= 2:
         older = tl.load(x_prev_ptr + offs, mask=mask, other=0.0)
         tl.store(x_prev2_ptr + offs, older.to(x_prev2_ptr.dtype.element_ty), mask=mask)
-    return z_next
 
 
 @triton.jit
@@ -271,8 +276,8 @@ def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_
     s = _table_column(table_ptr, step, table_len, row_mask, NOISE, 0.0, WIDTH)
     c_p = _table_column(table_ptr, step, table_len, row_mask, C_P, 0.0, WIDTH)
     z_next = _previous_term(c_z * z + c_x * x_hat, c_p, x_prev_ptr, offs, mask, HISTORY >= 1)
-    z_next = _older_terms(z_next, table_ptr, step, table_len, row_mask, x_prev_ptr, x_prev2_ptr,
-                          x_prev3_ptr, offs, mask, HISTORY, WIDTH)
+    z_next = _older_terms(z_next, table_ptr, step, table_len, row_mask, x_prev2_ptr, x_prev3_ptr,
+                          offs, mask, HISTORY, WIDTH)
     seed = _per_row(seed_ptr, seed_value, rows, row_mask, SEED_MODE, tl.int64)
     if HAS_IDS:
         sample_id = _per_row(ids_ptr, 0, rows, row_mask, _ROWS, tl.int64)
@@ -326,9 +331,10 @@ def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr
                              table_len, x_prev_ptr, x_prev2_ptr, x_prev3_ptr, noise_ptr, seed_ptr,
                              seed_value, ids_ptr, HISTORY, WIDTH, HAS_NOISE, SEED_MODE, HAS_IDS,
                              BLOCK_R, BLOCK_D)
+            _store_z_next(out_ptr, copy_ptr, offs, mask, z_next, DOUBLED_OUT)
+            _move_history(x_prev_ptr, x_prev2_ptr, x_prev3_ptr, offs, mask, HISTORY)
             if HISTORY >= 1:  # after x̂₁ was read (and moved back) from the same buffer
                 tl.store(x_hat_ptr + offs, x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
-            _store_z_next(out_ptr, copy_ptr, offs, mask, z_next, DOUBLED_OUT)
 
 
 @triton.jit
