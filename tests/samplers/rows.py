@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from cfgengine import rng
-from cfgengine.samplers import C_P, Rows
+from cfgengine.samplers import Rows
 
 
 def run_rows(rows: Rows, eps_fn, z: torch.Tensor, seed: int, ids: torch.Tensor) -> torch.Tensor:
@@ -27,5 +27,3 @@ def run_rows(rows: Rows, eps_fn, z: torch.Tensor, seed: int, ids: torch.Tensor) 
         z = z_next
     return z
 
-
-assert C_P == 5  # the table's history columns follow s (α, σ, c_z, c_x, s, c_p, c_p2, c_p3)
