@@ -4,8 +4,11 @@ SIGTERM (or Ctrl-C) drains: new requests get 503, queued and running ones finish
 then the process exits 0. A second signal exits at once."""
 from __future__ import annotations
 
+import ipaddress
 import socket
+import sys
 import threading
+from pathlib import Path
 
 from cfgengine.cli.args import UserError, add_model_flag
 from cfgengine.runtime import BACKENDS
@@ -25,7 +28,19 @@ def add(sub) -> None:
                    help="seconds a request may take, queue included (default: 600)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="torch or compile (cudagraph's fixed batch does not serve; auto = torch)")
+                   help="auto (default) picks as `cfgengine sample` does: onnxruntime on CPU "
+                        "where it is installed, else torch; cudagraph's fixed batch does not "
+                        "serve, so it becomes torch. /healthz names the backend in use")
+    p.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY, or X-API-Key) on every "
+                        "path but /healthz; other users can read it in the process list, so "
+                        "prefer --api-key-file")
+    p.add_argument("--api-key-file", default=None, help="read the key from this file's first line")
+    p.add_argument("--max-body-bytes", type=int, default=2**20,
+                   help="larger request bodies get 413 before they are read (default: 1 MiB)")
+    p.add_argument("--client-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request once connected or after "
+                        "its previous answer; then the connection is closed (default: 30)")
     p.set_defaults(run=run)
 
 
@@ -37,10 +52,31 @@ def check_args(args) -> None:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if not args.deadline > 0:
         raise UserError("--deadline must be > 0 seconds")
+    if args.max_body_bytes < 1:
+        raise UserError("--max-body-bytes must be ≥ 1")
+    if not 0 < args.client_timeout < float("inf"):
+        raise UserError("--client-timeout must be a number of seconds > 0")
+
+
+def api_key(args) -> str | None:
+    """The key from --api-key or --api-key-file (None: the server is open)."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise UserError("give --api-key or --api-key-file, not both")
+    key = args.api_key
+    if args.api_key_file is not None:
+        try:
+            text = Path(args.api_key_file).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read --api-key-file {args.api_key_file}: {err}") from None
+        key = next(iter(text.splitlines()), "")
+    if key is not None and not key.strip():
+        raise UserError("the API key is empty")
+    return None if key is None else key.strip()
 
 
 def run(args) -> int:
     check_args(args)
+    key = api_key(args)
     try:
         import uvicorn
 
@@ -48,16 +84,28 @@ def run(args) -> int:
     except ImportError as err:
         raise UserError(f"cfgengine serve needs the [serve] extra ({err.name} is missing): "
                         "pip install 'cfgengine[serve]'") from None
+    from cfgengine.serve.guard import server_config
+
     app = create_app(args.ckpt, device=args.device, backend=args.backend,
                      max_rows=args.max_rows, max_queue=args.max_queue,
-                     max_steps=args.max_steps, deadline_s=args.deadline)
+                     max_steps=args.max_steps, deadline_s=args.deadline, api_key=key,
+                     max_body_bytes=args.max_body_bytes)
     sock = bind(args.host, args.port)
     app.state.service.ready()  # load the model now: a bad --ckpt is a user error, not a 500
+    if key is None and not loopback(sock):
+        print(f"cfgengine serve: warning: listening on {args.host}, beyond loopback, without "
+              "an API key: anyone who reaches this port can sample (--api-key-file)",
+              file=sys.stderr, flush=True)
     print(f"cfgengine serve: http://{args.host}:{sock.getsockname()[1]} (docs at /docs)",
           flush=True)
-    server = draining_server(uvicorn)(uvicorn.Config(app, log_level="warning"))
-    server.run(sockets=[sock])
+    config = server_config(app, client_timeout_s=args.client_timeout)
+    draining_server(uvicorn)(config).run(sockets=[sock])
     return 0
+
+
+def loopback(sock: socket.socket) -> bool:
+    """Whether `sock` listens on a loopback address only."""
+    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -1,7 +1,8 @@
 """The HTTP side of `cfgengine serve` (FastAPI): `POST /v1/samples`, `GET /healthz`,
-`GET /metrics`, OpenAPI docs at `/docs`. Handlers are async and never touch torch: they validate,
-enqueue a Job for the scheduler's worker thread and await its answer, cancelling the job when the
-client goes away."""
+`GET /metrics`, the OpenAPI schema at `/openapi.json` and a self-contained page of it at `/docs`
+(FastAPI's own pages load their assets from a CDN, blank offline). Handlers are async and never
+touch torch: they validate, enqueue a Job for the scheduler's worker thread and await its answer,
+cancelling the job when the client goes away."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +10,13 @@ import contextlib
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from cfgengine.registry import load
 from cfgengine.serve.batch import Engine
-from cfgengine.serve.encode import MEDIA_TYPES, encode
+from cfgengine.serve.encode import MEDIA_TYPES, encode, png_problem
+from cfgengine.serve.guard import Answers, ApiKey, BodyLimit, server_config
 from cfgengine.serve.metrics import Metrics
 from cfgengine.serve.schema import Limits, RequestError, SampleRequest, check_request
 from cfgengine.serve.scheduler import Scheduler
@@ -50,9 +52,11 @@ class Service:
             self.scheduler.stop()
 
 
-def create_app(model="default", **settings) -> FastAPI:
-    """The app serving `model` (a name/file for `cfgengine.load`, or a loaded model); `settings`
-    are Service's (device, backend, max_rows, max_queue, max_steps, deadline_s)."""
+def create_app(model="default", *, api_key: str | None = None, max_body_bytes: int = 2**20,
+               **settings) -> FastAPI:
+    """The app serving `model` (a name/file for `cfgengine.load`, or a loaded model); `api_key`:
+    required on every path but /healthz (None: open); bodies over `max_body_bytes` get 413;
+    `settings` are Service's (device, backend, max_rows, max_queue, max_steps, deadline_s)."""
     service = Service(model, **settings)
 
     @contextlib.asynccontextmanager
@@ -61,12 +65,16 @@ def create_app(model="default", **settings) -> FastAPI:
         yield
         await asyncio.to_thread(service.shutdown)
 
-    app = FastAPI(title="cfgengine", lifespan=lifespan,
+    app = FastAPI(title="cfgengine", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Class-conditional diffusion samples with classifier-free guidance "
                               "(Ho & Salimans 2022); requests share every network call.")
     app.state.service = service
     _add_error_handlers(app)
     _add_routes(app, service)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # the last added runs first
+    if api_key is not None:
+        app.add_middleware(ApiKey, key=api_key)
+    app.add_middleware(Answers, metrics=service.metrics)
     return app
 
 
@@ -77,8 +85,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         """Samples for `labels`: npy float32 [N, *S] equal to `cfgengine.sample` offline."""
         scheduler = service.ready()
         job = check_request(body, service.limits)
-        if job.format == "png" and len(scheduler.engine.sample_shape) != 3:
-            raise RequestError(422, "format png needs an image model; use npy or npz")
+        if job.format == "png" and png_problem(scheduler.engine.sample_shape):
+            raise RequestError(422, png_problem(scheduler.engine.sample_shape))
         outcome = await _run(scheduler, job, request)
         if isinstance(outcome, RequestError):
             raise outcome
@@ -100,6 +108,23 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         """Prometheus text: queue depth, rows in flight, requests, latency histogram."""
         return PlainTextResponse(service.metrics.render(),
                                  media_type="text/plain; version=0.0.4")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs():
+        return HTMLResponse(_docs_page(app.openapi()))
+
+
+def _docs_page(schema: dict) -> str:
+    """The API's endpoints and their summaries as one HTML page with no outside assets."""
+    from html import escape
+
+    items = [f"<li><code>{method.upper()} {escape(path)}</code> — "
+             f"{escape(op.get('description') or op.get('summary', ''))}</li>"
+             for path, ops in schema["paths"].items() for method, op in ops.items()]
+    return (f"<!doctype html><title>{escape(schema['info']['title'])}</title>"
+            f"<h1>{escape(schema['info']['title'])}</h1>"
+            f"<p>{escape(schema['info'].get('description', ''))}</p><ul>{''.join(items)}</ul>"
+            '<p>The full schema: <a href="/openapi.json">/openapi.json</a></p>')
 
 
 async def _run(scheduler: Scheduler, job, request: Request):
@@ -148,9 +173,10 @@ def _one_line(error: dict) -> str:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, **config):
     """uvicorn serving `app` in a background thread on host:port (0 = a free port) until the
-    block ends; yields the base URL. For tests and the load generator."""
+    block ends, with `cfgengine serve`'s config (`config`: server_config's); yields the base URL.
+    For tests and the load generator."""
     import socket
     import threading
     import time
@@ -160,7 +186,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
     sock = socket.socket()
     sock.bind((host, port))
     sock.listen(128)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

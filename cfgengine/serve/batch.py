@@ -12,6 +12,7 @@ the concatenated-table index instead of the request's t.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import itertools
 from dataclasses import dataclass, field
@@ -74,16 +75,25 @@ class Tables:
 
 class TableBank:
     """Tables per combo, built once (float64 → float32 as `cfgengine.sample` builds them), and
-    their concatenation for the combos of the running batch."""
+    their concatenation for the combos of the running batch. At most `max_tables` are kept, the
+    least recently used dropped first: clients choose combos, so an unbounded cache would grow
+    with every distinct request (members keep their own tables)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._tables: dict[Combo, Tables] = {}
+    def __init__(self, engine: Engine, max_tables: int = 64):
+        self.engine, self.max_tables = engine, max_tables
+        self._tables: collections.OrderedDict[Combo, Tables] = collections.OrderedDict()
 
     def get(self, combo: Combo) -> Tables:
-        if combo not in self._tables:
+        if combo in self._tables:
+            self._tables.move_to_end(combo)
+        else:
             self._tables[combo] = self._build(combo)
+            while len(self._tables) > self.max_tables:
+                self._tables.popitem(last=False)
         return self._tables[combo]
+
+    def __len__(self) -> int:
+        return len(self._tables)
 
     def _build(self, combo: Combo) -> Tables:
         logsnr = combo_logsnr(combo, self.engine.model)

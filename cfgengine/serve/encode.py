@@ -1,6 +1,7 @@
 """Response bodies of `POST /v1/samples`: npy (the float32 [N, *S] samples, exactly what
 `cfgengine.sample` returns), npz (uint8 NHWC `arr_0` + labels, the ADM evaluator layout, for
-images; float32 points otherwise) and png (one row of images)."""
+images; float32 points otherwise) and png (the N samples side by side in one row, 1 px white
+between them; grey, RGB or RGBA models)."""
 from __future__ import annotations
 
 import io
@@ -11,6 +12,17 @@ import torch
 from cfgengine.figures import image_grid, to_uint8_images
 
 MEDIA_TYPES = {"npy": "application/x-npy", "npz": "application/x-npz", "png": "image/png"}
+PNG_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+def png_problem(sample_shape) -> str | None:
+    """Why samples of `sample_shape` cannot be a PNG (None: they can)."""
+    if len(sample_shape) != 3:
+        return "format png needs an image model; use npy or npz"
+    if sample_shape[0] not in PNG_CHANNELS:
+        return (f"format png needs 1, 3 or 4 channels, this model has {sample_shape[0]}; "
+                "use npy or npz")
+    return None
 
 
 def encode(x_hat: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, fmt: str) -> bytes:
@@ -24,6 +36,6 @@ def encode(x_hat: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, fmt: str)
     else:
         from PIL import Image
 
-        Image.fromarray(image_grid(to_uint8_images(x_hat), rows=1).squeeze(-1)).save(
-            buffer, format="png")
+        grid = image_grid(to_uint8_images(x_hat), rows=1)
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="png")
     return buffer.getvalue()

@@ -23,7 +23,7 @@ class Metrics:
         self._lock = threading.Lock()
 
     def count(self, status: int, seconds: float | None = None) -> None:
-        """One answered request (or one the client abandoned: 499), with its latency."""
+        """One answer (499: the client went away first), with its latency if it is a sample's."""
         with self._lock:
             self.requests[status] += 1
             if seconds is not None:
@@ -41,7 +41,8 @@ class Metrics:
                             "(guided rows count twice)", self.cost_in_flight)
             lines += ["# HELP cfgengine_steps_total scheduler steps (one network call each)",
                       "# TYPE cfgengine_steps_total counter", f"cfgengine_steps_total {self.steps}"]
-            lines += ["# HELP cfgengine_requests_total requests answered, by HTTP status",
+            lines += ["# HELP cfgengine_requests_total answers by HTTP status, every path but "
+                      "/healthz and /metrics",
                       "# TYPE cfgengine_requests_total counter"]
             lines += [f'cfgengine_requests_total{{code="{code}"}} {n}'
                       for code, n in sorted(self.requests.items())]
@@ -50,7 +51,8 @@ class Metrics:
 
     def _histogram(self) -> list[str]:
         name = "cfgengine_request_latency_seconds"
-        lines = [f"# HELP {name} time from arrival to answer", f"# TYPE {name} histogram"]
+        lines = [f"# HELP {name} POST /v1/samples: time from arrival to answer",
+                 f"# TYPE {name} histogram"]
         total = 0
         for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self._buckets):
             total += n

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cfgengine import guidance, schedule
 from cfgengine.kernels import guided_step
@@ -40,6 +40,14 @@ class GuidanceSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     rule: str = "cfg"
+
+    @model_validator(mode="after")
+    def _finite_parameters(self):
+        for name, value in (self.model_extra or {}).items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, (int, float)) and not is_number(item):
+                    raise ValueError(f"guidance {name} must be a finite number (as float32)")
+        return self
 
 
 class SampleRequest(BaseModel):
@@ -80,7 +88,7 @@ class SampleRequest(BaseModel):
             return value
         values = value if isinstance(value, list) and info.field_name == "w" else [value]
         if not values or any(not is_number(x) for x in values):
-            raise ValueError(f"{info.field_name} must be a finite number"
+            raise ValueError(f"{info.field_name} must be a finite number (as float32)"
                              + (" or a list of them" if info.field_name == "w" else ""))
         return value
 
@@ -91,8 +99,16 @@ def is_integer(value) -> bool:
 
 
 def is_number(value) -> bool:
-    """A finite JSON number (not a bool, not a string)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number (not a bool, complex or string) that stays finite as float32, the precision
+    it is sampled at: 1e39 or 10**400 would become inf there."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float64
+        return False
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.float32(value)))
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,6 @@ class Job:
     rule: Any  # a guidance rule object, or None for the kernel's default (eq. 6)
     format: str
     deadline: float  # time.monotonic() after which the request is answered 504
-    arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     on_done: Any = None  # callable(outcome): a Tensor [N, *S] or a RequestError
 
