@@ -31,10 +31,11 @@ import torch
 
 from cfgengine import rng
 from cfgengine.bench import baselines, timing
-from cfgengine.runtime import PRECISIONS
+from cfgengine.precision import PRECISIONS
 from cfgengine.bench.workload import SAMPLER_ARGS, Workload, bench_model, make_workload, \
     schedule
-from cfgengine.kernels import CounterNoise, guided_step
+from cfgengine.kernels import CounterNoise, RowState, guided_step
+from cfgengine.model import info as model_info
 from cfgengine.guidance import GuidedDenoiser
 from cfgengine.cudagraph import capture
 from cfgengine.sampler import Sampler
@@ -155,13 +156,12 @@ def engine_runner(name: str, model, work: Workload, floor: str) -> Runner:
     """cfgengine's Sampler on `model` (a net, or an exported backend) with backend `name`."""
     backend = name if name in ENGINE_BACKENDS else None
     engine = Sampler(model, device=work.device, backend=backend, precision=work.precision)
-    if hasattr(engine.guided_net, "warm"):  # auto/onnxruntime: time it with its cache warm
-        engine.guided_net.warm()
+    engine.model.warm()  # auto/onnxruntime: time it with its cache warm
 
     def run(steps: int, sampler: str) -> torch.Tensor:
         return engine.sample(work.labels, w=work.w, steps=steps, sampler=sampler,
                              **SAMPLER_ARGS[sampler], seed=work.seed)
-    forward = _doubled_forward(engine.guided_net, work)
+    forward = _doubled_forward(functools.partial(engine.model.eps, doubled=True), work)
     if name == "cudagraph":
         forward = capture(_doubled_forward(GuidedDenoiser(work.net), work)).replay
     return Runner(f"cfgengine/{name}", "engine", floor, run, forward, name == "cudagraph")
@@ -274,22 +274,24 @@ def measure_cell(runners: list[Runner], work: Workload, steps: int,
 
 
 def step_loop(work: Workload, steps: int, sampler: str) -> Callable[[], torch.Tensor]:
-    """The T steps of the engine's loop without its network: the noise drawn as the Sampler draws
-    it (rng.StepNoise on CPU, in-kernel on CUDA) and guided_step on a fixed eps2 — what the loop
-    adds to T forwards. Its share of the loop is the issue-13 "step share"."""
-    table, _ = schedule(steps, sampler, str(work.device))
+    """The T steps of the engine's loop without its network: the step plan, the noise drawn as
+    the Sampler draws it (rng.StepNoise on CPU, in-kernel on CUDA) and guided_step on a fixed
+    eps2 — what the loop adds to T forwards. Its share of the loop is the issue-13 "step share"."""
+    plan = schedule(steps, sampler)
+    table, _ = plan.on(work.device)
     z0, ids = work.z0(), torch.arange(work.batch, device=work.device)
     eps2 = 0.5 * torch.cat([z0, z0.flip(0)])  # (2B, *S): any finite ε; the step's cost is fixed
     w = torch.full((work.batch,), work.w, device=work.device)
-    clip = getattr(work.net, "clip", None)
+    clip = model_info(work.net).clip
 
     def run() -> torch.Tensor:
-        noise = rng.StepNoise(work.seed, ids, tuple(z0.shape[1:]), steps) \
+        drawn = rng.StepNoise(work.seed, ids, tuple(z0.shape[1:]), steps) \
             if work.device.type == "cpu" else None
+        state = RowState.zeros_like(z0, plan.state)
         z = z0
         for t in range(steps):
-            z = guided_step(eps2, z, w, table, t, clip=clip,
-                            noise=CounterNoise(work.seed, ids) if noise is None else noise[t])
+            noise = CounterNoise(work.seed, ids) if drawn is None else drawn[t]
+            z = guided_step(eps2, z, w, table, t, clip=clip, state=state, noise=noise)
         return z
     return run
 

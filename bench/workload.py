@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from cfgengine import rng
-from cfgengine.runtime import autocast_dtype
+from cfgengine.precision import autocast_dtype
 from cfgengine.registry import load
 from cfgengine.schedule import logsnr_grid
-from cfgengine.tables import coefficient_table
+from cfgengine.tables import StepPlan, step_plan
 from cfgengine.unet import UNet, preset
 
 # Each sampler of the sweep with the settings that make it the step a diffusers scheduler takes:
@@ -63,10 +63,9 @@ def make_workload(net: nn.Module, device: str, precision: str, batch: int, *, w:
 
 
 @functools.cache
-def schedule(steps: int, sampler: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table [T, 5], λ grid [T]) on `device`, built once per run as the Sampler builds them."""
-    table = coefficient_table(steps, sampler, **SAMPLER_ARGS[sampler], device=device)
-    return table, logsnr_grid(steps, dtype=torch.float32).to(device)
+def schedule(steps: int, sampler: str) -> StepPlan:
+    """The step plan of the default grid, built as the Sampler builds it."""
+    return step_plan(logsnr_grid(steps), sampler, **SAMPLER_ARGS[sampler])
 
 
 def bench_model(name: str, device: str) -> tuple[nn.Module, str]:

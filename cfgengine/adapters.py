@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cfgengine.model import ModelInfo
 from cfgengine.schedule import alpha_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -139,6 +140,14 @@ class DiffusersDenoiser(nn.Module):
     def logsnr_grid(self, steps: int) -> torch.Tensor:
         """float64 λ [T] of the model's own timesteps at "trailing" spacing, increasing in λ."""
         return self._logsnr_table64[trailing_timesteps(self.num_train_timesteps, steps)]
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model's facts (cfgengine.model): its own grid, λ range and decoder."""
+        return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
+                         sample_shape=self.sample_shape, clip=self.clip,
+                         logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
+                         decode=self.decode, class_names=self.class_names)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [−1, 1] from samples x: through the VAE for latent models, else x itself."""

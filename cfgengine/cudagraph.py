@@ -2,7 +2,7 @@
 
 The net reads a static input buffer z2 [2B, *S] (rows B..2B−1 carry the null label); the fused
 step kernel reads ε from the net's output and z from z2[:B], and writes z' straight into both
-halves of z2 (`out2`), so the next replay's forward input is ready. The step index and the seed
+halves of z2 (`out` of 2B rows), so the next replay's forward input is ready. The step index and the seed
 are 0-d device tensors the kernel reads, so replays advance through the table and a new seed needs
 no re-capture. Steps outside the guidance interval replay a second graph whose net runs on B
 rows. One loop per (batch, kinds of step, plan).
@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 
-from cfgengine.guidance import APG
 from cfgengine.kernels import CounterNoise, RowState, guided_step
 
 WARMUP_STEPS = 3  # Triton compilation and cuDNN autotuning happen here, outside the capture
@@ -37,25 +36,26 @@ def capture(fn: Callable[[], object], warmup: int = WARMUP_STEPS) -> torch.cuda.
 class CudaGraphLoop:
     """Static buffers + one captured step per kind of step for `batch` rows of `shape` on a CUDA
     device: `kinds` holds True for the guided step (net on 2B rows) and/or False for the plain
-    one (net on the first B rows, outside the guidance interval or when no row is guided)."""
+    one (net on the first B rows, outside the guidance interval or when no row is guided). The
+    step plan gives the table, the λ per step and the per-row state."""
 
-    def __init__(self, net, *, num_classes: int, batch: int, shape: tuple[int, ...],
-                 kinds: tuple[bool, ...], table: torch.Tensor, logsnr: torch.Tensor, rule,
-                 clip, multistep: bool, autocast_dtype: torch.dtype | None):
-        device = table.device
+    def __init__(self, model, plan, *, batch: int, shape: tuple[int, ...],
+                 kinds: tuple[bool, ...], rule, clip):
+        device = model.device
         rows = 2 * batch if True in kinds else batch
-        self.net, self.batch, self.rule, self.clip = net, batch, rule, clip
-        self.table, self.logsnr, self.autocast_dtype = table, logsnr, autocast_dtype
+        self.net, self.batch, self.rule, self.clip = model.net, batch, rule, clip
+        self.autocast_dtype = model.autocast_dtype
+        self.table, self.logsnr = plan.on(device)
         self.z2 = torch.zeros((rows, *shape), device=device)
         self.logsnr2 = torch.zeros(rows, device=device)
-        self.labels2 = torch.full((rows,), num_classes, device=device)  # null half stays null
+        null = model.info.null_label
+        self.labels2 = torch.full((rows,), null, device=device)  # the null half stays null
         self.w = torch.zeros(batch, device=device)
         self.sample_ids = torch.zeros(batch, dtype=torch.int64, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.seed = torch.zeros((), dtype=torch.int64, device=device)
-        apg = isinstance(rule, APG)  # its momentum is per-sample state
-        self.state = torch.zeros((batch, *shape), device=device) if apg else None
-        self.x_hat = torch.zeros((batch, *shape), device=device) if multistep else None
+        self.state = RowState.zeros_like(self.z2[:batch], plan.state)
+        self.noise = CounterNoise(self.seed, self.sample_ids)
         self.graphs = {doubled: self._capture(doubled) for doubled in kinds}
 
     def _capture(self, doubled: bool) -> torch.cuda.CUDAGraph:
@@ -75,8 +75,7 @@ class CudaGraphLoop:
             eps2 = self.net(self.z2[:rows], self.logsnr2[:rows], self.labels2[:rows])  # (rows, *S)
         z = self.z2[: self.batch]
         guided_step(eps2, z, self.w, self.table, self.step, rule=self.rule, clip=self.clip,
-                    state=RowState(momentum=self.state, x_hat=self.x_hat),
-                    noise=CounterNoise(self.seed, self.sample_ids), out=self.z2)  # z2: 2B or B
+                    state=self.state, noise=self.noise, out=self.z2)
         self.step.add_(1)
 
     def sample(self, z0: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
@@ -91,9 +90,7 @@ class CudaGraphLoop:
         self.sample_ids.copy_(sample_ids)
         self.seed.fill_(seed)
         self.step.zero_()
-        for buffer in (self.state, self.x_hat):
-            if buffer is not None:
-                buffer.zero_()
+        self.state.zero_()
         for guided in doubled:
             self.graphs[guided].replay()
         return self.z2[: self.batch].clone()

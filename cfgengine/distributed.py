@@ -317,7 +317,7 @@ def sample_shard(engine, labels: torch.Tensor, w: torch.Tensor, **options) -> to
     CPU (empty when the shard is)."""
     rows = shard(len(labels))
     if rows.stop == rows.start:
-        return torch.empty((0, *(options.get("shape") or engine.sample_shape)))
+        return torch.empty((0, *(options.get("shape") or engine.info.sample_shape)))
     all_ids = options.pop("sample_ids", None)
     ids = torch.arange(rows.start, rows.stop) if all_ids is None else all_ids[rows]
     return engine.sample(labels[rows], w=w[rows], sample_ids=ids, **options).cpu()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,23 +18,47 @@ def guided_eps(eps_cond: torch.Tensor, eps_null: torch.Tensor,
     return eps_cond + w * (eps_cond - eps_null)
 
 
+def doubled_batch(z: torch.Tensor, logsnr: torch.Tensor, cond, null,
+                  rows: torch.Tensor | None = None):
+    """The ONE batch of a guided step: (z2, λ2, cond2) with rows 0..B−1 conditional and then the
+    null rows — the same z and λ again with `null` (class ids, or a conditioning record whose
+    tensor fields are concatenated field by field). `rows` (int64 indices) gives null rows only to
+    those rows (serving: a w = 0 row costs one row); `null` then holds one entry per index."""
+    if rows is None:
+        return torch.cat([z, z]), torch.cat([logsnr, logsnr]), _concat(cond, null)
+    return (torch.cat([z, z[rows]]), torch.cat([logsnr, logsnr[rows]]), _concat(cond, null))
+
+
+def _concat(cond, null):
+    if cond is None:  # an optional field of a conditioning record
+        return None
+    if isinstance(cond, torch.Tensor):
+        return torch.cat([cond, null])
+    return type(cond)(**{f.name: _concat(getattr(cond, f.name), getattr(null, f.name))
+                         for f in dataclasses.fields(cond)})
+
+
+def null_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The null label ∅ = num_classes for every row of `labels`."""
+    return torch.full_like(labels, num_classes)
+
+
 class GuidedDenoiser(nn.Module):
     """Wraps a Denoiser: (z[B], λ[B], labels[B]) → eps2[2B], rows 0..B−1 conditional and B..2B−1
-    null, from ONE forward of the wrapped net on the concatenated batch."""
-
-    returns_doubled = True
+    null, from ONE forward of the wrapped net on the doubled batch."""
 
     def __init__(self, denoiser):
+        from cfgengine.model import info  # the contract sits above the math modules
+
         super().__init__()
         self.denoiser = denoiser
-        self.num_classes = denoiser.num_classes
-        self.sample_shape = tuple(denoiser.sample_shape)
-        self.clip = getattr(denoiser, "clip", None)
+        facts = info(denoiser)
+        self.num_classes, self.sample_shape, self.clip = (facts.num_classes, facts.sample_shape,
+                                                          facts.clip)
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        null = torch.full_like(labels, self.num_classes)
-        z2 = torch.cat([z, z])  # (2B, *S)
-        return self.denoiser(z2, torch.cat([logsnr, logsnr]), torch.cat([labels, null]))
+        return self.denoiser(*doubled_batch(z, logsnr, labels,
+                                            null_labels(labels, self.num_classes)))
 
 
 # --- Guidance rules (docs/design.md, "Guidance rules"): frozen configs, the math lives in the step.
@@ -77,6 +102,7 @@ class CFG:
     (diffusers `rescale_noise_cfg`)."""
     rescale: float = 0.0
     interval: Interval = None
+    row_state: ClassVar[tuple[str, ...]] = ()  # per-row buffers the rule keeps between steps
 
     def __post_init__(self):
         _check_number("CFG rescale", self.rescale, 0.0, 1.0)
@@ -88,6 +114,7 @@ class ZeroStar:
     """CFG-Zero* (Fan et al. 2025), the optimised scale: s* = ⟨ε_c, ε_u⟩/(⟨ε_u, ε_u⟩ + 1e−8),
     ε̃ = s*·ε_u + (1 + w)·(ε_c − s*·ε_u) (diffusers `cfg_zero_star_scale`); no zero-init steps."""
     interval: Interval = None
+    row_state: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         _check_interval(self)
@@ -103,6 +130,7 @@ class APG:
     momentum: float = 0.0
     norm_threshold: float = 0.0
     interval: Interval = None
+    row_state: ClassVar[tuple[str, ...]] = ("momentum",)  # the running average m
 
     def __post_init__(self):
         _check_number("APG eta", self.eta, 0.0, math.inf, open_hi=True)
@@ -124,4 +152,5 @@ class DynamicThreshold:
         _check_number("DynamicThreshold max_value", self.max_value, 1.0, math.inf, open_hi=True)
 
 
-RULES = (CFG, ZeroStar, APG)
+RULE_NAMES = {"cfg": CFG, "zero_star": ZeroStar, "apg": APG}  # CLI and HTTP spellings
+RULES = tuple(RULE_NAMES.values())

@@ -1,10 +1,9 @@
-"""The sampling loop: backend call → fused step, nothing else (Algorithm 2, DDIM and
-DPM-Solver++(2M) via the table; the guidance rule and thresholding inside the step).
-
-The coefficient table and the λ grid live on the device before the loop; which steps are guided
-(the rule's interval) and which draw no noise is decided on the host from the float64 grid before
-the loop, so the loop makes no host sync (no `.item()`, no branch on a device value) and can run
-ahead of the GPU. Outside the guidance interval the network runs on B rows, not 2B.
+"""The sampling loop: network call → fused step, nothing else. What each step does comes from
+the step plan (cfgengine/tables.py): the table (Algorithm 2, DDIM, DPM-Solver++(2M)), the λ the
+net sees, which steps run the doubled batch (the rule's interval) and which draw no noise — all
+decided on the host before the loop, so the loop makes no host sync (no `.item()`, no branch on a
+device value) and can run ahead of the GPU. Outside the guidance interval the network runs on B
+rows, not 2B.
 """
 from __future__ import annotations
 
@@ -15,23 +14,22 @@ import torch
 
 from cfgengine import rng
 from cfgengine.cudagraph import CudaGraphLoop
-from cfgengine.guidance import APG, CFG, RULES, DynamicThreshold, ZeroStar
+from cfgengine.guidance import RULES, CFG, DynamicThreshold
 from cfgengine.kernels import CounterNoise, RowState, guided_step
-from cfgengine.runtime import (autocast_dtype, check_backend, check_device, check_precision,
-                                move_model, split_model)
-from cfgengine.schedule import GRIDS, LOGSNR_RANGE, check_logsnr_range
-from cfgengine.tables import NOISE, check_sampler_args, grid_logsnr, table_from_logsnr
+from cfgengine.backends import Prepared, prepare
+from cfgengine.schedule import GRIDS, check_logsnr_range
+from cfgengine.tables import StepPlan, check_sampler_args, grid_logsnr, step_plan
 
 
 @dataclass(frozen=True)
-class Plan:
+class Call:
     """One call's validated settings (shared by every chunk); `logsnr` is the float64 grid."""
 
     sampler: str
     v: float
     eta: float
     logsnr: tuple[float, ...]
-    rule: CFG | ZeroStar | APG
+    rule: object
     clip: float | DynamicThreshold | None
     seed: int
     shape: tuple[int, ...]
@@ -40,29 +38,10 @@ class Plan:
     def steps(self) -> int:
         return len(self.logsnr)
 
-    def in_interval(self) -> tuple[bool, ...]:
-        """Per step, whether the rule guides it: lo ≤ λ_t ≤ hi of its interval (all without one)."""
-        interval = self.rule.interval
-        if interval is None:
-            return (True,) * self.steps
-        lo, hi = interval
-        return tuple(lo <= lam <= hi for lam in self.logsnr)
-
-
-@dataclass(frozen=True)
-class Steps:
-    """What the loop reads per step: the table and the net's λ on the device; which steps run the
-    doubled batch (the interval) and which draw no noise (s = 0), on the host."""
-
-    table: torch.Tensor  # float32 [T, 6]
-    logsnr: torch.Tensor  # float32 [T]
-    guided: tuple[bool, ...]
-    quiet: tuple[bool, ...]
-
 
 class Sampler:
     """Stateful sampler: built once for a model/backend, a device and a precision; caches the
-    tables, compiled modules and captured CUDA graphs that make repeated calls fast.
+    step plans, compiled modules and captured CUDA graphs that make repeated calls fast.
 
     `backend`: auto (cudagraph on CUDA; on CPU onnxruntime when it is installed, else torch),
     torch, compile, onnxruntime or cudagraph; an exported model runs on its own backend.
@@ -72,22 +51,12 @@ class Sampler:
 
     def __init__(self, model, *, device: torch.device | str | None = None,
                  backend: str | None = None, precision: str | None = None):
-        self.device = check_device(device, model)
-        self.precision = check_precision(precision, model)
-        self.backend = check_backend(backend, model, self.device, self.precision)
-        exported = getattr(model, "backend_name", None) is not None or \
-            self.backend == "onnxruntime"  # ONNX Runtime runs its graph at its own precision
-        self.autocast_dtype = None if exported else autocast_dtype(self.precision)
-        model = move_model(model, self.device)
-        self.num_classes = model.num_classes
-        self.sample_shape = tuple(model.sample_shape)
-        self.clip = getattr(model, "clip", None)
-        self.logsnr_range = tuple(getattr(model, "logsnr_range", None) or LOGSNR_RANGE)
-        self.model_grid = getattr(model, "logsnr_grid", None)  # e.g. a diffusers scheduler's
-        self.model_name = str(getattr(model, "path", None) or type(model).__name__)
-        self.guided_net, self.net = split_model(model, self.backend, self.precision, self.device,
-                                                auto=backend in (None, "auto"))
-        self._steps: dict[tuple, Steps] = {}
+        self.model: Prepared = prepare(model, device=device, backend=backend,
+                                       precision=precision)
+        self.info = self.model.info
+        self.device, self.backend = self.model.device, self.model.backend
+        self.precision = self.model.precision
+        self._plans: dict[tuple, StepPlan] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
 
     def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
@@ -102,137 +71,120 @@ class Sampler:
         settings). `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
         ZeroStar(), APG(); default CFG()), `clip` a bound or a DynamicThreshold."""
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
-            plan = self._plan(steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip,
+            call = self._call(steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip,
                               seed, shape)
-            return self._sample(plan, labels, w, sample_ids, batch_size, n, progress)
+            return self._sample(call, labels, w, sample_ids, batch_size, n, progress)
 
-    def _sample(self, plan: Plan, labels, w, sample_ids, batch_size, n, progress) -> torch.Tensor:
+    def _sample(self, call: Call, labels, w, sample_ids, batch_size, n, progress) -> torch.Tensor:
         labels, count = self._check_labels(labels, n)
         w = self._check_w(w, count)
         sample_ids = _check_sample_ids(sample_ids, count, self.device)
         size = _check_batch_size(batch_size, count)
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
-        guided = labels is not None and bool((w != 0).any())  # once, before any loop
-        steps = self._steps_of(plan)
-        if hasattr(self.guided_net, "plan"):  # onnxruntime: export only when the work pays
-            self.guided_net.plan(rows=count, steps=plan.steps)
-        bar = _progress_bar(progress, len(chunks) * plan.steps)
-        finite = FiniteFlag(plan.steps, self.device)  # shared by the chunks, read once below
-        parts = [self._sample_chunk(plan, steps, _rows(labels, a, b), w[a:b], sample_ids[a:b],
-                                    guided, bar, finite) for a, b in chunks]
-        finite.check(self.model_name, self.precision)
+        plan = self.plan(call)
+        if labels is None or not bool((w != 0).any()):  # once, before any loop
+            plan = plan.unguided()
+        self.model.announce(rows=count, steps=plan.rows)
+        bar = _progress_bar(progress, len(chunks) * plan.rows)
+        finite = FiniteFlag(plan.rows, self.device)  # shared by the chunks, read once below
+        parts = [self._sample_chunk(call, plan, _rows(labels, a, b), w[a:b], sample_ids[a:b],
+                                    bar, finite) for a, b in chunks]
+        finite.check(self.info.name, self.precision)
         if bar is not None:
             bar.close()
         x_hat = torch.cat(parts)
         self._check_finite(x_hat)
         return x_hat
 
-    def _sample_chunk(self, plan: Plan, steps: Steps, labels, w, sample_ids, guided: bool,
-                      bar, finite: FiniteFlag | None = None) -> torch.Tensor:
-        """The loop over T steps for one chunk of rows; no host sync inside. The chunk owns its
-        per-sample state (APG momentum, DPM-Solver++'s x̂_prev), zero before the first step."""
+    def _sample_chunk(self, call: Call, plan: StepPlan, labels, w, sample_ids, bar,
+                      finite: FiniteFlag | None = None) -> torch.Tensor:
+        """The loop over the plan's rows for one chunk; no host sync inside. The chunk owns its
+        per-row state (the plan names it: x̂_prev, APG momentum), zero before the first step."""
         batch = sample_ids.shape[0]
         if labels is None:
-            labels = torch.full((batch,), self.num_classes, device=self.device)
-        z = rng.randn_like_rows(plan.seed, sample_ids, 0, plan.shape)  # z_0 ~ N(0, I)
-        doubled = steps.guided if guided else (False,) * plan.steps
+            labels = torch.full((batch,), self.info.null_label, device=self.device)
+        z = rng.randn_like_rows(call.seed, sample_ids, 0, call.shape)  # z_0 ~ N(0, I)
         if self.backend == "cudagraph":
-            x_hat = self._graph(plan, steps, batch, doubled).sample(
-                z, labels, w, sample_ids, plan.seed, doubled)
-            _advance(bar, plan.steps)
+            x_hat = self._graph(call, plan, batch).sample(z, labels, w, sample_ids, call.seed,
+                                                          plan.doubled)
+            _advance(bar, plan.rows)
             return x_hat
-        state, x_hat = self._buffers(plan, z)
-        silence = torch.zeros_like(z) if any(steps.quiet) else None
+        table, lam = plan.on(self.device)
+        state = RowState.zeros_like(z, plan.state)
+        silence = torch.zeros_like(z) if any(plan.quiet) else None
         # CPU: the noise of many steps per Philox call (rng.StepNoise); CUDA draws it in-kernel
-        drawn = rng.StepNoise(plan.seed, sample_ids, plan.shape, plan.steps) \
+        drawn = rng.StepNoise(call.seed, sample_ids, call.shape, plan.rows) \
             if self.device.type == "cpu" else None
-        finite = finite or FiniteFlag(plan.steps, self.device)
-        for t in range(plan.steps):
-            eps2 = self._eps(z, steps.logsnr[t].expand(batch), labels, doubled[t])  # (2B|B, *S)
+        counter = CounterNoise(call.seed, sample_ids)
+        finite = finite or FiniteFlag(plan.rows, self.device)
+        for t in range(plan.rows):
+            eps2 = self._eps(z, lam[t].expand(batch), labels, w, plan.doubled[t])  # (2B|B, *S)
             finite.update(eps2, t)  # before the step: its clip would hide ±inf
-            noise = silence if steps.quiet[t] else None if drawn is None else drawn[t]
-            z = guided_step(eps2, z, w, steps.table, t, rule=plan.rule, clip=plan.clip,
-                            state=RowState(momentum=state, x_hat=x_hat),
-                            noise=CounterNoise(plan.seed, sample_ids) if noise is None else noise)
+            noise = counter if drawn is None else silence if plan.quiet[t] else drawn[t]
+            z = guided_step(eps2, z, w, table, t, rule=call.rule, clip=call.clip, state=state,
+                            noise=noise)
             _advance(bar, 1)
         return z
 
-    def _buffers(self, plan: Plan, z: torch.Tensor):
-        """(APG momentum or None, x̂_prev or None) for one chunk: fp32 [B, *S] zeros."""
-        state = torch.zeros_like(z) if isinstance(plan.rule, APG) else None
-        x_hat = torch.zeros_like(z) if plan.sampler == "dpmpp_2m" else None
-        return state, x_hat
+    def _eps(self, z, logsnr, labels, w, doubled: bool) -> torch.Tensor:
+        """ε for one step: the doubled batch where the plan guides; a guidance-embedded net
+        instead answers ε̃_w in B rows (w = 0 outside the rule's interval)."""
+        if self.info.guidance_embedded:
+            return self.model.eps(z, logsnr, labels, False, w=w if doubled else w * 0)
+        return self.model.eps(z, logsnr, labels, doubled)
 
-    def _eps(self, z, logsnr, labels, doubled: bool) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
-            if doubled:
-                return _check_rows(self.guided_net(z, logsnr, labels), 2 * z.shape[0],
-                                   self.model_name)
-            if self.net is not None:
-                return _check_rows(self.net(z, logsnr, labels), z.shape[0], self.model_name)
-            return _check_rows(self.guided_net(z, logsnr, labels), 2 * z.shape[0],
-                               self.model_name)[: z.shape[0]]
-
-    def _graph(self, plan: Plan, steps: Steps, batch: int,
-               doubled: tuple[bool, ...]) -> CudaGraphLoop:
+    def _graph(self, call: Call, plan: StepPlan, batch: int) -> CudaGraphLoop:
         """The captured loop for this chunk size and plan: a 2B-row graph for guided steps and a
         B-row graph for the others, each captured only when some step needs it."""
-        kinds = tuple(sorted(set(doubled)))
-        key = (batch, kinds, replace(plan, seed=0))  # the seed is a device tensor: no re-capture
+        kinds = tuple(sorted(set(plan.doubled)))
+        key = (batch, kinds, replace(call, seed=0))  # the seed is a device tensor: no re-capture
         if key not in self._graphs:
-            self._graphs[key] = CudaGraphLoop(
-                self.net, num_classes=self.num_classes, batch=batch, shape=plan.shape,
-                kinds=kinds, table=steps.table, logsnr=steps.logsnr, rule=plan.rule,
-                clip=plan.clip, multistep=plan.sampler == "dpmpp_2m",
-                autocast_dtype=self.autocast_dtype)
+            self._graphs[key] = CudaGraphLoop(self.model, plan, batch=batch, shape=call.shape,
+                                              kinds=kinds, rule=call.rule, clip=call.clip)
         return self._graphs[key]
 
-    def _steps_of(self, plan: Plan) -> Steps:
-        """The plan's table and per-step host facts, built once per (sampler, v, η, grid, rule)."""
-        key = (plan.sampler, plan.v, plan.eta, plan.logsnr, plan.rule.interval)
-        if key not in self._steps:
-            lam = torch.tensor(plan.logsnr, dtype=torch.float64)
-            table = table_from_logsnr(lam, plan.sampler, v=plan.v, eta=plan.eta)  # float64
-            on_cpu = self.device.type == "cpu"  # the GPU kernel tests s on the device instead
-            quiet = tuple(on_cpu and s == 0 for s in table[:, NOISE].tolist())
-            self._steps[key] = Steps(table.to(self.device, torch.float32),
-                                     lam.to(torch.float32).to(self.device),
-                                     plan.in_interval(), quiet)
-        return self._steps[key]
+    def plan(self, call: Call) -> StepPlan:
+        """The step plan of a call, built once per (sampler, v, η, grid, rule)."""
+        key = (call.sampler, call.v, call.eta, call.logsnr, call.rule)
+        if key not in self._plans:
+            self._plans[key] = step_plan(torch.tensor(call.logsnr, dtype=torch.float64),
+                                         call.sampler, v=call.v, eta=call.eta, rule=call.rule,
+                                         final_logsnr=self.info.final_logsnr)
+        return self._plans[key]
 
-    def _plan(self, steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip, seed,
-              shape) -> Plan:
+    def _call(self, steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip, seed,
+              shape) -> Call:
         lam = self._grid(steps, grid, logsnr_range, logsnr)
         check_sampler_args(lam.numel(), sampler, v, eta)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
                 or not 0 <= seed < 2**63:  # numpy integers are integers too
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         seed = int(seed)
-        shape = tuple(shape) if shape is not None else self.sample_shape
+        shape = tuple(shape) if shape is not None else self.info.sample_shape
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
-        return Plan(sampler, float(v), float(eta), tuple(lam.tolist()), _check_rule(guidance),
+        rule = _check_rule(guidance, self.info.guidance_embedded)
+        return Call(sampler, float(v), float(eta), tuple(lam.tolist()), rule,
                     self._check_clip(clip), seed, shape)
 
     def _grid(self, steps, grid, logsnr_range, logsnr) -> torch.Tensor:
-        """The float64 λ grid: `logsnr` verbatim, else the model's own `logsnr_grid(steps)` when
+        """The float64 λ grid: `logsnr` verbatim, else the model's own grid for `steps` when
         the caller kept the default grid and range, else `grid` on the range."""
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
         if logsnr_range is not None:
             logsnr_range = check_logsnr_range(logsnr_range)
         if logsnr is None and grid == "cosine" and logsnr_range is None \
-                and self.model_grid is not None:
+                and self.info.grid is not None:
             check_sampler_args(steps, "ancestral", 0.0, 0.0)  # steps only
-            logsnr = self.model_grid(steps)
-        return grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range or self.logsnr_range,
+            logsnr = self.info.grid(steps)
+        return grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range or self.info.logsnr_range,
                            logsnr=logsnr)
 
     def _check_clip(self, clip):
         """`clip` resolved: "auto" → the model's bound; None, a positive number or a
         DynamicThreshold."""
-        clip = self.clip if isinstance(clip, str) and clip == "auto" else clip
+        clip = self.info.clip if isinstance(clip, str) and clip == "auto" else clip
         if clip is None or isinstance(clip, DynamicThreshold):
             return clip
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
@@ -252,12 +204,13 @@ class Sampler:
             raise ValueError("labels must be a 1-D integer tensor (LongTensor[N])")
         if labels.numel() == 0:
             raise ValueError("labels is empty: nothing to sample")
-        if bool((labels == self.num_classes).any()):
-            raise ValueError(f"label {self.num_classes} is the null label; pass labels=None for "
+        classes = self.info.num_classes
+        if bool((labels == classes).any()):
+            raise ValueError(f"label {classes} is the null label; pass labels=None for "
                              "unconditional samples")
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        bad = labels[(labels < 0) | (labels >= classes)]
         if bad.numel():
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got {bad[0].item()}")
+            raise ValueError(f"labels must be in [0, {classes}), got {bad[0].item()}")
         return labels.to(self.device, torch.int64), labels.numel()
 
     def _check_w(self, w, count: int) -> torch.Tensor:
@@ -271,15 +224,6 @@ class Sampler:
     def _check_finite(self, x_hat: torch.Tensor) -> None:
         if not bool(torch.isfinite(x_hat).all()):  # one check after the loop, never per step
             raise FloatingPointError(f"sampling produced NaN/inf at precision {self.precision}")
-
-
-def _check_rows(eps: torch.Tensor, rows: int, name: str) -> torch.Tensor:
-    """eps if it has `rows` rows (shape metadata: no sync); a B-row answer where 2B are due
-    would make every guided step silently unguided."""
-    if eps.shape[0] != rows:
-        raise ValueError(f"{name}: returned {eps.shape[0]} rows where {rows} are due (a guided "
-                         "call computes the conditional and the null rows: 2B)")
-    return eps
 
 
 class FiniteFlag:
@@ -321,11 +265,16 @@ def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Ten
     return ids.to(device, torch.int64)
 
 
-def _check_rule(guidance):
+def _check_rule(guidance, embedded: bool = False):
     """The guidance rule: None → CFG(); else one of CFG, ZeroStar, APG (frozen dataclasses that
-    validate their own parameters)."""
+    validate their own parameters). A guidance-embedded net has no separate branches: plain CFG
+    (with an interval) only."""
     if guidance is None:
         return CFG()
+    if embedded and not (isinstance(guidance, CFG) and guidance.rescale == 0):
+        raise ValueError(f"{guidance!r} needs the conditional and null branches apart; this "
+                         "guidance-distilled model only answers ε̃_w (use CFG(), optionally "
+                         "with an interval)")
     if not isinstance(guidance, RULES):
         raise ValueError(f"guidance must be CFG(...), ZeroStar(...) or APG(...), got "
                          f"{guidance!r}")
@@ -365,7 +314,8 @@ def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
            batch_size: int | None = None, n: int | None = None,
            device: torch.device | str | None = None, backend: str | None = None,
            precision: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Guided samples x̂ [N, *S] from a Denoiser or backend (docs/design.md); one-shot `Sampler`."""
+    """Guided samples x̂ [N, *S] from a Denoiser or backend (cfgengine.model); a one-shot
+    `Sampler`."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
     return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, grid=grid,
                          logsnr_range=logsnr_range, logsnr=logsnr, guidance=guidance, clip=clip,

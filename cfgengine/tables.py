@@ -9,13 +9,15 @@ Coefficients are computed in float64 from a float64 grid and rounded once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
+from cfgengine.guidance import CFG
 from cfgengine.schedule import (LOGSNR_RANGE, alpha_sigma, check_logsnr, check_logsnr_range,
                                 logsnr_grid)
 
-SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 ALPHA, SIGMA, C_Z, C_X, NOISE, C_P = range(6)
 COLUMNS = 6
 
@@ -76,23 +78,53 @@ def grid_logsnr(steps: int | None, *, grid: str = "cosine",
     return logsnr_grid(steps, *check_logsnr_range(logsnr_range), grid=grid)
 
 
+@dataclass(frozen=True)
+class SamplerKind:
+    """A sampler as the step sees it: `coefficients(λ_ext, settings)` gives float64 columns
+    (c_z, c_x, s, c_p) for each interval of the extended grid λ_ext (the grid plus, when finite,
+    the final λ), and `state` names the per-row buffers it keeps between steps."""
+
+    name: str
+    coefficients: Callable[..., tuple[torch.Tensor, ...]]
+    state: tuple[str, ...] = ()
+
+
+def _ancestral(lam, v, eta):
+    c_z, c_x, s = ancestral_coefficients(lam, v)
+    return c_z, c_x, s, torch.zeros_like(s)
+
+
+def _ddim(lam, v, eta):
+    c_z, c_x, s = ddim_coefficients(lam, eta)
+    return c_z, c_x, s, torch.zeros_like(s)
+
+
+def _dpmpp_2m(lam, v, eta):
+    return dpmpp_2m_coefficients(lam)
+
+
+SAMPLER_KINDS: dict[str, SamplerKind] = {
+    "ancestral": SamplerKind("ancestral", _ancestral),
+    "ddim": SamplerKind("ddim", _ddim),
+    "dpmpp_2m": SamplerKind("dpmpp_2m", _dpmpp_2m, state=("x_hat",)),
+}
+SAMPLERS = tuple(SAMPLER_KINDS)
+
+
 def table_from_logsnr(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
-                      eta: float = 0.0) -> torch.Tensor:
-    """The float64 table [T, 6] of rows (α, σ, c_z, c_x, s, c_p) on the float64 grid `logsnr`."""
+                      eta: float = 0.0, final_logsnr: float = math.inf) -> torch.Tensor:
+    """The float64 table [T, 6] of rows (α, σ, c_z, c_x, s, c_p) on the float64 grid `logsnr`.
+    The last row steps to `final_logsnr`: +∞ (the default) makes it z' = x̂."""
     check_sampler_args(logsnr.numel(), sampler, v, eta)
     logsnr = logsnr.double()
     alpha, sigma = alpha_sigma(logsnr)
-    if sampler == "ancestral":
-        c_z, c_x, s = ancestral_coefficients(logsnr, v)
-        c_p = torch.zeros_like(s)
-    elif sampler == "ddim":
-        c_z, c_x, s = ddim_coefficients(logsnr, eta)
-        c_p = torch.zeros_like(s)
-    else:
-        c_z, c_x, s, c_p = dpmpp_2m_coefficients(logsnr)
-    last = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)  # z' = x̂
-    tail = torch.cat([torch.stack([c_z, c_x, s, c_p], dim=1), last], dim=0)  # (T, 4)
-    return torch.cat([torch.stack([alpha, sigma], dim=1), tail], dim=1)  # (T, 6)
+    finite = math.isfinite(final_logsnr)
+    lam = torch.cat([logsnr, logsnr.new_tensor([final_logsnr])]) if finite else logsnr
+    columns = torch.stack(SAMPLER_KINDS[sampler].coefficients(lam, v, eta), dim=1)
+    if not finite:
+        last = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)  # z' = x̂
+        columns = torch.cat([columns, last], dim=0)  # (T, 4)
+    return torch.cat([torch.stack([alpha, sigma], dim=1), columns], dim=1)  # (T, 6)
 
 
 def coefficient_table(steps: int | None, sampler: str = "ancestral", *, v: float = 0.3,
@@ -103,6 +135,54 @@ def coefficient_table(steps: int | None, sampler: str = "ancestral", *, v: float
     lam = grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range, logsnr=logsnr)
     table = table_from_logsnr(lam, sampler, v=v, eta=eta)
     return table.to(device=device, dtype=torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class StepPlan:
+    """Everything a sampling loop needs for one (sampler, grid, rule): the float64 table [R, 6]
+    and the λ the net sees at each row (host), and per row on the host whether the net runs the
+    doubled batch (2B rows: the rule guides this step) and whether the row draws no noise (s = 0);
+    `state` names the per-row buffers the sampler and the rule keep. Every loop — the Sampler's,
+    the CUDA graph's, the serving batch's and the bench's — runs from a StepPlan; none of them
+    looks at a sampler's name or a table's width."""
+
+    table: torch.Tensor
+    logsnr: torch.Tensor
+    doubled: tuple[bool, ...]
+    quiet: tuple[bool, ...]
+    state: tuple[str, ...]
+    _on: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.table.shape[0]
+
+    def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table float32 [R, 6], λ float32 [R]) on `device`, copied once per device."""
+        device = torch.device(device)
+        if device not in self._on:
+            self._on[device] = (self.table.to(device, torch.float32),
+                                self.logsnr.to(device, torch.float32))
+        return self._on[device]
+
+    def unguided(self) -> "StepPlan":
+        """The same plan with every row on B rows (w = 0 everywhere, or no labels)."""
+        return replace(self, doubled=(False,) * self.rows, _on=self._on)
+
+
+def step_plan(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
+              eta: float = 0.0, rule=None, final_logsnr: float = math.inf) -> StepPlan:
+    """The StepPlan of `sampler` on the float64 grid `logsnr` under guidance `rule` (a CFG,
+    ZeroStar or APG config; None = CFG()): the rule's interval decides which rows are doubled, its
+    per-row state (APG's momentum) joins the sampler's."""
+    lam = logsnr.double()
+    table = table_from_logsnr(lam, sampler, v=v, eta=eta, final_logsnr=final_logsnr)
+    rule = CFG() if rule is None else rule
+    interval = rule.interval
+    doubled = tuple(interval is None or interval[0] <= x <= interval[1] for x in lam.tolist())
+    quiet = tuple(s == 0 for s in table[:, NOISE].tolist())
+    state = SAMPLER_KINDS[sampler].state + rule.row_state
+    return StepPlan(table, lam, doubled, quiet, state)
 
 
 def check_sampler_args(steps: int, sampler: str, v: float, eta: float) -> None:

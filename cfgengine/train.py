@@ -160,7 +160,7 @@ def train_step(state: TrainState, dataset: ImageDataset, config: TrainConfig,
 
 def resolve_device(name: str) -> torch.device:
     """`auto` → CUDA when available, else the CPU."""
-    from cfgengine.runtime import check_device
+    from cfgengine.backends import check_device
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,8 +1,7 @@
-"""What the three exported-artifact backends share: the backend contract of docs/design.md (call
-shape (z[B], logsnr[B], labels[B]) → eps2[2B], `num_classes`, `sample_shape`, `clip`,
-`logsnr_range`, `returns_doubled`) plus the B-row entry `denoiser` (the plain net: the sampler
-calls it outside the guidance interval, at w = 0 and for unconditional samples), input checking
-against the artifact's metadata, optional-dependency imports."""
+"""What the three exported-artifact backends share: the denoiser contract of cfgengine.model (rows
+in, rows out: (z[N], logsnr[N], labels[N]) → ε[N]; the sampler builds the doubled batch of a
+guided step and calls it once on 2B rows), the artifact's `ModelInfo` from its metadata, input
+checking against that metadata, optional-dependency imports."""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +11,7 @@ from types import ModuleType
 import torch
 
 from cfgengine.export.metadata import ExportMeta
+from cfgengine.model import ModelInfo
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -25,30 +25,21 @@ def require(module: str, extra: str) -> ModuleType:
 class Backend:
     """A loaded export. Subclasses implement `run` on checked, contiguous inputs on `device`."""
 
-    returns_doubled = True
     backend_name = "exported"
 
     def __init__(self, meta: ExportMeta, path: str | Path, device: torch.device | str):
         self.meta = meta
         self.path = Path(path)
         self.device = torch.device(device)
-        self.num_classes = meta.num_classes
-        self.sample_shape = meta.sample_shape
-        self.clip = meta.clip
-        self.class_names = meta.class_names
-        self.precision = meta.precision
-        self.logsnr_range = meta.logsnr_range
+        self.info = ModelInfo(name=str(self.path), num_classes=meta.num_classes,
+                              sample_shape=meta.sample_shape, clip=meta.clip,
+                              logsnr_range=meta.logsnr_range, class_names=meta.class_names,
+                              backend=self.backend_name, precision=meta.precision)
+        self.num_classes, self.sample_shape = meta.num_classes, meta.sample_shape
 
     def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """eps2 [2B, *S]: rows 0..B−1 conditional, B..2B−1 null, from ONE run of the artifact on
-        the doubled batch; same dtype as z."""
-        self.check_inputs(z, logsnr, labels, self.meta.max_batch)
-        null = torch.full_like(labels, self.num_classes)
-        return self._run(torch.cat([z, z]), torch.cat([logsnr, logsnr]),
-                         torch.cat([labels, null])).to(z.dtype)  # (2B, *S)
-
-    def denoiser(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """ε [B, *S] for B rows as they are (labels may be the null label): the B-row entry."""
+        """ε [N, *S] for N rows as they are (labels may be the null label; a guided step passes
+        its doubled batch of 2B rows); same dtype as z."""
         self.check_inputs(z, logsnr, labels, 2 * self.meta.max_batch)
         return self._run(z, logsnr, labels).to(z.dtype)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from cfgengine.runtime import PRECISIONS
+from cfgengine.model import info
+from cfgengine.precision import PRECISIONS
 from cfgengine.schedule import LOGSNR_RANGE, check_logsnr_range
 
 FORMAT = "cfgengine-export"
@@ -126,13 +127,12 @@ def export_dtype(precision: str, allowed: tuple[str, ...], what: str) -> torch.d
 
 
 def check_exportable(model, source: str | None = None) -> None:
-    """ValueError unless `model` is a torch nn.Module Denoiser (num_classes, sample_shape)."""
+    """ValueError unless `model` is a torch nn.Module Denoiser (cfgengine.model)."""
     name = f"{source} ({type(model).__name__})" if source else type(model).__name__
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
                          "(e.g. a UNet checkpoint) can be exported")
-    if not hasattr(model, "num_classes") or not hasattr(model, "sample_shape"):
-        raise ValueError(f"{name} lacks num_classes / sample_shape: not a Denoiser")
+    info(model)  # ValueError naming what a denoiser lacks
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -150,13 +150,10 @@ def weights_sha256(model: torch.nn.Module) -> str:
 def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str | None,
              min_batch: int = 1) -> ExportMeta:
     """The metadata of `model` exported at `precision` for batches min_batch..max_batch."""
-    clip = getattr(model, "clip", None)
-    logsnr_range = check_logsnr_range(getattr(model, "logsnr_range", None) or LOGSNR_RANGE)
-    return ExportMeta(num_classes=int(model.num_classes),
-                      sample_shape=tuple(int(d) for d in model.sample_shape),
-                      clip=None if clip is None else float(clip), precision=precision,
+    facts = info(model)
+    return ExportMeta(num_classes=facts.num_classes, sample_shape=facts.sample_shape,
+                      clip=facts.clip, precision=precision,
                       min_batch=min_batch, max_batch=max_batch,
                       source=str(source or type(model).__name__),
-                      source_sha256=weights_sha256(model),
-                      class_names=tuple(getattr(model, "class_names", ()) or ()),
-                      logsnr_range=logsnr_range)
+                      source_sha256=weights_sha256(model), class_names=facts.class_names,
+                      logsnr_range=check_logsnr_range(facts.logsnr_range))

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cfgengine.export.metadata import ExportMeta, PRECISIONS, check_exportable, describe
+from cfgengine.export.metadata import ExportMeta, check_exportable, describe
+from cfgengine.precision import PRECISIONS
 
 INPUTS = ("z", "logsnr", "labels")
 OUTPUT = "eps"

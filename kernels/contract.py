@@ -82,6 +82,12 @@ class RowState:
         if kept:
             kept[0].copy_(x_hat)
 
+    def zero_(self) -> "RowState":
+        """Every kept buffer set to 0 in place (a new chunk of rows starts from zero state)."""
+        for buffer in self.kept().values():
+            buffer.zero_()
+        return self
+
     def rows(self, index) -> "RowState":
         """The state of some rows (a slice gives views, updated in place by a step on them)."""
         return RowState(**{name: t[index] for name, t in self.kept().items()})

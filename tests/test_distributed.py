@@ -1,7 +1,7 @@
 """torchrun (docs/design.md, "torchrun"): 2 CPU ranks over gloo write what one process writes —
 sample's .npz, eval's statistics — DDP training resumes exactly, a failing rank fails the job with
-one line and no files; every flag of sample/eval/train and every torchrun line of the README gets
-past torchrun's own parser. Three torchrun launches in all (each costs a few seconds of start-up)."""
+one line and no files; every flag of sample/eval/train and every torchrun line of the README and
+docs/ gets past torchrun's own parser. Three torchrun launches in all (each costs a few seconds of start-up)."""
 from __future__ import annotations
 
 import json
@@ -127,8 +127,9 @@ def test_torchrun_passes_every_flag_through(command, capsys):
 
 
 def test_readme_torchrun_lines_parse_as_written(capsys):
-    """Every `torchrun …` line of the README passes torchrun's parser and cfgengine's."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    """Every `torchrun …` line of the README and docs/ passes torchrun's parser and cfgengine's."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages).replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("torchrun ")]
     assert len(lines) >= 3
     for line in lines:

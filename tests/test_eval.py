@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cfgengine import checkpoint, cli
-from cfgengine.bench import study
+from cfgengine.bench.studies import fid_w
 from cfgengine.data import load_dataset
 from cfgengine.evaluate import PLOTS
 from cfgengine.unet import UNet, preset
@@ -96,13 +96,13 @@ def _cells(fid_by_w: dict, is_by_w: dict, width: float = 0.1) -> list[dict]:
 def test_claims_follow_the_interval_rule():
     fid = {0.0: 3.0, 0.3: 2.0, 1.0: 4.0, 4.0: 6.0}
     rising = {0.0: 1.0, 0.3: 2.0, 1.0: 3.0, 4.0: 4.0}
-    verdicts = [c["verdict"] for c in study.judge_claims({"cells": _cells(fid, rising)})]
+    verdicts = [c["verdict"] for c in fid_w.judge_claims({"cells": _cells(fid, rising)})]
     assert verdicts[:2] == ["holds", "holds"]
     overlapping = {0.0: 1.0, 0.3: 1.05, 1.0: 3.0, 4.0: 4.0}  # first IS step within the intervals
-    claims = study.judge_claims({"cells": _cells(fid, overlapping)})
+    claims = fid_w.judge_claims({"cells": _cells(fid, overlapping)})
     assert claims[1]["verdict"] == "inconclusive"
     falling = {0.0: 1.0, 0.3: 2.0, 1.0: 3.0, 4.0: 2.0}
-    assert study.judge_claims({"cells": _cells(fid, falling)})[1]["verdict"] == "fails"
+    assert fid_w.judge_claims({"cells": _cells(fid, falling)})[1]["verdict"] == "fails"
 
 
 def test_no_samples_scores_the_same_and_writes_no_images(evaluated, tiny_model, tmp_path):

@@ -3,6 +3,7 @@ and the sampler's grid arguments: a given `logsnr` is used verbatim, the range d
 model's own grid hook, one-line errors for bad settings."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import cfgengine
+from cfgengine.model import info as model_info
 from cfgengine.schedule import GRIDS, logsnr_grid
 from cfgengine.tables import coefficient_table
 
@@ -82,12 +84,10 @@ def test_default_grid_is_todays_cosine_bit_for_bit():
 class LogsnrRecorder:
     """A Denoiser wrapper recording the λ of every call (the net's view of the grid)."""
 
-    def __init__(self, denoiser, **attributes):
-        self.inner, self.num_classes = denoiser, denoiser.num_classes
-        self.sample_shape, self.clip = denoiser.sample_shape, getattr(denoiser, "clip", None)
+    def __init__(self, denoiser, **facts):
+        self.inner = denoiser
+        self.info = dataclasses.replace(model_info(denoiser), **facts)  # e.g. its own grid
         self.seen: list[torch.Tensor] = []
-        for name, value in attributes.items():
-            setattr(self, name, value)
 
     def __call__(self, z, logsnr, labels):
         self.seen.append(logsnr.clone())
@@ -136,7 +136,7 @@ def test_models_own_grid_is_used_unless_the_caller_chooses_one(gmm):
         asked.append(steps)
         return own[:steps]
 
-    net = LogsnrRecorder(gmm, logsnr_grid=model_grid)
+    net = LogsnrRecorder(gmm, grid=model_grid)
     cfgengine.sample(net, LABELS, steps=5, seed=1)
     assert asked == [5] and torch.equal(net.grid(), own.float())
     net.seen.clear()

@@ -106,7 +106,8 @@ def test_guided_denoiser_on_the_mixture_oracle(gmm):
 def test_guided_denoiser_carries_attributes():
     guided = GuidedDenoiser(CountingNet())
     assert (guided.num_classes, guided.sample_shape, guided.clip) == (3, (2, 3), 1.0)
-    assert guided.returns_doubled is True
+    z, lam, labels = torch.zeros(4, 2, 3), torch.zeros(4), torch.tensor([0, 1, 2, 0])
+    assert guided(z, lam, labels).shape[0] == 8  # the doubled batch: one forward of 2B rows
     assert isinstance(guided, torch.nn.Module)
 
 

@@ -1,32 +1,15 @@
 """The house: every module of the package imports by its dotted name and is a module (no function
 or other attribute shadows a submodule), and the old CLI spellings still work."""
 import importlib
-import pkgutil
 import types
 
 import pytest
 
 import cfgengine
 from cfgengine.cli import build_parser, main
+from tests import installed
 
-
-def _modules() -> list[str]:
-    """Every module of every package pyproject.toml installs (kernels/, export/, bench/ and cli/
-    are mapped into cfgengine, so a walk of cfgengine/ alone would miss them)."""
-    import tomllib
-    from pathlib import Path
-
-    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    names = []
-    for package in config["tool"]["setuptools"]["packages"]:
-        names.append(package)
-        names += [f"{package}.{info.name}" for info in
-                  pkgutil.iter_modules(importlib.import_module(package).__path__)
-                  if not info.ispkg and info.name != "__main__"]  # entry points run on import
-    return names
-
-
-MODULES = _modules()
+MODULES = installed.modules()
 
 
 def test_the_walk_finds_the_mapped_packages():

@@ -45,9 +45,9 @@ def test_bf16_network_stays_close_to_fp32(tiny_unet):
 
 
 def test_auto_backend_on_cpu_is_onnxruntime_when_installed_else_eager(tiny_unet):
-    from cfgengine.export import session_cache
+    from cfgengine.backends import onnxruntime as ort_backend
 
-    want = "onnxruntime" if session_cache.available() else "torch"
+    want = "onnxruntime" if ort_backend.available() else "torch"
     assert cfgengine.Sampler(tiny_unet, device="cpu").backend == want
     mixture = toy.image_mixture()  # a plain-callable Denoiser, not an nn.Module: no export
     assert cfgengine.Sampler(mixture, device="cpu").backend == "torch"
@@ -97,11 +97,11 @@ def test_cudagraph_loop_never_syncs_and_replays_draw_fresh_noise(tiny_unet):
     engine = cfgengine.Sampler(tiny_unet.cuda(), backend="cudagraph")
     labels = LABELS.cuda()
     engine.sample(labels, w=W, steps=8, seed=0)  # capture outside the checked region
-    plan = engine._plan(8, "ancestral", 0.3, 0.0, "auto", 1, None)
+    call = engine._call(8, "ancestral", 0.3, 0.0, "cosine", None, None, None, "auto", 1, None)
     ids = torch.arange(len(labels), device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        first = engine._sample_chunk(plan, labels, W.cuda(), ids, True, None)
+        first = engine._sample_chunk(call, engine.plan(call), labels, W.cuda(), ids, None)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     second = engine.sample(labels, w=W, steps=8, seed=2)

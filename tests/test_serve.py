@@ -203,12 +203,13 @@ def test_steps_between_layout_changes_make_no_host_sync(monkeypatch):
 
 
 def test_rows_outside_their_guidance_interval_cost_one_row(monkeypatch):
-    from types import SimpleNamespace
+    from cfgengine import CFG
 
     batch = _batch_of(Shrink(), [dict(labels=[0, 1], w=1.0, steps=6, seed=1)])
     member = batch.members[0]
-    lam = member.tables.logsnr_host
-    member.job.rule = SimpleNamespace(interval=(lam[2], lam[3]))  # guided at t = 2, 3 only
+    lam = member.tables.plan.logsnr.tolist()
+    member.job.rule = CFG(interval=(lam[2], lam[3]))  # guided at t = 2, 3 only
+    member.tables = batch.bank.get(member.job.combo, member.job.rule)
     counts = []
     for t in range(6):
         member.t = t

@@ -110,13 +110,13 @@ def test_png_of_an_rgb_model_is_its_samples_in_one_row(rgb):
 def test_the_table_cache_keeps_the_most_recently_used_tables_only(gmm):
     bank = TableBank(Engine(gmm), max_tables=8)
     combos = [Combo(steps, "ddim", 0.3, 0.0, "cosine") for steps in range(2, 302)]
-    first = bank.get(combos[0])
+    first = bank.get(combos[0], None)
     for combo in combos[1:]:
-        bank.get(combo)
-        bank.get(combos[0])  # used all along: never the one dropped
-    assert len(bank) == 8 and bank.get(combos[0]) is first
-    rebuilt = bank.get(combos[1])  # dropped long ago: built again, equal
-    assert torch.equal(rebuilt.table, TableBank(Engine(gmm)).get(combos[1]).table)
+        bank.get(combo, None)
+        bank.get(combos[0], None)  # used all along: never the one dropped
+    assert len(bank) == 8 and bank.get(combos[0], None) is first
+    rebuilt = bank.get(combos[1], None)  # dropped long ago: built again, equal
+    assert torch.equal(rebuilt.table, TableBank(Engine(gmm)).get(combos[1], None).table)
 
 
 def test_metrics_count_every_answer_by_status(gmm):

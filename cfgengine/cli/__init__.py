@@ -15,9 +15,25 @@ from cfgengine.cli.args import Parser, UserError
 COMMANDS = (sample, train, train_classifier, classifier_accuracy, export, bench, eval, serve)
 
 
+DESCRIPTION = """\
+Sample, train, score, export, benchmark and serve class-conditional diffusion models with
+classifier-free guidance (Ho & Salimans 2022). The guidance weight w is the paper's: diffusers'
+guidance_scale is 1 + w."""
+EPILOG = """\
+example:
+  cfgengine sample --w 0,1,4 --steps 256 --out samples.png
+
+`cfgengine COMMAND --help` lists a command's flags. A mistake in a flag or a file ends in one
+line on stderr and exit status 2, with nothing half-written. Documentation: README.md and
+docs/ in the source tree (samplers, models, performance, serving, distributed, runner, trust,
+studies, design)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="cfgengine", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser = Parser(prog="cfgengine", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                title="commands", metavar="COMMAND")
     for command in COMMANDS:
         command.add(sub)
     return parser

@@ -11,13 +11,26 @@ from cfgengine.cli.args import UserError, field_type
 
 # old spellings a user may have typed, still accepted
 ALIASES = {"sampler": "--solver"}
+FIELD_HELP = {"model": "model file or built-in name", "device": "cpu, cuda, cuda:1 …",
+              "steps": "sampling steps T, comma list", "batches": "batch sizes B, comma list",
+              "backends": "engine backends, comma list", "precisions": "network precisions, comma list",
+              "baselines": "peers to time, comma list", "exported": "exported formats to time, comma list",
+              "sampler": "the sampling algorithm", "w": "guidance weight w of the paper",
+              "repeats": "interleaved rounds per cell", "seed": "noise seed",
+              "threads": "CPU threads for torch and ONNX Runtime"}
 
 
 def add(sub) -> None:
     from cfgengine.bench.harness import FLAGS, SWEEPS, SweepConfig
 
     p = sub.add_parser("bench", help="end-to-end sampling benchmark against diffusers-style "
-                       "baselines (JSON + markdown + PNG in --out-dir)")
+                       "baselines (JSON + markdown + PNG in --out-dir)",
+                       description="Time end-to-end sampling of the engine against three peers "
+                                   "run on the same model, device and precision (two forwards "
+                                   "per step; the diffusers pipeline loop; the same with a "
+                                   "compiled network), in interleaved rounds. A preset --sweep "
+                                   "picks the cells; the flags below override its fields. See "
+                                   "docs/performance.md.")
     p.add_argument("--sweep", choices=tuple(SWEEPS), default="cpu",
                    help="preset sweep; the flags below override its fields (default: cpu)")
     p.add_argument("--quick", action="store_true", help="the quick sweep (< 2 min on 2 CPU cores)")
@@ -25,7 +38,7 @@ def add(sub) -> None:
         flag = FLAGS[field.name]
         names = [flag] + ([ALIASES[field.name]] if field.name in ALIASES else [])
         p.add_argument(*names, dest=field.name, type=field_type(field, flag), default=None,
-                       help="(default: the sweep's)")
+                       help=f"{FIELD_HELP.get(field.name, field.name)} (default: the sweep's)")
     p.add_argument("--out-dir", default="bench/results", help="folder of the result files")
     p.add_argument("--name", default=None, help="file stem (default: e2e-SWEEP-DEVICE-DATE)")
     p.set_defaults(run=run)

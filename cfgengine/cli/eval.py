@@ -12,7 +12,11 @@ def add(sub) -> None:
     from cfgengine.evaluate import PAPER_W
 
     p = sub.add_parser("eval", help="FID / IS / precision / recall / accuracy of samples per "
-                       "(model, T, w), in the dataset classifier's feature space")
+                       "(model, T, w), in the dataset classifier's feature space",
+                       description="Score models per (model, steps T, w) cell: one sampling pass "
+                                   "per (model, T) covers every w. Writes results.json, "
+                                   "results.md and plots to --out-dir, each figure with a 95% "
+                                   "bootstrap interval. See docs/studies.md.")
     p.add_argument("--ckpt", action="append", required=True,
                    help="model file (repeat for several models, e.g. one per p_uncond)")
     p.add_argument("--w", type=guidance_weights(), default=list(PAPER_W),
@@ -23,7 +27,7 @@ def add(sub) -> None:
     p.add_argument("--per-cell", "--n", dest="n", type=int, default=1000,
                    help="class-balanced samples per cell (--n is an old spelling that torchrun's "
                         "own parser rejects as ambiguous)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--out-dir", default="eval", help="results folder (its parent must exist)")
     p.add_argument("--features", default=None,
                    help="feature network: a classifier .safetensors, a torch.export .pt2 "

@@ -9,7 +9,7 @@ from cfgengine.atomic import check_distinct, check_writable
 from cfgengine.cli.args import UserError
 from cfgengine import trust
 from cfgengine.registry import BUILTINS, load
-from cfgengine.runtime import check_device
+from cfgengine.backends import check_device
 
 
 def add(sub) -> None:
@@ -17,12 +17,14 @@ def add(sub) -> None:
                                       "(experimental)",
                        description="Export the denoiser for cfgengine.load / cfgengine sample "
                                    "--ckpt; the loaded file runs conditional and null rows as one "
-                                   "doubled batch, and B rows where guidance is off.")
+                                   "doubled batch, and B rows where guidance is off. See "
+                                   "docs/performance.md and, for .pt2 / TensorRT files, "
+                                   "docs/trust.md.")
     p.add_argument("model", help="model file (.pt, .safetensors), built-in name (default) or "
                                  "diffusers pipeline folder")
     p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
                    help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "
-                        "untested here, needs TensorRT and a CUDA GPU)")
+                        "not yet run on hardware; needs TensorRT and a CUDA GPU)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="weight precision; normalisations stay fp32 (default: fp32)")
     p.add_argument("--max-batch", type=int, default=64,

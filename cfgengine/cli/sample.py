@@ -13,20 +13,26 @@ from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
-from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
+from cfgengine.guidance import APG, CFG, RULE_NAMES, DynamicThreshold, ZeroStar
+from cfgengine.model import ModelInfo
 from cfgengine.registry import BUILTINS, load
-from cfgengine.runtime import BACKENDS, PRECISIONS
+from cfgengine.precision import PRECISIONS
+from cfgengine.backends import BACKENDS
 from cfgengine.sampler import Sampler
 from cfgengine.schedule import GRIDS
 from cfgengine.tables import SAMPLERS
 from cfgengine.threads import apply_to_torch
 
-GUIDANCE = ("cfg", "zero_star", "apg")
+GUIDANCE = tuple(RULE_NAMES)
 APG_FLAGS = {"apg_eta": "eta", "apg_momentum": "momentum", "apg_norm": "norm_threshold"}
 
 
 def add(sub) -> None:
-    p = sub.add_parser("sample", help="sample a guided grid (one row per class, one panel per w)")
+    p = sub.add_parser("sample", help="sample a guided grid (one row per class, one panel per w)",
+                       description="Sample a model with classifier-free guidance and write a PNG "
+                                   "grid: one row per class, one labelled panel per guidance "
+                                   "weight w (and, with --npz, the images as uint8 arrays). "
+                                   "Samplers, grids and rules: docs/samplers.md.")
     add_model_flag(p)
     p.add_argument("--w", type=guidance_weights(), default=[0.3],
                    help="guidance weight w of the paper (diffusers' guidance_scale = 1 + w); "
@@ -35,12 +41,13 @@ def add(sub) -> None:
     p.add_argument("--sampler", "--solver", dest="sampler", choices=SAMPLERS, default="ancestral",
                    help="the sampling algorithm (--solver is an old spelling). For the paper's "
                         "quality at the least cost use --sampler dpmpp_2m --steps 16: it matched "
-                        "the 256-step ancestral FID at w >= 1 in our study (README); at small w "
+                        "the 256-step ancestral FID at w >= 1 in our study (docs/studies.md); at small w "
                         "(0.3) keep ancestral")
     p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
                    help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
                         "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η ∈ [0, 1]: 0 = deterministic, 1 = the ancestral step with v = 0 "
+                        "(default: 0)")
     add_grid_flags(p)
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
@@ -49,7 +56,9 @@ def add(sub) -> None:
                    help="samples per class (--n is an old spelling that torchrun's own parser "
                         "rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed: sample i depends only on (seed, i, its class, w, settings) "
+                        "(default: 0)")
     p.add_argument("--first-id", type=int, default=0,
                    help="noise key of the first row (rows get FIRST-ID, FIRST-ID+1, …): with "
                         "--classes C --n 1 --first-id K, regenerates row K of a larger run "
@@ -62,7 +71,7 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default fp32, or an exported file's own); the step "
                         "is always fp32")
-    p.add_argument("--out", default="samples.png", help="the figure (PNG)")
+    p.add_argument("--out", default="samples.png", help="the figure (PNG; default: samples.png)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=run)
 
@@ -139,16 +148,16 @@ def guidance_rule(args):
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 
 
-def sample_labels(model, classes: list[int] | None, n: int | None) -> torch.Tensor:
+def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) -> torch.Tensor:
     """One block of n rows per class, in class order."""
-    classes = list(range(model.num_classes)) if classes is None else classes
+    classes = list(range(facts.num_classes)) if classes is None else classes
     if not classes:
         raise UserError("--classes: give at least one class id")
-    bad = [k for k in classes if not 0 <= k < model.num_classes]
+    bad = [k for k in classes if not 0 <= k < facts.num_classes]
     if bad:
-        raise UserError(f"--classes: class {bad[0]} is outside [0, {model.num_classes})")
+        raise UserError(f"--classes: class {bad[0]} is outside [0, {facts.num_classes})")
     if n is None:
-        n = 400 if len(model.sample_shape) == 1 else 4
+        n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
     return torch.tensor(classes).repeat_interleave(n)
@@ -176,12 +185,12 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
-    labels = sample_labels(model, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
+    labels = sample_labels(engine.info, args.classes, args.n)
     rows = len(labels) * len(args.w)
     ids = sample_ids(args.first_id, rows)
-    batch = plan_batch(rows, engine.sample_shape, args.steps, args.batch, engine.device)
+    batch = plan_batch(rows, engine.info.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
@@ -193,19 +202,18 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     if x is None:
         return 0  # not rank 0: it writes
-    decode = getattr(model, "decode", None)  # latent models: the PNG and --npz hold images
-    write_outputs(args, model, (decode(x) if decode else x).cpu(), labels)
-    runtime = getattr(engine.guided_net, "runtime", engine.backend)  # what ran: auto may be eager
+    decode = engine.info.decode  # latent models: the PNG and --npz hold images
+    write_outputs(args, engine.info, (decode(x) if decode else x).cpu(), labels)
+    runtime = engine.model.runtime  # what ran: auto may have run eager torch
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
           f"samples/s, backend {runtime}, device {engine.device}, precision {engine.precision}"
           f" -> {args.out}")
     return 0
 
 
-def write_outputs(args, model, x: torch.Tensor, labels: torch.Tensor) -> None:
+def write_outputs(args, facts: ModelInfo, x: torch.Tensor, labels: torch.Tensor) -> None:
     """The PNG grid and the optional npz, both or neither."""
-    names = getattr(model, "class_names", None) or [f"class {k}" for k in
-                                                    range(model.num_classes)]
+    names = facts.class_names or [f"class {k}" for k in range(facts.num_classes)]
     chunks = x.split(len(labels))
     with atomic_paths(args.out, args.npz) as (png, npz):  # both appear, or neither
         if npz is not None:

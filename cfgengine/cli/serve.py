@@ -11,11 +11,15 @@ import threading
 from pathlib import Path
 
 from cfgengine.cli.args import UserError, add_model_flag
-from cfgengine.runtime import BACKENDS
+from cfgengine.backends import BACKENDS
 
 
 def add(sub) -> None:
-    p = sub.add_parser("serve", help="HTTP sampling service: POST /v1/samples, /healthz, /metrics")
+    p = sub.add_parser("serve", help="HTTP sampling service: POST /v1/samples, /healthz, /metrics",
+                       description="Serve a model over HTTP. Requests with different classes, w, "
+                                   "steps, samplers and seeds share one running batch, joining "
+                                   "and leaving at step boundaries. Needs the [serve] extra; "
+                                   "see docs/serving.md.")
     add_model_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free)")

@@ -15,8 +15,10 @@ def add(sub) -> None:
     from cfgengine.train import TrainConfig
 
     p = sub.add_parser("train", help="train a class-conditional model (paper Algorithm 1)",
-                       description="Flags default to TrainConfig's fields; with --resume, to the "
-                                   "checkpoint's values.")
+                       description="Train a class-conditional model with the paper's Algorithm 1: labels "
+                                   "dropped to the null label with probability --p-uncond, EMA "
+                                   "weights, resumable checkpoints. With --resume, flags default "
+                                   "to the checkpoint's values. See docs/models.md.")
     add_config_flags(p, TrainConfig, aliases=ALIASES)
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue this ckpt.pt exactly where it stopped")

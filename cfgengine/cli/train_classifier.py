@@ -12,7 +12,15 @@ def add(sub) -> None:
     from cfgengine.classifier import ClassifierTrainConfig
 
     p = sub.add_parser("train-classifier", help="train the classifier that judges a dataset's "
-                       "samples (default output: cfgengine/assets/classifier-DATA.safetensors)")
+                       "samples (default output: cfgengine/assets/classifier-DATA.safetensors)",
+                       description="Train the small classifier whose features and labels judge "
+                                   "a dataset's samples (eval, classifier-accuracy): "
+                                   "cross-entropy with Gaussian input noise of std "
+                                   "--input-noise, AdamW with cosine learning-rate decay. Its "
+                                   "accuracy is measured on a --holdout share of a finite "
+                                   "dataset, or on --heldout-size fresh images of a procedural "
+                                   "one. Writes --out, by default "
+                                   "cfgengine/assets/classifier-DATA.safetensors.")
     add_config_flags(p, ClassifierTrainConfig)
     p.set_defaults(run=run)
 

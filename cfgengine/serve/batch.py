@@ -13,137 +13,98 @@ the concatenated-table index instead of the request's t.
 from __future__ import annotations
 
 import collections
-import inspect
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from cfgengine import rng
+from cfgengine.guidance import doubled_batch, null_labels
 from cfgengine.kernels import RowState, guided_step
-from cfgengine.runtime import check_backend, check_device, move_model, split_model
-from cfgengine.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_grid
+from cfgengine.backends import check_rows, prepare
+from cfgengine.schedule import logsnr_grid
 from cfgengine.serve.schema import Combo, Job
-from cfgengine.tables import coefficient_table
+from cfgengine.tables import StepPlan, step_plan
 
-STEP_KEYWORDS = frozenset(inspect.signature(guided_step).parameters)
-TABLE_KEYWORDS = frozenset(inspect.signature(coefficient_table).parameters)
-NOISE, C_P = 4, 5  # table columns: s (the noise scale) and, in [T, 6] tables, c_p on x̂_prev
 
 
 class Engine:
-    """The served model on its device: the plain B-row net (or, for an exported backend that only
-    returns doubled batches, the doubled one), its classes, sample shape and clip bound."""
+    """The served model ready to run (the Sampler's own preparation, `cfgengine.backends.prepare`):
+    its facts and the net that computes ε for every row it is given."""
 
     def __init__(self, model, *, device=None, backend=None):
-        self.device = check_device(device, model)
-        backend = check_backend(backend, model, self.device)
-        if backend == "cudagraph":  # a captured graph has a fixed batch; serving's changes
-            backend = "torch"
-        model = move_model(model, self.device)
-        self.backend = backend
-        self.guided_net, self.net = split_model(model, backend)
-        self.num_classes = model.num_classes
-        self.sample_shape = tuple(model.sample_shape)
-        self.clip = getattr(model, "clip", None)
-        self.model = model
+        prepared = prepare(model, device=device, backend=backend)
+        if prepared.backend == "cudagraph":  # a captured graph has a fixed batch; serving's changes
+            prepared = replace(prepared, backend="torch")
+        self.model = prepared
+        self.info, self.device, self.backend = prepared.info, prepared.device, prepared.backend
+        self.num_classes, self.sample_shape = self.info.num_classes, self.info.sample_shape
 
     def eps(self, z, logsnr, labels, null_rows):
         """(ε_c [B], ε_u [B]) from ONE network call on B + G rows (G = len(null_rows)); rows not
         guided get ε_u = ε_c, so their guided ε̃ is ε_c exactly."""
-        if self.net is None:  # an exported backend: it always returns the doubled batch
-            eps2 = self.guided_net(z, logsnr, labels)
-            batch = z.shape[0]
-            return eps2[:batch], eps2[batch:]
-        null = torch.full_like(null_rows, self.num_classes)
-        eps = self.net(torch.cat([z, z[null_rows]]), torch.cat([logsnr, logsnr[null_rows]]),
-                       torch.cat([labels, null]))
+        null = null_labels(null_rows, self.info.null_label)
+        batch = doubled_batch(z, logsnr, labels, null, rows=null_rows)
+        eps = check_rows(self.model.net(*batch), batch[0].shape[0], self.info.name)
         eps_c = eps[: z.shape[0]]
         return eps_c, eps_c.index_copy(0, null_rows, eps[z.shape[0]:])
 
 
 @dataclass
 class Tables:
-    """One combo's float32 table [T, C] and λ grid [T] on the device, and on the host which steps
-    add noise and the λ of each step (for guidance intervals)."""
+    """One (combo, rule)'s step plan, its float32 table and λ on the device, and on the host
+    which steps add noise and which run the null rows."""
 
+    plan: StepPlan
     table: torch.Tensor
     logsnr: torch.Tensor
     noisy: list[bool]
-    logsnr_host: list[float]
 
 
 class TableBank:
-    """Tables per combo, built once (float64 → float32 as `cfgengine.sample` builds them), and
-    their concatenation for the combos of the running batch. At most `max_tables` are kept, the
-    least recently used dropped first: clients choose combos, so an unbounded cache would grow
-    with every distinct request (members keep their own tables)."""
+    """Step plans per (combo, rule), built once as `cfgengine.sample` builds them, and the
+    concatenation of their tables for the running batch. At most `max_tables` are kept, the least
+    recently used dropped first: clients choose combos, so an unbounded cache would grow with
+    every distinct request (members keep their own tables)."""
 
     def __init__(self, engine: Engine, max_tables: int = 64):
         self.engine, self.max_tables = engine, max_tables
-        self._tables: collections.OrderedDict[Combo, Tables] = collections.OrderedDict()
+        self._tables: collections.OrderedDict[tuple, Tables] = collections.OrderedDict()
 
-    def get(self, combo: Combo) -> Tables:
-        if combo in self._tables:
-            self._tables.move_to_end(combo)
+    def get(self, combo: Combo, rule) -> Tables:
+        key = (combo, rule)
+        if key in self._tables:
+            self._tables.move_to_end(key)
         else:
-            self._tables[combo] = self._build(combo)
+            self._tables[key] = self._build(combo, rule)
             while len(self._tables) > self.max_tables:
                 self._tables.popitem(last=False)
-        return self._tables[combo]
+        return self._tables[key]
 
     def __len__(self) -> int:
         return len(self._tables)
 
-    def _build(self, combo: Combo) -> Tables:
-        logsnr = combo_logsnr(combo, self.engine.model)
-        table = combo_table(combo, logsnr, self.engine.model, self.engine.device)
-        host = table.cpu()
-        return Tables(table, logsnr.to(torch.float32).to(self.engine.device),
-                      (host[:, NOISE] != 0).tolist(), logsnr.tolist())
+    def _build(self, combo: Combo, rule) -> Tables:
+        facts = self.engine.info
+        plan = step_plan(combo_logsnr(combo, facts), combo.sampler, v=combo.v, eta=combo.eta,
+                         rule=rule, final_logsnr=facts.final_logsnr)
+        table, logsnr = plan.on(self.engine.device)
+        return Tables(plan, table, logsnr, [not quiet for quiet in plan.quiet])
 
-    def concat(self, combos: list[Combo]):
-        """(table, λ, offset per combo) of the distinct `combos`, in first-seen order."""
-        unique = list(dict.fromkeys(combos))
-        parts = [self.get(c) for c in unique]
+    def concat(self, keys: list[tuple]):
+        """(table, λ, offset per key) of the distinct (combo, rule) `keys`, in first-seen order."""
+        unique = list(dict.fromkeys(keys))
+        parts = [self.get(*key) for key in unique]
         offsets = dict(zip(unique, itertools.accumulate([0] + [len(p.noisy) for p in parts])))
         return (torch.cat([p.table for p in parts]), torch.cat([p.logsnr for p in parts]),
                 offsets)
 
 
-def logsnr_range(model) -> tuple[float, float]:
-    """The model's (λ_min, λ_max), else the paper's (−20, 20)."""
-    return tuple(getattr(model, "logsnr_range", (LOGSNR_MIN, LOGSNR_MAX)))
-
-
-def combo_logsnr(combo: Combo, model) -> torch.Tensor:
+def combo_logsnr(combo: Combo, facts) -> torch.Tensor:
     """The float64 λ grid `cfgengine.sample` uses for this combo and model."""
-    default = combo.grid == "cosine"
-    if default and callable(getattr(model, "logsnr_grid", None)):
-        return model.logsnr_grid(combo.steps).to(torch.float64)
-    kwargs = {} if default else {"grid": combo.grid}
-    return logsnr_grid(combo.steps, *logsnr_range(model), **kwargs)
-
-
-def combo_table(combo: Combo, logsnr: torch.Tensor, model, device) -> torch.Tensor:
-    """The combo's coefficient table, from the λ grid when `coefficient_table` takes one."""
-    settings = dict(v=combo.v, eta=combo.eta, device=device)
-    if "logsnr" in TABLE_KEYWORDS:
-        return coefficient_table(combo.steps, combo.sampler, logsnr=logsnr, **settings)
-    lo, hi = logsnr_range(model)
-    return coefficient_table(combo.steps, combo.sampler, logsnr_min=lo, logsnr_max=hi,
-                             **settings)
-
-
-def step_state(table: torch.Tensor, rule) -> list[str]:
-    """The per-row state tensors the installed kernel keeps for this table and rule: x̂_prev when
-    the table has a c_p column (DPM-Solver++(2M)), the momentum when the rule has one (APG)."""
-    names = []
-    if "state" in STEP_KEYWORDS and table.shape[1] > C_P:
-        names.append("x_hat_prev")
-    if "state" in STEP_KEYWORDS and hasattr(rule, "momentum"):
-        names.append("state")
-    return names
+    if combo.grid == "cosine" and facts.grid is not None:
+        return facts.grid(combo.steps).to(torch.float64)
+    return logsnr_grid(combo.steps, *facts.logsnr_range, grid=combo.grid)
 
 
 @dataclass(eq=False)
@@ -158,16 +119,12 @@ class Member:
     extra: dict = field(default_factory=dict)  # per-row state the step keeps (x̂_prev, APG m)
 
     def guided_now(self) -> bool:
-        """Whether this request's null rows run at its current step (its guidance interval)."""
-        if not self.job.guided:
-            return False
-        interval = self.job.interval
-        lam = self.tables.logsnr_host[self.t]
-        return interval is None or interval[0] <= lam <= interval[1]
+        """Whether this request's null rows run at its current step (its plan: the interval)."""
+        return self.job.guided and self.tables.plan.doubled[self.t]
 
     @property
     def done(self) -> bool:
-        return self.t >= self.job.combo.steps
+        return self.t >= self.tables.plan.rows
 
 
 @dataclass(frozen=True)
@@ -190,8 +147,9 @@ class RunningBatch:
         self.engine = engine
         self.bank = TableBank(engine)
         self.members: list[Member] = []
-        self.extra: dict[str, torch.Tensor] = {}
+        self.extra: dict[str, torch.Tensor] = {}  # per-row state buffers, by RowState field
         self._runs_key = None
+        self._zero_noise = None
 
     @property
     def rows(self) -> int:
@@ -201,9 +159,9 @@ class RunningBatch:
         """A member for `job` at t = 0 with z_0 ~ N(0, I) keyed (seed, sample id, 0)."""
         ids = torch.arange(len(job.labels), device=self.engine.device)
         z = rng.randn_like_rows(job.seed, ids, 0, self.engine.sample_shape)
-        tables = self.bank.get(job.combo)
-        return Member(job, tables, z=z, extra={name: torch.zeros_like(z) for name in
-                                               step_state(tables.table, job.rule)})
+        tables = self.bank.get(job.combo, job.rule)
+        return Member(job, tables, z=z, extra={name: torch.zeros_like(z)
+                                               for name in tables.plan.state})
 
     def compose(self, members: list[Member]) -> None:
         """Lay out `members` (rows grouped by seed and rule, so each group is one slice) and
@@ -213,7 +171,7 @@ class RunningBatch:
         if not self.members:
             return
         device, jobs = self.engine.device, [m.job for m in self.members]
-        self.table, self.logsnr, offsets = self.bank.concat([j.combo for j in jobs])
+        self.table, self.logsnr, offsets = self.bank.concat([(j.combo, j.rule) for j in jobs])
         self.z = torch.cat([m.z for m in self.members])
         self.z_next = torch.empty_like(self.z)
         self.labels = torch.cat([j.labels for j in jobs]).to(device)
@@ -221,7 +179,8 @@ class RunningBatch:
         self.sample_ids = torch.cat([torch.arange(len(j.labels)) for j in jobs]).to(device)
         self.t = torch.cat([torch.full((len(j.labels),), m.t) for j, m in
                             zip(jobs, self.members)]).to(device)
-        offset = torch.cat([torch.full((len(j.labels),), offsets[j.combo]) for j in jobs])
+        offset = torch.cat([torch.full((len(j.labels),), offsets[(j.combo, j.rule)])
+                            for j in jobs])
         self.index = self.t + offset.to(device)  # row → row of the concatenated table
         names = set().union(*(m.extra for m in self.members))
         self.extra = {name: torch.cat([m.extra.get(name, torch.zeros_like(m.z))
@@ -259,21 +218,13 @@ class RunningBatch:
             noise = rng.randn_like_rows(run.seed, ids, self.t[rows] + 1, self.engine.sample_shape)
         else:
             noise = self._zeros(run.stop - run.start)
+        state = RowState(**self.extra).rows(rows)
         guided_step(eps2, self.z[rows], self.w[rows], self.table, self.index[rows],
-                    clip=self.engine.clip, noise=noise, out=self.z_next[rows],
-                    **self._step_extras(run, rows))
-
-    def _step_extras(self, run: Run, rows: slice) -> dict:
-        """Keywords of the installed kernel beyond eq. 6: the rule, and the per-row state it and
-        multistep samplers keep (x̂_prev for c_p, APG's momentum), updated in place."""
-        extras = {} if run.rule is None else {"rule": run.rule}
-        kept = {name: self.extra[name][rows] for name in step_state(self.table, run.rule)}
-        if kept:  # views, updated in place: this step's x̂ is the next step's x̂_prev
-            extras["state"] = RowState(momentum=kept.get("state"), x_hat=kept.get("x_hat_prev"))
-        return extras
+                    rule=run.rule, clip=self.engine.info.clip, state=state, noise=noise,
+                    out=self.z_next[rows])
 
     def _zeros(self, count: int) -> torch.Tensor:
-        if getattr(self, "_zero_noise", None) is None or self._zero_noise.shape[0] < count:
+        if self._zero_noise is None or self._zero_noise.shape[0] < count:
             self._zero_noise = torch.zeros_like(self.z)
         return self._zero_noise[:count]
 

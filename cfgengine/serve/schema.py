@@ -7,7 +7,6 @@ cfgengine provides, so new samplers, grids and rules become servable without tou
 from __future__ import annotations
 
 import functools
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,14 +16,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cfgengine import guidance, schedule
-from cfgengine.kernels import guided_step
 from cfgengine.tables import SAMPLERS, check_sampler_args
 
 FORMATS = ("npy", "npz", "png")
-GRIDS = getattr(schedule, "GRIDS", ("cosine",))
-RULES = {name: getattr(guidance, cls) for name, cls in
-         (("cfg", "CFG"), ("zero_star", "ZeroStar"), ("apg", "APG")) if hasattr(guidance, cls)
-         and "rule" in inspect.signature(guided_step).parameters}  # servable: the kernel takes it
+GRIDS = schedule.GRIDS
+RULES = guidance.RULE_NAMES
 
 
 class RequestError(Exception):

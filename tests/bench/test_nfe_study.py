@@ -4,23 +4,23 @@ import json
 
 import pytest
 
-from cfgengine.bench import nfe_study
+from cfgengine.bench.studies import nfe
 from cfgengine.schedule import logsnr_grid
 
 
 def test_interval_arms_count_one_row_per_unguided_step():
-    arm = nfe_study.Arm("B", "ancestral", "cosine", 64, (1.0,), "interval-kynkaanniemi")
-    lo, hi = nfe_study.KYNKAANNIEMI
+    arm = nfe.Arm("B", "ancestral", "cosine", 64, (1.0,), "interval-kynkaanniemi")
+    lo, hi = nfe.KYNKAANNIEMI
     grid = logsnr_grid(64, -20.0, 20.0, grid="cosine")
     inside = int(((grid >= lo) & (grid <= hi)).sum())
     assert 0 < inside < 64
-    assert nfe_study.evaluations(arm) == (64, 64 + inside)
-    assert nfe_study.evaluations(nfe_study.Arm("A", "ddim", "karras", 16, (1.0,))) == (16, 32)
+    assert nfe.evaluations(arm) == (64, 64 + inside)
+    assert nfe.evaluations(nfe.Arm("A", "ddim", "karras", 16, (1.0,))) == (16, 32)
 
 
 def test_arms_are_unique_and_hold_the_reference():
-    study = nfe_study.STUDIES["digits"]
-    arms = nfe_study.arms(study)
+    study = nfe.STUDIES["digits"]
+    arms = nfe.arms(study)
     keys = [(a.sampler, a.grid, a.steps, a.w, a.rule, a.v) for a in arms]
     assert len(keys) == len(set(keys))
     assert ("ancestral", "cosine", 256, study.w_samplers, "cfg", None) in keys
@@ -28,11 +28,11 @@ def test_arms_are_unique_and_hold_the_reference():
 
 
 def test_the_last_transition_at_lambda_max_leaves_its_noise():
-    injected, removable = nfe_study.residual_noise("cosine", 16, 1.0)
+    injected, removable = nfe.residual_noise("cosine", 16, 1.0)
     assert removable < 0.01 < injected  # λmax = 20: σ/α = e^-10, nothing can be removed
-    small, _ = nfe_study.residual_noise("cosine", 16, 0.3)
+    small, _ = nfe.residual_noise("cosine", 16, 0.3)
     assert small < injected  # v = 1 injects the "fixed large" variance
-    _, removable_authors = nfe_study.residual_noise("cosine-authors", 16, 1.0)
+    _, removable_authors = nfe.residual_noise("cosine-authors", 16, 1.0)
     assert removable_authors > 1.0
 
 
@@ -42,22 +42,22 @@ def _cell(sampler, grid, steps, fid, low, high, w=1.0):
 
 
 def test_fewest_nfe_is_the_first_overlap_with_the_reference():
-    study = nfe_study.NfeStudyConfig(data="d", model="m", n=1, samplers=("ddim",),
+    study = nfe.NfeStudyConfig(data="d", model="m", n=1, samplers=("ddim",),
                                      grids=("cosine",), w_samplers=(1.0,), reference_steps=256)
     cells = [_cell("ancestral", "cosine", 256, 1.0, 0.9, 1.1), _cell("ddim", "cosine", 8, 3, 2.5, 3.5),
              _cell("ddim", "cosine", 16, 1.3, 1.05, 1.5), _cell("ddim", "cosine", 32, 1.0, 0.9, 1.1)]
-    (found,) = nfe_study.fewest_nfe(cells, study)
+    (found,) = nfe.fewest_nfe(cells, study)
     assert found["fewest_nfe"] == 16
-    assert nfe_study.recommend([found]) == dict(sampler="ddim", grid="cosine", steps=16)
+    assert nfe.recommend([found]) == dict(sampler="ddim", grid="cosine", steps=16)
 
 
 def test_quick_study_writes_results_plot_and_findings(tmp_path):
-    study = nfe_study.STUDIES["quick"]
-    result = nfe_study.run_study(nfe_study.replace(study, out=str(tmp_path)), log=lambda m: None)
+    study = nfe.STUDIES["quick"]
+    result = nfe.run_study(nfe.replace(study, out=str(tmp_path)), log=lambda m: None)
     out = tmp_path / study.data
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "fid_vs_nfe.png"}
     stored = json.loads((out / "results.json").read_text())
-    assert len(stored["cells"]) == sum(len(a.w) for a in nfe_study.arms(study))
+    assert len(stored["cells"]) == sum(len(a.w) for a in nfe.arms(study))
     assert stored["interval_claim"]["verdict"] in ("holds", "holds in part", "contradicted",
                                                    "inconclusive")
     for cell in result["cells"]:

@@ -1,6 +1,6 @@
-"""Every exported backend (ONNX Runtime, AOTInductor) against the torch GuidedDenoiser, the
-reference: same eps2 at batch sizes other than the export example, the B-row entry against the
-plain net, same full samples (with a guidance interval: the sampler uses both entries)."""
+"""Every exported backend (ONNX Runtime, AOTInductor) against the torch model, the reference: the
+same doubled-batch eps2 at batch sizes other than the export example, rows in = rows out against
+the plain net, same full samples (with a guidance interval: 2B-row and B-row steps)."""
 from __future__ import annotations
 
 import pytest
@@ -29,7 +29,7 @@ def test_matches_torch_at_batch_sizes_other_than_the_example(backend, tiny_unet,
     assert batch != EXAMPLE_BATCH
     inputs = example_inputs(traced.meta, batch, seed=batch)
     ref = GuidedDenoiser(tiny_unet)(*inputs)  # (2B, C, H, W)
-    out = backend(*inputs)
+    out = GuidedDenoiser(backend)(*inputs)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-4
 
@@ -37,25 +37,27 @@ def test_matches_torch_at_batch_sizes_other_than_the_example(backend, tiny_unet,
 def test_null_half_is_a_forward_with_the_null_label(backend, tiny_unet, traced, rel_err):
     z, logsnr, labels = example_inputs(traced.meta, 5, seed=11)
     null = torch.full_like(labels, tiny_unet.num_classes)
-    eps2 = backend(z, logsnr, labels)  # (10, C, H, W)
+    eps2 = GuidedDenoiser(backend)(z, logsnr, labels)  # (10, C, H, W): one run of 10 rows
     assert rel_err(eps2[5:], tiny_unet(z, logsnr, null)) <= 1e-4
     assert rel_err(eps2[:5], tiny_unet(z, logsnr, labels)) <= 1e-4
 
 
 def test_carries_the_model_metadata(backend, tiny_unet):
-    assert backend.returns_doubled is True
-    assert (backend.num_classes, backend.sample_shape, backend.clip) == \
+    facts = backend.info
+    assert facts.exported and facts.backend == backend.backend_name
+    assert (facts.num_classes, facts.sample_shape, facts.clip) == \
         (tiny_unet.num_classes, tuple(tiny_unet.sample_shape), tiny_unet.clip)
     assert backend.meta.source_sha256 == metadata.weights_sha256(tiny_unet)
     assert backend.meta.program == metadata.PROGRAM and backend.meta.precision == "fp32"
-    assert backend.logsnr_range == backend.meta.logsnr_range == (-20.0, 20.0)
+    assert facts.precision == "fp32"
+    assert facts.logsnr_range == backend.meta.logsnr_range == (-20.0, 20.0)
 
 
 @pytest.mark.parametrize("batch", [1, 5, 2 * MAX_BATCH])
-def test_b_row_entry_is_the_plain_net(backend, tiny_unet, traced, batch, rel_err):
+def test_rows_in_rows_out_is_the_plain_net(backend, tiny_unet, traced, batch, rel_err):
     z, logsnr, labels = example_inputs(traced.meta, batch, seed=batch + 1)
     labels[0] = tiny_unet.num_classes  # null rows pass through as they are
-    out = backend.denoiser(z, logsnr, labels)
+    out = backend(z, logsnr, labels)
     assert out.shape == z.shape
     assert rel_err(out, tiny_unet(z, logsnr, labels)) <= 1e-4
 
@@ -84,7 +86,7 @@ def test_full_sample_matches_the_torch_model(backend, tiny_unet, settings, rel_e
 
 
 def test_batch_outside_the_exported_range(backend, traced):
-    too_many = backend.meta.max_batch + 1
+    too_many = 2 * backend.meta.max_batch + 1  # rows: a guided step's doubled batch of max_batch
     with pytest.raises(ValueError, match=f"batch {too_many} is outside"):
         backend(*example_inputs(traced.meta, too_many))
 

@@ -77,4 +77,4 @@ def test_export_writes_a_loadable_model(model_file, tiny_unet, tmp_path, capsys,
     assert backend.meta.source == str(model_file) and backend.meta.max_batch == 4
     assert backend.meta.source_sha256 == metadata.weights_sha256(tiny_unet)
     inputs = example_inputs(backend.meta, 3, seed=2)
-    assert rel_err(backend(*inputs), GuidedDenoiser(tiny_unet)(*inputs)) <= 1e-4
+    assert rel_err(GuidedDenoiser(backend)(*inputs), GuidedDenoiser(tiny_unet)(*inputs)) <= 1e-4

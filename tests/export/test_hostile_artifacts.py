@@ -173,7 +173,7 @@ def test_backend_returning_b_rows_is_refused(onnx_path):
     backend.run = lambda z, logsnr, labels: torch.zeros((z.shape[0] // 2, *backend.sample_shape))
     with pytest.raises(ValueError, match=r"returned eps of shape \(2, 3, 16, 16\) for a batch "
                                          r"of 4"):
-        backend(torch.zeros(2, *backend.sample_shape), torch.zeros(2), torch.zeros(2).long())
+        backend(torch.zeros(4, *backend.sample_shape), torch.zeros(4), torch.zeros(4).long())
 
 
 def test_over_max_batch_names_the_cli_flag(onnx_path, tmp_path, capsys):

@@ -1,12 +1,14 @@
 """The metadata every export carries: round trip, refusal of foreign or stale JSON, weights hash."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from cfgengine.export import metadata
+from cfgengine.model import info as model_info
 
 
 def test_round_trip(tiny_unet):
@@ -17,7 +19,8 @@ def test_round_trip(tiny_unet):
 
 
 def test_records_the_models_logsnr_range(tiny_unet, monkeypatch):
-    monkeypatch.setattr(tiny_unet, "logsnr_range", (-15.0, 12.5), raising=False)
+    facts = dataclasses.replace(model_info(tiny_unet), logsnr_range=(-15.0, 12.5))
+    monkeypatch.setattr(tiny_unet, "info", facts, raising=False)  # a model's own facts
     meta = metadata.describe(tiny_unet, "fp32", 4, None)
     assert metadata.parse(meta.to_json(), "m.onnx").logsnr_range == (-15.0, 12.5)
 

@@ -32,7 +32,7 @@ def _run_cmake(*args: str) -> None:
 
 @pytest.fixture(scope="session")
 def runner_binary() -> Path:
-    """build/cfgengine-run, configured and built as the README says (a no-op when up to date)."""
+    """build/cfgengine-run, configured and built as docs/runner.md says (a no-op when up to date)."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from cfgengine.guidance import GuidedDenoiser
+from cfgengine.model import info
 
-MAX_BATCH = 4096  # rows of z per call the cached graph accepts (its batch dimension is symbolic)
+MAX_BATCH = 4096  # guided rows per call the cached graph accepts (2·MAX_BATCH network rows)
 AUTO_EXPORT_ROW_STEPS = 4096  # ≈ 2.5× the break-even of a 10 s export at ~4 ms saved per row-step
 AUTO_PRECISIONS = ("fp32",)  # ORT's CPU fp16 convolutions are slower than torch's: auto stays eager
 MEMORY_SESSIONS = 8  # sessions kept per process (least recently used dropped)
@@ -166,17 +166,15 @@ def _quiet_exporter():
 
 
 class OnnxRuntimeDenoiser:
-    """The doubled-batch call shape (z[B], λ[B], labels[B]) → eps2[2B] on a cached ONNX Runtime
-    session of `model`, eager GuidedDenoiser(model) where ONNX Runtime does not run: calls below
-    the auto threshold, other sample shapes, batches above MAX_BATCH, after a failed export."""
-
-    returns_doubled = True
+    """`model` (rows in, rows out) on a cached ONNX Runtime session, eager `model` where ONNX
+    Runtime does not run: calls below the auto threshold, other sample shapes, batches above
+    MAX_BATCH, after a failed export. The sampler gives it the doubled batch of a guided step."""
 
     def __init__(self, model: torch.nn.Module, precision: str, device: torch.device,
                  auto: bool):
         self.model, self.precision, self.device, self.auto = model, precision, device, auto
-        self.eager = GuidedDenoiser(model)
-        self.num_classes, self.sample_shape = model.num_classes, tuple(model.sample_shape)
+        self.info = info(model)
+        self.sample_shape = self.info.sample_shape
         self.runtime = "onnxruntime"  # what ran the last call: onnxruntime or torch
         self._tensors = list(model.state_dict().values())
         self._fingerprint, self._key, self._failed = None, None, False
@@ -202,20 +200,14 @@ class OnnxRuntimeDenoiser:
         return self._key
 
     def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor):
-        """eps2 [2B, *S] (conditional rows, then null rows) from one run."""
+        """ε [N, *S] of N rows as they are (a guided step passes its 2B rows), from one run."""
         backend = self._backend(tuple(z.shape[1:]), z.shape[0])
         self.runtime = "torch" if backend is None else "onnxruntime"
-        return self.eager(z, logsnr, labels) if backend is None else backend(z, logsnr, labels)
-
-    def denoiser(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor):
-        """ε [B, *S] of B rows as they are: the B-row entry for unguided steps."""
-        backend = self._backend(tuple(z.shape[1:]), z.shape[0])
-        self.runtime = "torch" if backend is None else "onnxruntime"
-        return self.model(z, logsnr, labels) if backend is None else backend.denoiser(
-            z, logsnr, labels)
+        return self.model(z, logsnr, labels) if backend is None else backend(z, logsnr, labels)
 
     def _backend(self, shape: tuple[int, ...], batch: int):
-        if not self._wanted or self._failed or shape != self.sample_shape or batch > MAX_BATCH:
+        if not self._wanted or self._failed or shape != self.sample_shape \
+                or batch > 2 * MAX_BATCH:
             return None
         try:
             return session(self.model, self.precision, self.device, self.key())

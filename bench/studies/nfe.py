@@ -1,8 +1,8 @@
 """The study of quality per network evaluation: FID / precision / recall against NFE for every
 sampler × grid, the guidance rules at large w, and the paper's step-count convention — one command.
 
-    python -m cfgengine.bench.nfe_study all --estimate   # predicted cost on this machine
-    python -m cfgengine.bench.nfe_study all              # digits and shapes, results + plots
+    python -m cfgengine.bench.studies.nfe all --estimate   # predicted cost on this machine
+    python -m cfgengine.bench.studies.nfe all              # digits and shapes, results + plots
 
 Three parts, each a set of sampling arms scored with `cfgengine eval`'s metrics (classifier
 features, class-stratified bootstrap intervals; a difference is called only when intervals are
@@ -35,7 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfgengine.bench.studies.nfe_report import find_cell, markdown, plot
 from cfgengine.metrics import Interval, compare
+from cfgengine.model import info as model_info
+from cfgengine.schedule import LOGSNR_RANGE
 
 SAMPLER_SETTINGS = {"ancestral": {"v": 0.3}, "ddim": {"eta": 0.0}, "dpmpp_2m": {}}
 GRID_NAMES = ("cosine", "cosine-authors", "uniform", "karras")
@@ -140,12 +143,12 @@ def arms(study: NfeStudyConfig) -> list[Arm]:
     return unique
 
 
-def evaluations(arm: Arm, logsnr_range=(-20.0, 20.0)) -> tuple[int, int]:
+def evaluations(arm: Arm, logsnr_range=LOGSNR_RANGE) -> tuple[int, int]:
     """(network calls, rows forwarded) per sample: a guided step is one doubled forward (2 rows);
     a step outside the rule's interval forwards one row."""
     from cfgengine.schedule import logsnr_grid
 
-    interval = getattr(guidance_rule(arm.rule), "interval", None)
+    interval = guidance_rule(arm.rule).interval
     if interval is None:
         return arm.steps, 2 * arm.steps
     grid = logsnr_grid(arm.steps, *logsnr_range, grid=arm.grid)
@@ -221,7 +224,7 @@ def run_arm(model, arm: Arm, study: NfeStudyConfig, scorer: Scorer) -> list[dict
     seconds = time.perf_counter() - start
     config = replace(scorer.eval_config, w=arm.w)
     rows = score(images, labels, w, scorer, config)
-    nfe, forwarded = evaluations(arm, getattr(model, "logsnr_range", (-20.0, 20.0)))
+    nfe, forwarded = evaluations(arm, model_info(model).logsnr_range)
     base = dict(dataclasses.asdict(arm), nfe=nfe, rows=forwarded,
                 seconds=seconds / len(arm.w))
     return [dict(base, **row) for row in rows]
@@ -239,7 +242,7 @@ def load_model(study: NfeStudyConfig):
         out = Path(study.out) / "model"
         train(TrainConfig(data=study.data, preset="tiny", steps=2, batch_size=8, out=str(out)))
         return cfgengine.load(out / "model.safetensors"), str(out / "ckpt.pt")
-    from cfgengine.bench.study import StudyConfig, train_models
+    from cfgengine.bench.studies.fid_w import StudyConfig, train_models
 
     (ckpt,) = train_models(StudyConfig(data=study.data, p_uncond=(0.2,)))
     return cfgengine.load(ckpt), ckpt
@@ -253,16 +256,12 @@ def _interval(cell: dict, metric: str = "fid") -> Interval:
     return Interval(**cell[metric])
 
 
-def _find(cells, **match) -> dict | None:
-    return next((c for c in cells if all(c.get(k) == v for k, v in match.items())), None)
-
-
 def fewest_nfe(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
     """Per (sampler, grid, w): the fewest T whose FID is not significantly worse than the
     reference's — its interval overlaps the reference's, or lies wholly below it."""
     out = []
     for sampler, grid, w in itertools.product(study.samplers, study.grids, study.w_samplers):
-        ref = _find(cells, sampler="ancestral", grid="cosine", steps=study.reference_steps, w=w,
+        ref = find_cell(cells, sampler="ancestral", grid="cosine", steps=study.reference_steps, w=w,
                     rule="cfg", v=None)
         arm_cells = sorted((c for c in cells if c["sampler"] == sampler and c["grid"] == grid
                             and c["w"] == w and c["rule"] == "cfg" and c["v"] is None),
@@ -290,8 +289,8 @@ def rule_findings(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
     """Each rule against plain CFG at the same w: FID, precision, recall, accuracy verdicts."""
     out = []
     for rule, w in itertools.product(study.rules, study.w_rules):
-        cell = _find(cells, rule=rule, w=w, steps=study.rule_steps, sampler="ancestral")
-        base = _find(cells, rule="cfg", w=w, steps=study.rule_steps, sampler="ancestral",
+        cell = find_cell(cells, rule=rule, w=w, steps=study.rule_steps, sampler="ancestral")
+        base = find_cell(cells, rule="cfg", w=w, steps=study.rule_steps, sampler="ancestral",
                      grid="cosine", v=None)
         if cell is None or base is None or rule == "cfg":
             continue
@@ -319,9 +318,9 @@ def convention(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
     residual noise of the last transition."""
     out = []
     for t, v, w in itertools.product(study.convention_steps, (0.3, 1.0), study.w_samplers):
-        a = _find(cells, grid="cosine", steps=t, w=w, rule="cfg", sampler="ancestral",
+        a = find_cell(cells, grid="cosine", steps=t, w=w, rule="cfg", sampler="ancestral",
                   v=None if v == 0.3 else v)
-        b = _find(cells, grid="cosine-authors", steps=t, w=w, rule="cfg", sampler="ancestral",
+        b = find_cell(cells, grid="cosine-authors", steps=t, w=w, rule="cfg", sampler="ancestral",
                   v=None if v == 0.3 else v)
         if a is None or b is None:
             continue
@@ -331,96 +330,6 @@ def convention(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
                         injected_levels_cosine=noise_a[0], removable_levels_cosine=noise_a[1],
                         injected_levels_authors=noise_b[0], removable_levels_authors=noise_b[1]))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
-
-
-def markdown(result: dict) -> str:
-    s = result["study"]
-    lines = [f"# Quality per network evaluation: {s['data']}\n",
-             f"{s['n']} class-balanced samples per cell, seed {s['seed']}, {s['rounds']} "
-             f"bootstrap rounds; model {result['ckpt']}; {result['seconds'] / 60:.1f} min on "
-             f"{result['device']}.", *[f"Note: {n}." for n in s["notes"]], "",
-             "## A. Fewest NFE matching the paper's sampler at T = 256 (FID not significantly "
-             "worse: intervals overlap, or lower)\n",
-             "| sampler | grid | " + " | ".join(f"w = {w:g}" for w in s["w_samplers"]) + " |",
-             "|---|---|" + "---|" * len(s["w_samplers"])]
-    for sampler, grid in itertools.product(s["samplers"], s["grids"]):
-        row = [m for m in result["fewest_nfe"] if m["sampler"] == sampler and m["grid"] == grid]
-        lines.append(f"| {sampler} | {grid} | " + " | ".join(
-            "—" if m["fewest_nfe"] is None else str(m["fewest_nfe"]) for m in row) + " |")
-    lines += ["", f"Recommended: {result['recommendation']}", "",
-              "## B. Guidance rules against CFG at equal w (T = "
-              f"{s['rule_steps']}, ancestral)\n",
-              "| rule | w | rows/sample (CFG) | FID | precision | recall | accuracy |",
-              "|---|---|---|---|---|---|---|"]
-    for f in result["rules"]:
-        lines.append(f"| {f['rule']} | {f['w']:g} | {f['rows']} ({f['cfg_rows']}) | "
-                     f"{f['fid_vs_cfg']} | {f['precision_vs_cfg']} | {f['recall_vs_cfg']} | "
-                     f"{f.get('accuracy_vs_cfg', '—')} |")
-    claim = result["interval_claim"]
-    lines += ["", f"Claim (Kynkäänniemi et al. 2024): {claim['claim']} — **{claim['verdict']}**",
-              "", "## C. The last evaluation at λmax (cosine vs cosine-authors)\n",
-              "Noise in uint8 levels: injected into the last z by the last transition, and the "
-              "largest noise the last prediction can remove (σ/α at the last grid point); where "
-              "the second is ≪ the first the injected noise stays in the sample.\n",
-              "| T | v | w | FID cosine | FID authors | cosine vs authors | cosine: injected / "
-              "removable | authors: injected / removable |", "|---|---|---|---|---|---|---|---|"]
-    for c in result["convention"]:
-        lines.append(f"| {c['steps']} | {c['v']:g} | {c['w']:g} | {_fmt(c['fid_cosine'])} | "
-                     f"{_fmt(c['fid_authors'])} | {c['cosine_vs_authors']} | "
-                     f"{c['injected_levels_cosine']:.3g} / {c['removable_levels_cosine']:.2g} | "
-                     f"{c['injected_levels_authors']:.3g} / {c['removable_levels_authors']:.3g} |")
-    return "\n".join(lines) + "\n\n" + cells_table(result["cells"])
-
-
-def _fmt(interval: dict) -> str:
-    return f"{interval['value']:.3g} [{interval['low']:.3g}, {interval['high']:.3g}]"
-
-
-def cells_table(cells: list[dict]) -> str:
-    lines = ["## Every cell\n", "| part | sampler | grid | T | v | rule | w | nfe | rows | FID | "
-             "precision | recall | accuracy |", "|" + "---|" * 13]
-    for c in cells:
-        lines.append(f"| {c['part']} | {c['sampler']} | {c['grid']} | {c['steps']} | "
-                     f"{c['v'] if c['v'] is not None else '—'} | {c['rule']} | {c['w']:g} | "
-                     f"{c['nfe']} | {c['rows']} | {_fmt(c['fid'])} | {_fmt(c['precision'])} | "
-                     f"{_fmt(c['recall'])} | {_fmt(c['accuracy']) if 'accuracy' in c else '—'} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> None:
-    """FID against NFE, one panel per w, one line per sampler × grid; the reference's interval
-    shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s, cells = result["study"], [c for c in result["cells"] if c["rule"] == "cfg"
-                                 and c["v"] is None]
-    fig, axes = plt.subplots(1, len(s["w_samplers"]), figsize=(5 * len(s["w_samplers"]), 4),
-                             squeeze=False)
-    for ax, w in zip(axes[0], s["w_samplers"]):
-        for sampler, grid in itertools.product(s["samplers"], s["grids"]):
-            line = sorted((c for c in cells if c["sampler"] == sampler and c["grid"] == grid
-                           and c["w"] == w), key=lambda c: c["nfe"])
-            if line:  # colour: the grid; line style: the sampler
-                ax.plot([c["nfe"] for c in line], [c["fid"]["value"] for c in line], marker="o",
-                        color=f"C{s['grids'].index(grid)}",
-                        linestyle=("-", "--", ":")[s["samplers"].index(sampler) % 3],
-                        label=f"{sampler} / {grid}")
-        ref = _find(cells, sampler="ancestral", grid="cosine", steps=s["reference_steps"], w=w)
-        if ref:
-            ax.axhspan(ref["fid"]["low"], ref["fid"]["high"], color="grey", alpha=0.25)
-        ax.set(xscale="log", xlabel="NFE (network calls per sample)", ylabel="FID",
-               title=f"{s['data']}, w = {w:g}")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_study(study: NfeStudyConfig, log=print) -> dict:
@@ -488,7 +397,7 @@ def estimate(study: NfeStudyConfig) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.nfe_study",
+    parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.studies.nfe",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=(*STUDIES, "all"), help="digits, shapes, all or quick")
     parser.add_argument("--estimate", action="store_true", help="print the predicted cost only")
@@ -497,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rejudge", action="store_true",
                         help="recompute the findings from an existing results.json (no sampling)")
     args = parser.parse_args(argv)
-    from cfgengine.bench.study import _thread_limits
+    from cfgengine.bench.studies.fid_w import _thread_limits
 
     names = ("digits", "shapes") if args.name == "all" else (args.name,)
     with _thread_limits(args.threads):

@@ -1,4 +1,4 @@
-"""The CPU `auto` / `onnxruntime` backend (cfgengine/export/session_cache.py): full samples equal
+"""The CPU `auto` / `onnxruntime` backend (cfgengine/backends/onnxruntime.py): full samples equal
 eager torch, the choice and its clean fallbacks, and a cache that never serves a stale session."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 import cfgengine  # noqa: E402
-from cfgengine.export import session_cache  # noqa: E402
+from cfgengine.backends import onnxruntime as ort_backend  # noqa: E402
 
 LABELS = torch.tensor([0, 3, 1, 2, 0])
 W = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.3])
@@ -24,7 +24,7 @@ def private_cache(tmp_path_factory):
     in-memory cache, so nothing here depends on (or writes into) the user's ~/.cache."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CFGENGINE_CACHE_DIR", str(tmp_path_factory.mktemp("cfgengine-cache")))
-        patch.setattr(session_cache, "_SESSIONS", session_cache.OrderedDict())
+        patch.setattr(ort_backend, "_SESSIONS", ort_backend.OrderedDict())
         yield
 
 
@@ -43,11 +43,11 @@ def eager(net, **kw) -> torch.Tensor:
 
 
 def test_auto_on_cpu_runs_onnxruntime_and_equals_eager(net, monkeypatch):
-    monkeypatch.setattr(session_cache, "AUTO_EXPORT_ROW_STEPS", 1)  # this small call pays
+    monkeypatch.setattr(ort_backend, "AUTO_EXPORT_ROW_STEPS", 1)  # this small call pays
     engine = cfgengine.Sampler(net, device="cpu")
     assert engine.backend == "onnxruntime"
     x = engine.sample(LABELS, w=W, steps=STEPS, seed=4)
-    assert engine.guided_net.runtime == "onnxruntime"
+    assert engine.model.runtime == "onnxruntime"
     assert rel(x, eager(net)) < 1e-4
     unguided = engine.sample(None, n=3, steps=STEPS, seed=4)  # the doubled graph, sliced
     want = cfgengine.sample(net, None, n=3, steps=STEPS, seed=4, backend="torch")
@@ -58,8 +58,8 @@ def test_small_uncached_calls_stay_eager(net):
     net.conv_out.bias.data.add_(0.25)  # weights no other test exported: nothing cached
     engine = cfgengine.Sampler(net)
     x = engine.sample(LABELS, w=W, steps=STEPS, seed=4)  # 30 row-steps: not worth an export
-    assert engine.guided_net.runtime == "torch"
-    assert not session_cache.cached(engine.guided_net.key())
+    assert engine.model.runtime == "torch"
+    assert not ort_backend.cached(engine.model.net.key())
     assert torch.equal(x, eager(net))
 
 
@@ -77,7 +77,7 @@ def test_explicit_backend_and_cli_choice(net):
 def test_auto_is_eager_without_onnxruntime_or_at_bf16(net, monkeypatch):
     assert cfgengine.Sampler(net, precision="bf16").backend == "torch"
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
-    assert not session_cache.available()
+    assert not ort_backend.available()
     engine = cfgengine.Sampler(net)
     assert engine.backend == "torch"
     assert torch.equal(engine.sample(LABELS, w=W, steps=STEPS, seed=4), eager(net))
@@ -86,29 +86,29 @@ def test_auto_is_eager_without_onnxruntime_or_at_bf16(net, monkeypatch):
 def test_failed_export_falls_back_with_one_warning_line(net, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("exporter exploded\nwith a long traceback-like tail")
-    monkeypatch.setattr(session_cache, "_export", broken)
-    monkeypatch.setattr(session_cache, "AUTO_EXPORT_ROW_STEPS", 1)
+    monkeypatch.setattr(ort_backend, "_export", broken)
+    monkeypatch.setattr(ort_backend, "AUTO_EXPORT_ROW_STEPS", 1)
     net.conv_out.bias.data.add_(0.5)  # not cached by another test
     engine = cfgengine.Sampler(net)
     x = engine.sample(LABELS, w=W, steps=STEPS, seed=4)
     engine.sample(LABELS, w=W, steps=STEPS, seed=4)  # no retry, no second warning
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "exporter exploded" in lines[0] and "eager torch" in lines[0]
-    assert engine.guided_net.runtime == "torch" and torch.equal(x, eager(net))
+    assert engine.model.runtime == "torch" and torch.equal(x, eager(net))
     with pytest.raises(ValueError, match="exporter exploded"):
         cfgengine.Sampler(net, backend="onnxruntime").sample(LABELS, w=W, steps=STEPS)
 
 
 def test_changed_weights_never_reuse_a_stale_session(net, monkeypatch):
-    monkeypatch.setattr(session_cache, "AUTO_EXPORT_ROW_STEPS", 1)
+    monkeypatch.setattr(ort_backend, "AUTO_EXPORT_ROW_STEPS", 1)
     engine = cfgengine.Sampler(net)
     before = engine.sample(LABELS, w=W, steps=STEPS, seed=4)
-    old_key = engine.guided_net.key()
+    old_key = engine.model.net.key()
     with torch.no_grad():
         for param in net.parameters():
             param.mul_(1.1)  # in place, as load_state_dict or an optimizer step does
     after = engine.sample(LABELS, w=W, steps=STEPS, seed=4)  # the same Sampler
-    assert engine.guided_net.key() != old_key and engine.guided_net.runtime == "onnxruntime"
+    assert engine.model.net.key() != old_key and engine.model.runtime == "onnxruntime"
     assert rel(after, eager(net)) < 1e-4 and rel(after, before) > 1e-3
 
 
@@ -116,9 +116,9 @@ def test_key_covers_shape_precision_and_weight_files(net, tmp_path):
     from cfgengine.checkpoint import config_dict, save_ema_weights
 
     shape = tuple(net.sample_shape)
-    key = session_cache.cache_key(net, "fp32", shape)
-    assert key != session_cache.cache_key(net, "fp32", (shape[0], 2 * shape[1], 2 * shape[2]))
-    assert key != session_cache.cache_key(net, "fp16", shape)
+    key = ort_backend.cache_key(net, "fp32", shape)
+    assert key != ort_backend.cache_key(net, "fp32", (shape[0], 2 * shape[1], 2 * shape[2]))
+    assert key != ort_backend.cache_key(net, "fp16", shape)
     files = {}
     for name in ("a", "b"):  # a weight file, then the same file name with one weight changed
         files[name] = save_ema_weights(net.state_dict(), config_dict(net.config),
@@ -127,5 +127,5 @@ def test_key_covers_shape_precision_and_weight_files(net, tmp_path):
         with torch.no_grad():
             net.conv_out.weight.view(-1)[0].add_(1e-3)
     a, b = cfgengine.load(files["a"]), cfgengine.load(files["b"])
-    assert session_cache.cache_key(a, "fp32", shape) == key
-    assert session_cache.cache_key(b, "fp32", shape) != key
+    assert ort_backend.cache_key(a, "fp32", shape) == key
+    assert ort_backend.cache_key(b, "fp32", shape) != key

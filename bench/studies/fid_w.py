@@ -3,8 +3,8 @@ command: train one model per p_uncond (same preset and budget), evaluate every (
 with `cfgengine eval`, and test the paper's four claims (docs/paper.md) with bootstrap intervals — a
 difference whose intervals overlap is reported as inconclusive.
 
-    python -m cfgengine.bench.study full --estimate    # predicted cost on this machine, then exit
-    python -m cfgengine.bench.study full               # train (or reuse) the models, evaluate, judge
+    python -m cfgengine.bench.studies.fid_w full --estimate  # predicted cost here, then exit
+    python -m cfgengine.bench.studies.fid_w full             # train (or reuse), evaluate, judge
 """
 from __future__ import annotations
 
@@ -231,7 +231,8 @@ def run_study(study: StudyConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.study", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.studies.fid_w",
+                                     description=__doc__)
     parser.add_argument("name", choices=STUDIES, help="full: the issue's grid; reduced: one T")
     parser.add_argument("--estimate", action="store_true", help="print the predicted cost only")
     parser.add_argument("--threads", type=int, default=1,

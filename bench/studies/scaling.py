@@ -2,7 +2,7 @@
 machine, interleaved rounds, median of each; the figure is throughput(N) / throughput(1), both
 measured in this run. Writes bench/results/scaling-DEVICE-DATE.json.
 
-    python -m cfgengine.bench.scaling --nproc 2 --rounds 3
+    python -m cfgengine.bench.studies.scaling --nproc 2 --rounds 3
 
 Throughput is the sampling time `cfgengine sample` reports (sharded sampling plus the gather on
 rank 0); the wall time of the whole launch (torchrun, imports, writing) is recorded beside it.

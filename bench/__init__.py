@@ -1,1 +1,0 @@
-"""cfgengine.bench"""

@@ -1,0 +1,6 @@
+"""Studies: one command each, apart from what `cfgengine bench` runs.
+
+    python -m cfgengine.bench.studies.fid_w full      # FID/IS against w and p_uncond
+    python -m cfgengine.bench.studies.nfe all         # quality per network evaluation
+    python -m cfgengine.bench.studies.scaling --nproc 2 --rounds 3   # torchrun scaling
+"""

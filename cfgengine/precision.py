@@ -1,0 +1,13 @@
+"""Network precisions: the names the CLI, the backends and the exporters accept, and the dtype each
+runs the network in. A leaf module (imports only torch) so every layer can import it."""
+from __future__ import annotations
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                      "fp16": torch.float16}  # network precision name → dtype
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast runs the network in at `precision`; None for fp32 (no autocast)."""
+    return None if precision == "fp32" else PRECISIONS[precision]
