@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 
 from cfgengine.schedule import alpha_sigma
-from cfgengine.tables import ancestral_coefficients, ddim_coefficients, dpmpp_2m_coefficients
 
 ALPHA, SIGMA, C_Z, C_X, NOISE, C_P, C_P2, C_P3 = range(8)
 COLUMNS = 8  # (α, σ, c_z, c_x, s, c_p, c_p2, c_p3)
@@ -331,6 +330,51 @@ def compile_rows(updates: list[Update], final_logsnr: float = math.inf) -> Rows:
     table[:, C_Z] /= alpha
     table[:, C_Z:] *= alpha_next[:, None]
     return Rows(table[:, : C_P + max(1, history)], lam, tuple(u.step for u in updates), history)
+
+
+# The paper's ancestral sampler, DDIM and DPM-Solver++(2M): VP coefficients on the grid.
+
+
+def ancestral_coefficients(logsnr: torch.Tensor, v: float = 0.3):
+    """Algorithm 2 between consecutive grid points: μ = r·(α'/α)·z + (1 − r)·α'·x̂,
+    var = ((1 − r)·σ'²)^(1−v) · ((1 − r)·σ²)^v, r = e^(λ − λ'). Returns (c_z, c_x, s) for t < T−1."""
+    lam, lam_next = logsnr[:-1], logsnr[1:]
+    alpha, sigma = alpha_sigma(lam)
+    alpha_next, sigma_next = alpha_sigma(lam_next)
+    r = torch.exp(lam - lam_next)
+    one_minus_r = -torch.expm1(lam - lam_next)
+    c_z = r * alpha_next / alpha
+    c_x = one_minus_r * alpha_next
+    var = (one_minus_r * sigma_next**2) ** (1 - v) * (one_minus_r * sigma**2) ** v
+    return c_z, c_x, var.sqrt()
+
+
+def ddim_coefficients(logsnr: torch.Tensor, eta: float = 0.0):
+    """DDIM: s = η·(σ'/σ)·√(1 − α²/α'²), c_z = √(σ'² − s²)/σ, c_x = α' − α·c_z (ε re-derived from
+    the clipped x̂). Returns (c_z, c_x, s) for t < T−1. η = 1 is k-diffusion's
+    `sample_euler_ancestral` with eta = 1 on the same noise (tests/samplers/test_kdiffusion.py)."""
+    alpha, sigma = alpha_sigma(logsnr[:-1])
+    alpha_next, sigma_next = alpha_sigma(logsnr[1:])
+    s = eta * (sigma_next / sigma) * torch.sqrt(1 - alpha**2 / alpha_next**2)
+    c_z = torch.sqrt(sigma_next**2 - s**2) / sigma
+    c_x = alpha_next - alpha * c_z
+    return c_z, c_x, s
+
+
+def dpmpp_2m_coefficients(logsnr: torch.Tensor):
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2; k-diffusion's `sample_dpmpp_2m` with t = λ/2):
+    h_t = (λ_{t+1} − λ_t)/2, z' = (σ'/σ)·z + α'·(1 − e^(−h))·D, D = (1 + 1/(2r))·x̂ − x̂_prev/(2r),
+    r = h_{t−1}/h_t; first order (D = x̂, i.e. DDIM η = 0) on the first step and on the step into
+    the last grid point, whose long last interval would otherwise overshoot. Returns
+    (c_z, c_x, s, c_p) for t < T−1."""
+    sigma = alpha_sigma(logsnr[:-1])[1]
+    alpha_next, sigma_next = alpha_sigma(logsnr[1:])
+    h = (logsnr[1:] - logsnr[:-1]) / 2  # (T−1,)
+    gain = alpha_next * -torch.expm1(-h)  # α'·(1 − e^(−h))
+    half_inv_r = torch.zeros_like(h)  # 1/(2r); 0 keeps the first-order steps
+    half_inv_r[1:-1] = h[1:-1] / (2 * h[:-2])
+    c_p = 0.0 - gain * half_inv_r  # 0.0 − …: +0, not −0, on first-order steps
+    return sigma_next / sigma, gain * (1 + half_inv_r), torch.zeros_like(h), c_p
 
 
 def grid_rows(coefficients) -> Callable[..., Rows]:
