@@ -27,12 +27,13 @@ class Call:
 
     sampler: str
     v: float
-    eta: float
+    eta: float | None  # None: the sampler's default
     logsnr: tuple[float, ...]
     rule: object
     clip: float | DynamicThreshold | None
     seed: int
     shape: tuple[int, ...]
+    options: tuple[tuple[str, object], ...] = ()  # the sampler's own options, sorted
 
     @property
     def steps(self) -> int:
@@ -61,18 +62,20 @@ class Sampler:
 
     def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
                steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3,
-               eta: float = 0.0, grid: str = "cosine", logsnr_range=None,
+               eta: float | None = None, grid: str = "cosine", logsnr_range=None,
                logsnr: torch.Tensor | None = None, guidance=None,
                clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
                sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
                batch_size: int | None = None, n: int | None = None,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, sampler_options: dict | None = None) -> torch.Tensor:
         """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], labels[i], w[i],
-        settings). `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
+        settings). `sampler` is one of cfgengine.samplers' (`eta` None: its default, e.g. 0 for
+        DDIM and 1 for Euler ancestral; `sampler_options` its own, e.g. {"order": 3} for UniPC).
+        `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
         ZeroStar(), APG(); default CFG()), `clip` a bound or a DynamicThreshold."""
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
             call = self._call(steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip,
-                              seed, shape)
+                              seed, shape, sampler_options)
             return self._sample(call, labels, w, sample_ids, batch_size, n, progress)
 
     def _sample(self, call: Call, labels, w, sample_ids, batch_size, n, progress) -> torch.Tensor:
@@ -145,17 +148,18 @@ class Sampler:
 
     def plan(self, call: Call) -> StepPlan:
         """The step plan of a call, built once per (sampler, v, η, grid, rule)."""
-        key = (call.sampler, call.v, call.eta, call.logsnr, call.rule)
+        key = (call.sampler, call.v, call.eta, call.options, call.logsnr, call.rule)
         if key not in self._plans:
             self._plans[key] = step_plan(torch.tensor(call.logsnr, dtype=torch.float64),
-                                         call.sampler, v=call.v, eta=call.eta, rule=call.rule,
+                                         call.sampler, v=call.v, eta=call.eta,
+                                         options=dict(call.options), rule=call.rule,
                                          final_logsnr=self.info.final_logsnr)
         return self._plans[key]
 
     def _call(self, steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip, seed,
-              shape) -> Call:
+              shape, options=None) -> Call:
         lam = self._grid(steps, grid, logsnr_range, logsnr)
-        check_sampler_args(lam.numel(), sampler, v, eta)
+        check_sampler_args(lam.numel(), sampler, v, eta, options)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
                 or not 0 <= seed < 2**63:  # numpy integers are integers too
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
@@ -164,8 +168,9 @@ class Sampler:
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
         rule = _check_rule(guidance, self.info.guidance_embedded)
-        return Call(sampler, float(v), float(eta), tuple(lam.tolist()), rule,
-                    self._check_clip(clip), seed, shape)
+        return Call(sampler, float(v), None if eta is None else float(eta), tuple(lam.tolist()),
+                    rule, self._check_clip(clip), seed, shape,
+                    tuple(sorted((options or {}).items())))
 
     def _grid(self, steps, grid, logsnr_range, logsnr) -> torch.Tensor:
         """The float64 λ grid: `logsnr` verbatim, else the model's own grid for `steps` when
@@ -307,17 +312,19 @@ def _progress_bar(enabled: bool, total: int):
 
 
 def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
-           steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
-           grid: str = "cosine", logsnr_range=None, logsnr: torch.Tensor | None = None,
-           guidance=None, clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
+           steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3,
+           eta: float | None = None, grid: str = "cosine", logsnr_range=None,
+           logsnr: torch.Tensor | None = None, guidance=None,
+           clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
            sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
            batch_size: int | None = None, n: int | None = None,
            device: torch.device | str | None = None, backend: str | None = None,
-           precision: str | None = None, progress: bool = False) -> torch.Tensor:
+           precision: str | None = None, progress: bool = False,
+           sampler_options: dict | None = None) -> torch.Tensor:
     """Guided samples x̂ [N, *S] from a Denoiser or backend (cfgengine.model); a one-shot
     `Sampler`."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
     return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, grid=grid,
                          logsnr_range=logsnr_range, logsnr=logsnr, guidance=guidance, clip=clip,
                          seed=seed, sample_ids=sample_ids, shape=shape, batch_size=batch_size,
-                         n=n, progress=progress)
+                         n=n, progress=progress, sampler_options=sampler_options)

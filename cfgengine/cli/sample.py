@@ -46,8 +46,11 @@ def add(sub) -> None:
     p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
                    help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
                         "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η ∈ [0, 1]: 0 = deterministic, 1 = the ancestral step with v = 0 "
-                        "(default: 0)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="η ∈ [0, 1] of DDIM (0 = deterministic, 1 = the ancestral step with v = 0) "
+                        "and of the ancestral/SDE samplers (their noise share) (default: the "
+                        "sampler's: 0 for ddim, 1 for euler_ancestral, dpmpp_2s_ancestral, "
+                        "dpmpp_2m_sde, dpmpp_3m_sde)")
     add_grid_flags(p)
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
