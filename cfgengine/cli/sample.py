@@ -74,9 +74,51 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default fp32, or an exported file's own); the step "
                         "is always fp32")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="image-to-image: start every row from this image (PNG/JPEG, resized to "
+                        "the model's size) or from an .npy/.npz array [*S] or [rows, *S] in "
+                        "[-1, 1]; needs --strength")
+    p.add_argument("--strength", type=float, default=None,
+                   help="image-to-image strength s ∈ (0, 1]: the run starts at step T − ⌊s·T⌋ "
+                        "(diffusers' convention; 1 = from noise)")
     p.add_argument("--out", default="samples.png", help="the figure (PNG; default: samples.png)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=run)
+
+
+def read_init(path: str | None, shape: tuple[int, ...], rows: int) -> torch.Tensor | None:
+    """The --init images as float [rows, *S] in [-1, 1]: an image file (resized, its channels
+    converted) or an array of one image or one per row."""
+    if path is None:
+        return None
+    try:
+        if path.endswith((".npy", ".npz")):
+            data = np.load(path, allow_pickle=False)
+            array = data[data.files[0]] if path.endswith(".npz") else data
+            x = torch.as_tensor(np.asarray(array, dtype=np.float32))
+        else:
+            x = _image_file(path, shape)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--init {path}: cannot read it ({err})") from None
+    if tuple(x.shape) == tuple(shape):
+        x = x.expand(rows, *shape)
+    if tuple(x.shape) != (rows, *shape):
+        raise UserError(f"--init {path}: shape {tuple(x.shape)}; the model samples "
+                        f"{tuple(shape)} (one image, or {rows} of them)")
+    return x.contiguous()
+
+
+def _image_file(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An image file as float [C, H, W] in [-1, 1] at the model's size and channel count."""
+    from PIL import Image
+
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"the model samples {tuple(shape)}, not images; give an .npy array")
+    channels, height, width = shape
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
+        array = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
 def add_grid_flags(p) -> None:
@@ -205,6 +247,8 @@ def run(args) -> int:
                                 logsnr_range=args.logsnr_range, guidance=rule,
                                 clip="auto" if args.threshold is None else args.threshold,
                                 seed=args.seed, sample_ids=ids, batch_size=batch,
+                                init=read_init(args.init, facts.sample_shape, rows),
+                                strength=args.strength,
                                 progress=sys.stderr.isatty() and distributed.is_main())
     seconds = time.perf_counter() - start
     if x is None:
