@@ -71,6 +71,7 @@ class SweepConfig:
     repeats: int = 5
     seed: int = 0
     threads: int | None = None  # torch CPU threads during the sweep; None = torch's default
+    processes: int = 0  # > 0: each runner in its own processes, this many each (bench/isolated.py)
 
 
 SWEEPS: dict[str, SweepConfig] = {
@@ -79,10 +80,12 @@ SWEEPS: dict[str, SweepConfig] = {
     # processes, which made the quick sweep 5x slower and far noisier than one thread.
     "quick": SweepConfig(steps=(16, 64), batches=(1,), backends=("torch",),
                          baselines=("baseline1", "baseline2"), repeats=3, threads=1),
-    # issue 13: the engine as a user gets it (auto: ONNX Runtime on CPU) against all three peers;
-    # one thread for torch and ONNX Runtime alike (CFGENGINE_THREADS is set for the sweep).
-    "cpu": SweepConfig(steps=(64, 256), batches=(1, 8, 32), backends=("auto",), repeats=2,
-                       threads=1),
+    # issue 27: the engine as a user gets it (auto) at fp32, bf16 and int8 against the eager and
+    # the compiled diffusers loop (fp32), every runner in its own processes, one thread per side.
+    # T = 16 keeps the sweep near 10 minutes on a loaded 2-core CPU (B = 32 is 64 rows a forward).
+    "cpu": SweepConfig(steps=(16,), batches=(1, 8, 32), backends=("auto",),
+                       precisions=("fp32", "bf16", "int8"), baselines=("baseline2", "baseline3"),
+                       repeats=2, threads=1, processes=2),
     # the exported runtimes (ONNX Runtime, AOTInductor) against eager torch, no peers
     "exported": SweepConfig(steps=(64,), batches=(16,), backends=("torch",), baselines=(),
                             exported=EXPORTED, repeats=3, threads=2),
@@ -102,7 +105,7 @@ SWEEPS: dict[str, SweepConfig] = {
 FLAGS = {"model": "--model", "device": "--device", "steps": "--steps", "batches": "--batch",
          "backends": "--backends", "precisions": "--precisions", "baselines": "--baselines",
          "exported": "--exported", "sampler": "--sampler", "w": "--w", "repeats": "--repeats",
-         "seed": "--seed", "threads": "--threads"}  # SweepConfig field → `cfgengine bench` flag
+         "seed": "--seed", "threads": "--threads", "processes": "--processes"}  # SweepConfig field → `cfgengine bench` flag
 
 
 def check_config(config: SweepConfig) -> SweepConfig:
@@ -120,6 +123,8 @@ def check_config(config: SweepConfig) -> SweepConfig:
             raise ValueError(f"{field}: {bad[0]!r} is not one of {', '.join(allowed)}")
     if min(config.steps) < 2 or min(config.batches) < 1 or config.repeats < 1:
         raise ValueError("steps must be ≥ 2, batch sizes ≥ 1 and repeats ≥ 1")
+    if config.processes < 0:
+        raise ValueError(f"processes must be ≥ 0 (0: one process), got {config.processes}")
     if config.threads is not None and config.threads < 1:
         raise ValueError(f"threads must be ≥ 1, got {config.threads}")
     if config.device == "cuda" and not torch.cuda.is_available():

@@ -34,6 +34,8 @@ def markdown(report: dict, figure: str | None = None) -> str:
     """The run as markdown: where, the per-cell table, the a + b·T fits and the goals."""
     lines = [_header(report), "", *cell_table(report), "", *fit_table(report), "",
              *goal_table(report)]
+    if report.get("precision_goals"):
+        lines += ["", *goal_table(dict(goals={"issue 27": report["precision_goals"]}))]
     if report.get("skipped"):
         lines += ["", "Not measured: " + "; ".join(f"{s['runner']} ({s['reason']})"
                                                     for s in report["skipped"])]
@@ -50,14 +52,29 @@ def _header(report: dict) -> str:
             f"diffusers {report['diffusers']}, onnxruntime {report.get('onnxruntime')}; commit `{report['git_commit'][:12]}`, "
             f"{report['date']}. Model: {report['model']}. Sampler {cfg['sampler']}, w = {cfg['w']}"
             f" (guidance_scale {1 + cfg['w']:g}), median of {cfg['repeats']} interleaved rounds."
+            + _isolation(report)
             + (f"\n\n`{report['command']}`" if report.get("command") else ""))
+
+
+def _isolation(report: dict) -> str:
+    """How the runners were separated and the GEMM roofline the GFLOP/s compare with."""
+    if "isolation" not in report:
+        return ""
+    rates = report["roofline"].get("gflops_per_s", {})
+    sizes, kinds = report["roofline"].get("gemm_size", {}), report["roofline"].get("gemm", {})
+    gemm = ", ".join(f"{k} {v:.3g} ({kinds.get(k)}, n = {sizes.get(k)})"
+                     for k, v in rates.items()) or "not measured"
+    return (f" Runners: {report['isolation']} ({report['config']['processes']} processes each, "
+            f"{report['config']['repeats']} timed loops per process). GEMM roofline in its own "
+            f"process, GFLOP/s: {gemm}.")
 
 
 def cell_table(report: dict) -> list[str]:
     """One row per (runner, precision, B, T); speed-ups are baseline time / engine time."""
     names = list(report["baselines"])
+    flops = any("gflops_per_s" in r for r in report["cells"])
     head = ["runner", "prec", "B", "T", "images/s", "ms/step", "t_fwd(2B) ms", "η", "step %",
-            *[f"× {n}" for n in names]]
+            *[f"× {n}" for n in names], *(["GFLOP/s", "% roofline"] if flops else [])]
     rows = [_row(head), _row(["---"] * len(head))]
     for r in report["cells"]:
         speedup = r.get("speedup", {})
@@ -65,8 +82,14 @@ def cell_table(report: dict) -> list[str]:
                           f"{r['images_per_s']:.3g}", f"{r['ms_per_step']:.3g}",
                           f"{1e3 * r['t_forward_2B']:.3g}", f"{r['eta']:.2f}",
                           f"{100 * r['step_share']:.2f}" if "step_share" in r else "",
-                          *[f"{speedup[n]:.2f}" if n in speedup else "" for n in names]]))
+                          *[f"{speedup[n]:.2f}" if n in speedup else "" for n in names],
+                          *(_flop_cells(r) if flops else [])]))
     return rows
+
+
+def _flop_cells(row: dict) -> list[str]:
+    share = row.get("roofline_fraction")
+    return [f"{row['gflops_per_s']:.3g}", "" if share is None else f"{100 * share:.0f}"]
 
 
 def fit_table(report: dict) -> list[str]:

@@ -10,14 +10,15 @@ from pathlib import Path
 from cfgengine.cli.args import UserError, field_type
 
 # old spellings a user may have typed, still accepted
-ALIASES = {"sampler": "--solver"}
+ALIASES = {"sampler": "--solver", "precisions": "--precision"}
 FIELD_HELP = {"model": "model file or built-in name", "device": "cpu, cuda, cuda:1 …",
               "steps": "sampling steps T, comma list", "batches": "batch sizes B, comma list",
               "backends": "engine backends, comma list", "precisions": "network precisions, comma list",
               "baselines": "peers to time, comma list", "exported": "exported formats to time, comma list",
               "sampler": "the sampling algorithm", "w": "guidance weight w of the paper",
               "repeats": "interleaved rounds per cell", "seed": "noise seed",
-              "threads": "CPU threads for torch and ONNX Runtime"}
+              "threads": "CPU threads for torch and ONNX Runtime",
+              "processes": "processes per runner, each runner in its own (0: all in one)"}
 
 
 def add(sub) -> None:
@@ -57,14 +58,15 @@ def check_flags(args) -> None:
 
 
 def run(args) -> int:
-    from cfgengine.bench import harness, report
+    from cfgengine.bench import harness, isolated, report
 
     check_flags(args)
     sweep = "quick" if args.quick else args.sweep
     config = harness.check_config(dataclasses.replace(harness.SWEEPS[sweep], **{
         field: getattr(args, field) for field in harness.FLAGS
         if getattr(args, field) is not None}))
-    result = harness.sweep(config, progress=sys.stderr.isatty())
+    measure = isolated.sweep if config.processes else harness.sweep
+    result = measure(config, progress=sys.stderr.isatty())
     name = args.name or report.stem(result, sweep)
     command = harness.command_line(config, sweep)
     paths = report.write(result, args.out_dir, name, command)
