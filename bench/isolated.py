@@ -55,7 +55,7 @@ def sweep(config: harness.SweepConfig, progress: bool = True) -> dict:
         shift = round_ % len(specs)
         for spec in specs[shift:] + specs[:shift]:
             bar.set_postfix_str(f"{spec['runner']} {spec['precision']}")
-            runs.setdefault(_name(spec), []).append(_spawn(spec, config))
+            runs.setdefault(_key(spec), []).append(_spawn(spec, config))
             bar.update()
     bar.close()
     net, source = bench_model(config.model, config.device)
@@ -81,6 +81,11 @@ def _payable(specs: list[dict], device: str) -> tuple[list[dict], list[dict]]:
         else:
             slow.append(dict(runner=f"{_name(spec)} {spec['precision']}", reason=why))
     return keep, slow
+
+
+def _key(spec: dict) -> tuple[str, str]:
+    """(runner name, precision): what one runner of the sweep is."""
+    return _name(spec), spec["precision"]
 
 
 def _name(spec: dict) -> str:
@@ -116,13 +121,13 @@ def _cells(specs: list[dict], runs: dict, flops: dict, roofline: dict
     """harness.cell_record rows from the children's timings, speed-ups within the sweep."""
     skipped, timed = [], {}
     for spec in specs:
-        name, done = _name(spec), runs[_name(spec)]
+        done = runs[_key(spec)]
         bad = [r for r in done if "error" in r or "skipped" in r]
         if bad:
-            skipped.append(dict(runner=f"{name} {spec['precision']}",
+            skipped.append(dict(runner=" ".join(_key(spec)),
                                 reason=bad[0].get("error") or bad[0]["skipped"]))
         else:
-            timed[(name, spec["precision"])] = done
+            timed[_key(spec)] = done
     peers = {k[0]: _medians(v) for k, v in timed.items() if k[0] in harness.BASELINES}
     rows = []
     for (name, precision), done in timed.items():

@@ -89,6 +89,7 @@ def _openvino_runner(model, name: str):
 def _nncf(model, graph):
     import nncf
 
+    import cfgengine
     from cfgengine.export.quantize import Calibration, calibration_inputs
 
     calls = calibration_inputs(model, Calibration(), cfgengine.sample)

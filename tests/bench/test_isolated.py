@@ -32,8 +32,7 @@ def test_each_runner_ran_in_its_own_process(result):
 def test_record_fields_agree(result):
     net, _ = bench_model("tiny", "cpu")
     doubled = isolated.forward_flops(net, "cpu", 2, CONFIG)
-    # a reference count: the tiny net's convolutions and matmuls on 4 rows, by hand-free means —
-    # torch's counter on two separate 2-row forwards must add up to the doubled one
+    # FLOPs are linear in the rows: the doubled forward of B = 2 is twice that of B = 1
     assert doubled == 2 * isolated.forward_flops(net, "cpu", 1, CONFIG)
     for r in result["cells"]:
         assert (r["batch"], r["steps"], r["precision"]) == (2, 3, "fp32")
@@ -66,3 +65,24 @@ def test_a_failing_runner_is_skipped_with_its_reason():
                                  processes=1)
     got = isolated._spawn(dict(runner="torch", precision="int8"), config)
     assert "int8" in (got.get("skipped") or got.get("error", ""))
+
+
+def test_precisions_of_one_backend_stay_apart():
+    """Two precisions of one backend are two runners: their processes' times are not pooled."""
+    specs = [dict(runner="auto", precision="fp32"), dict(runner="auto", precision="int8"),
+             dict(runner="baseline2", precision="fp32")]
+
+    def run(pid: int, seconds: float) -> dict:
+        return dict(pid=pid, cells=[dict(batch=1, steps=4, seconds_all=[seconds],
+                                         t_forward_2B=seconds / 4, t_step=0.0)])
+    runs = {("cfgengine/auto", "fp32"): [run(1, 2.0)], ("cfgengine/auto", "int8"): [run(2, 1.0)],
+            ("baseline2", "fp32"): [run(3, 4.0)]}
+    rows, skipped = isolated._cells(specs, runs, {1: 10}, dict(gflops_per_s=dict(fp32=1.0)))
+    got = {(r["runner"], r["precision"]): r for r in rows}
+    assert not skipped and len(rows) == 3
+    assert got[("cfgengine/auto", "fp32")]["speedup"]["baseline2"] == 2.0
+    assert got[("cfgengine/auto", "int8")]["speedup"]["baseline2"] == 4.0
+    assert got[("cfgengine/auto", "int8")]["pids"] == [2]
+    assert got[("cfgengine/auto", "int8")]["roofline_fraction"] is None  # no int8 GEMM measured
+    goals = isolated.precision_goals(rows)
+    assert goals["faster of bf16/int8 >= 2.5x baseline2 at B = 1"]["worst"] == 4.0
