@@ -29,8 +29,9 @@ def add(sub) -> None:
                        description="Time end-to-end sampling of the engine against three peers "
                                    "run on the same model, device and precision (two forwards "
                                    "per step; the diffusers pipeline loop; the same with a "
-                                   "compiled network), in interleaved rounds. A preset --sweep "
-                                   "picks the cells; the flags below override its fields. See "
+                                   "compiled network), in interleaved rounds — or, with "
+                                   "--processes N (the cpu sweep), each runner in N processes of "
+                                   "its own, alternating. A preset --sweep picks the cells; the flags below override its fields. See "
                                    "docs/performance.md.")
     p.add_argument("--sweep", choices=tuple(SWEEPS), default="cpu",
                    help="preset sweep; the flags below override its fields (default: cpu)")
