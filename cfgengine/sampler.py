@@ -33,6 +33,7 @@ class Call:
     clip: float | DynamicThreshold | None
     seed: int
     shape: tuple[int, ...]
+    targets: tuple[float, ...] | None = None  # the model's own steps_to on its own grid
 
     @property
     def steps(self) -> int:
@@ -145,11 +146,13 @@ class Sampler:
 
     def plan(self, call: Call) -> StepPlan:
         """The step plan of a call, built once per (sampler, v, η, grid, rule)."""
-        key = (call.sampler, call.v, call.eta, call.logsnr, call.rule)
+        key = (call.sampler, call.v, call.eta, call.logsnr, call.rule, call.targets)
         if key not in self._plans:
+            targets = None if call.targets is None else torch.tensor(call.targets,
+                                                                     dtype=torch.float64)
             self._plans[key] = step_plan(torch.tensor(call.logsnr, dtype=torch.float64),
                                          call.sampler, v=call.v, eta=call.eta, rule=call.rule,
-                                         final_logsnr=self.info.final_logsnr)
+                                         final_logsnr=self.info.final_logsnr, targets=targets)
         return self._plans[key]
 
     def _call(self, steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip, seed,
@@ -165,7 +168,7 @@ class Sampler:
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
         rule = _check_rule(guidance, self.info.guidance_embedded)
         return Call(sampler, float(v), float(eta), tuple(lam.tolist()), rule,
-                    self._check_clip(clip), seed, shape)
+                    self._check_clip(clip), seed, shape, self._targets(steps, lam))
 
     def _grid(self, steps, grid, logsnr_range, logsnr) -> torch.Tensor:
         """The float64 λ grid: `logsnr` verbatim, else the model's own grid for `steps` when
@@ -180,6 +183,13 @@ class Sampler:
             logsnr = self.info.grid(steps)
         return grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range or self.info.logsnr_range,
                            logsnr=logsnr)
+
+    def _targets(self, steps, lam: torch.Tensor) -> tuple[float, ...] | None:
+        """The model's own step targets (ModelInfo.steps_to) when the run is on its own grid."""
+        if self.info.steps_to is None or self.info.grid is None or steps != lam.numel() \
+                or not torch.equal(lam, self.info.grid(steps).double()):
+            return None
+        return tuple(self.info.steps_to(steps).double().tolist())
 
     def _check_clip(self, clip):
         """`clip` resolved: "auto" → the model's bound; None, a positive number or a

@@ -77,15 +77,17 @@ def check_logsnr_range(logsnr_range) -> tuple[float, float]:
 
 def check_logsnr(logsnr) -> torch.Tensor:
     """A user-given grid as a float64 CPU tensor; ValueError unless it is a 1-D floating tensor
-    of ≥ 2 finite, strictly increasing λ values."""
+    of ≥ 2 finite, strictly increasing λ values — except that λ_0 may be −∞ (α = 0: pure noise,
+    where a flow model starts; the net answers its data prediction there, cfgengine.model)."""
     if not isinstance(logsnr, torch.Tensor) or not logsnr.is_floating_point() \
             or logsnr.dim() != 1:
         raise ValueError("logsnr must be a 1-D floating-point tensor of increasing λ values")
     lam = logsnr.detach().to("cpu", torch.float64)
     if lam.numel() < 2:
         raise ValueError(f"logsnr must hold at least 2 values, got {lam.numel()}")
-    if not bool(torch.isfinite(lam).all()):
-        raise ValueError("logsnr must be finite")
+    first = float(lam[0])
+    if not bool(torch.isfinite(lam[1:]).all()) or math.isnan(first) or first == math.inf:
+        raise ValueError("logsnr must be finite (only logsnr[0] may be -inf)")
     drops = (lam[1:] <= lam[:-1]).nonzero()
     if drops.numel():
         i = int(drops[0, 0])
