@@ -127,3 +127,19 @@ def test_final_target_and_bad_schedules(base_folders, tmp_path):
     with pytest.raises(ValueError, match="timestep_spacing must be one of"):
         cfgengine.load(bad)
     assert CLASSES == model.num_classes
+
+
+def test_unet_export_samples_past_64_rows(base_folders, tmp_path):
+    """diffusers' Upsample2D branches on batch ≥ 64; the export covers the whole batch range."""
+    pytest.importorskip("onnxruntime")
+    from cfgengine.cli import main
+
+    out = tmp_path / "unet.onnx"
+    assert main(["export", str(base_folders / "unet"), "--format", "onnx", "--max-batch", "40",
+                 "-o", str(out)]) == 0
+    model, backend = cfgengine.load(base_folders / "unet"), cfgengine.load(out)
+    labels = torch.arange(36) % model.num_classes  # the doubled batch: 72 rows
+    settings = dict(w=torch.linspace(0, 3, 36), sampler="ddim", logsnr=model.logsnr_grid(3),
+                    steps=None, seed=2)
+    ref = cfgengine.sample(model, labels, backend="torch", **settings)
+    assert rel_err(cfgengine.sample(backend, labels, **settings), ref) < 1e-3
