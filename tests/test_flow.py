@@ -74,6 +74,23 @@ def test_flow_matching_is_the_flows_euler_sampler(shift, time_scale):
     assert rel_err(out, x) < 1e-5, rel_err(out, x)
 
 
+def test_flow_matching_is_diffusers_flow_match_euler():
+    """With num_train_timesteps, the own grid is FlowMatchEulerDiscreteScheduler's (SD3's)."""
+    diffusers = pytest.importorskip("diffusers")
+    net, steps, shift = TinyNet().eval(), 6, 3.0
+    labels, w, x = setting()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for time in scheduler.timesteps:
+            v = guided(net, x, time.expand(4), labels, w)
+            x = scheduler.step(v, time, x).prev_sample
+    model = FlowMatching(net, num_classes=CLASSES, sample_shape=SHAPE, shift=shift,
+                         time_scale=1000.0, num_train_timesteps=1000)
+    out = engine(model, labels, w, steps)
+    assert rel_err(out, x) < 1e-5, rel_err(out, x)
+
+
 def karras_sigmas(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     ramp = torch.arange(steps, dtype=torch.float64) / (steps - 1)
     root_max, root_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)

@@ -62,18 +62,26 @@ class _Family(nn.Module):
 
 class FlowMatching(_Family):
     """A velocity net `net(x_t, time, cond) -> v` (x_t = (1 − t)·x + t·ε, v = ε − x, time =
-    t·time_scale: 1 for t ∈ [0, 1], 1000 for SD3-style nets) as a Denoiser. Its own grid is
-    t_i = i/T from t = 1 (λ = −∞) down, warped by `shift` as t ↦ shift·t/(1 + (shift − 1)·t)
-    (SD3's FlowMatchEulerDiscreteScheduler); the last step lands on x̂. `cond` is what the engine
-    passes: class ids with `num_classes` the null label, or a TextCondition."""
+    t·time_scale: 1 for t ∈ [0, 1], 1000 for SD3-style nets) as a Denoiser. Its own grid starts at
+    t = 1 (λ = −∞) and is warped by `shift` as t ↦ shift·t/(1 + (shift − 1)·t); the last step
+    lands on x̂. Unwarped it is t_i = 1 − i/T, or with `num_train_timesteps` N the grid diffusers'
+    FlowMatchEulerDiscreteScheduler(shift=…) runs: T points from 1 to shift-warped 1/N, evenly
+    spaced. `cond` is what the engine passes: class ids with `num_classes` the null label, or a
+    TextCondition."""
 
     def __init__(self, net: Callable, *, num_classes: int, sample_shape: tuple[int, ...],
-                 shift: float = 1.0, time_scale: float = 1.0, **facts):
+                 shift: float = 1.0, time_scale: float = 1.0,
+                 num_train_timesteps: int | None = None, **facts):
         if not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a positive number, got {shift!r}")
+        if num_train_timesteps is not None and not (isinstance(num_train_timesteps, int)
+                                                    and num_train_timesteps >= 2):
+            raise ValueError(f"num_train_timesteps must be an integer ≥ 2 or None, got "
+                             f"{num_train_timesteps!r}")
         super().__init__(net, num_classes=num_classes, sample_shape=sample_shape,
                          logsnr_range=(-20.0, 20.0), **facts)
         self.shift, self.time_scale = float(shift), float(time_scale)
+        self.num_train_timesteps = num_train_timesteps
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, cond) -> torch.Tensor:
         alpha, sigma = (_rows(c, z) for c in alpha_sigma(logsnr.float()))
@@ -83,10 +91,18 @@ class FlowMatching(_Family):
         eps = x_t + (1.0 - t) * v
         return torch.where(alpha > 0, eps, v).to(z.dtype)  # α = 0: z − x̂ = t·v = v
 
+    def shifted(self, t: torch.Tensor) -> torch.Tensor:
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
     def logsnr_grid(self, steps: int) -> torch.Tensor:
-        """float64 λ [T] of t_i = shift-warped 1 − i/T, i < T: λ = 2·log((1 − t)/t), λ_0 = −∞."""
-        t = 1.0 - torch.arange(steps, dtype=torch.float64) / steps
-        t = self.shift * t / (1.0 + (self.shift - 1.0) * t)
+        """float64 λ [T] of the shift-warped t_i (class docstring): λ = 2·log((1 − t)/t),
+        λ_0 = −∞."""
+        if self.num_train_timesteps is None:
+            t = 1.0 - torch.arange(steps, dtype=torch.float64) / steps
+        else:
+            lowest = self.shifted(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64))
+            t = torch.linspace(1.0, float(lowest), steps, dtype=torch.float64)
+        t = self.shifted(t)
         return 2.0 * (torch.log1p(-t) - torch.log(t))
 
 
