@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import cfgengine  # noqa: E402
 from cfgengine import rng  # noqa: E402
-from tests.test_adapters import CLASSES, rel_err, tiny_dit, tiny_unet  # noqa: E402
+from tests.test_adapters import rel_err, tiny_dit, tiny_unet  # noqa: E402
 
 SEED = 4
 SPACINGS = [("trailing", 0, True), ("linspace", 0, False), ("leading", 1, False)]
@@ -126,7 +126,6 @@ def test_final_target_and_bad_schedules(base_folders, tmp_path):
     bad = folder_with(base_folders, tmp_path / "b", "unet", "karras", 0, True)
     with pytest.raises(ValueError, match="timestep_spacing must be one of"):
         cfgengine.load(bad)
-    assert CLASSES == model.num_classes
 
 
 def test_unet_export_samples_past_64_rows(base_folders, tmp_path):
