@@ -7,7 +7,7 @@ model it is a `TextCondition` (its null rows: the encoded negative prompt, "" by
 guidance-distilled net (`guidance_embedded`) also takes w: `net(z, logsnr, cond, w[N]) -> ε̃_w`,
 one row per guided row. At λ = −∞ (α = 0, pure noise: a flow model's first step) ε = z carries no
 x̂, so there a net answers its data prediction in ε's slot as z − x̂ (cfgengine.families.flow;
-cfgengine.tables.prediction_alpha_sigma reads it back).
+cfgengine.schedule.prediction_alpha_sigma reads it back).
 
 What the engine needs to know besides the call — classes, sample shape, clip bound, λ range, the
 model's own grid, names — is a `ModelInfo`, made once where a model is loaded (`info(model)`) and

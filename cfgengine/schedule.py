@@ -9,6 +9,10 @@ import torch
 LOGSNR_MIN = -20.0
 LOGSNR_MAX = 20.0
 LOGSNR_RANGE = (LOGSNR_MIN, LOGSNR_MAX)
+# |λ| ≤ 80 for any grid: α² = sigmoid(λ) and σ² = sigmoid(−λ) stay normal float32 numbers
+# (e^−80 ≈ 1.8e−35 > 1.2e−38, the smallest), so the table and the λ the net sees are finite, and
+# e^(±λ/2) of the schedules cannot overflow float64 (which would need |λ| > 1419)
+LOGSNR_LIMIT = 80.0
 GRIDS = ("cosine", "cosine-authors", "uniform", "karras")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
@@ -24,6 +28,14 @@ def logsnr_schedule(u: torch.Tensor, logsnr_min: float = LOGSNR_MIN,
 def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """α = √sigmoid(λ), σ = √sigmoid(−λ), so α² + σ² = 1 and λ = log(α²/σ²)."""
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+def prediction_alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (α, σ) that read x̂ = (z − σ·ε)/α from a net's answer at λ: alpha_sigma(λ), except
+    (1, 1) at λ = −∞, where α = 0 and the net answers z − x̂ (cfgengine.model)."""
+    alpha, sigma = alpha_sigma(logsnr)
+    pure_noise = torch.isneginf(logsnr)
+    return torch.where(pure_noise, 1.0, alpha), torch.where(pure_noise, 1.0, sigma)
 
 
 def logsnr_grid(steps: int, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX, *,
@@ -72,7 +84,16 @@ def check_logsnr_range(logsnr_range) -> tuple[float, float]:
             from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"logsnr_range must be finite with lo < hi, got ({lo:g}, {hi:g})")
+    check_logsnr_limit(lo, hi, "logsnr_range")
     return lo, hi
+
+
+def check_logsnr_limit(lo: float, hi: float, what: str) -> None:
+    """ValueError unless −LOGSNR_LIMIT ≤ lo and hi ≤ LOGSNR_LIMIT (see LOGSNR_LIMIT)."""
+    if lo < -LOGSNR_LIMIT or hi > LOGSNR_LIMIT:
+        raise ValueError(f"{what} ({lo:g}, {hi:g}) is outside [-{LOGSNR_LIMIT:g}, "
+                         f"{LOGSNR_LIMIT:g}]: beyond it α² or σ² = sigmoid(±λ) is no normal "
+                         "float32 number")
 
 
 def check_logsnr(logsnr) -> torch.Tensor:
@@ -88,6 +109,8 @@ def check_logsnr(logsnr) -> torch.Tensor:
     first = float(lam[0])
     if not bool(torch.isfinite(lam[1:]).all()) or math.isnan(first) or first == math.inf:
         raise ValueError("logsnr must be finite (only logsnr[0] may be -inf)")
+    finite = lam[1:] if first == -math.inf else lam
+    check_logsnr_limit(finite.min().item(), finite.max().item(), "logsnr")
     drops = (lam[1:] <= lam[:-1]).nonzero()
     if drops.numel():
         i = int(drops[0, 0])

@@ -1,70 +1,28 @@
-"""Coefficient tables for the paper's ancestral sampler (Algorithm 2, v), DDIM (η) and
-DPM-Solver++(2M) — pure functions of a λ grid.
+"""The step plan: a sampler's coefficient table on a λ grid and the per-row facts every loop needs.
 
-Every step is x̂ = rule(z, ε), z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n (docs/design.md). A table is
-float32 [T, 6] with rows (α, σ, c_z, c_x, s, c_p); row t reads x̂ = (z − σ·ε)/α at λ_t (the λ the
-net sees) and steps to its target λ'_t: by default the next grid point, and from the last row the
-model's final λ (+∞: the row is (α, σ, 0, 1, 0, 0), z' = x̂); a pipeline-exact schedule gives its
-own targets (docs/models.md). c_p multiplies the previous step's x̂ (only DPM-Solver++(2M) uses it).
-At λ = −∞ (α = 0, a flow model's first step) ε carries no x̂: the net answers z − x̂ there and the
-row's (α, σ) are (1, 1) (`prediction_alpha_sigma`, cfgengine.model).
-Coefficients are computed in float64 from a float64 grid and rounded once.
+Every row is x̂ = rule(z, ε), z' = c_z·z + c_x·x̂ + c_p·x̂_prev (+ c_p2·x̂₂ + c_p3·x̂₃) + s·n
+(docs/design.md). A table is float32 [R, 6] (up to [R, 8] for samplers keeping older x̂) with rows
+(α, σ, c_z, c_x, s, c_p, …), one row per network evaluation; with the final λ at +∞ the last row is
+(α, σ, 0, 1, 0, 0) so that z' = x̂. A pipeline-exact schedule gives each row its own target λ
+(`step_plan(..., targets=)`, ModelInfo.steps_to). At λ_0 = −∞ (α = 0, a flow model's start) a
+row's (α, σ) are (1, 1): the net answers z − x̂ there (cfgengine.model). The samplers themselves are cfgengine/samplers.py's registry;
+coefficients are computed in float64 from a float64 grid and rounded once.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 
 from cfgengine.guidance import CFG
-from cfgengine.schedule import (LOGSNR_RANGE, alpha_sigma, check_logsnr, check_logsnr_range,
-                                logsnr_grid)
+from cfgengine.samplers import (ALPHA, C_P, C_X, C_Z, NOISE, SIGMA,  # noqa: F401 (re-exported)
+                                Rows, ancestral_coefficients, ddim_coefficients,
+                                dpmpp_2m_coefficients, sampler_options, sampler_rows)
+from cfgengine.samplers import SAMPLERS as SAMPLER_SPECS
+from cfgengine.schedule import LOGSNR_RANGE, check_logsnr, check_logsnr_range, logsnr_grid
 
-ALPHA, SIGMA, C_Z, C_X, NOISE, C_P = range(6)
-COLUMNS = 6
-
-
-def ancestral_coefficients(lam: torch.Tensor, lam_next: torch.Tensor, v: float = 0.3):
-    """Algorithm 2 from λ to λ' (elementwise): μ = r·(α'/α)·z + (1 − r)·α'·x̂,
-    var = ((1 − r)·σ'²)^(1−v) · ((1 − r)·σ²)^v, r = e^(λ − λ'); r/α → 0 as λ → −∞ (α = 0).
-    Returns (c_z, c_x, s)."""
-    alpha, sigma = alpha_sigma(lam)
-    alpha_next, sigma_next = alpha_sigma(lam_next)
-    r = torch.exp(lam - lam_next)
-    one_minus_r = -torch.expm1(lam - lam_next)
-    c_z = torch.where(alpha > 0, r * alpha_next / alpha, 0.0)
-    c_x = one_minus_r * alpha_next
-    var = (one_minus_r * sigma_next**2) ** (1 - v) * (one_minus_r * sigma**2) ** v
-    return c_z, c_x, var.sqrt()
-
-
-def ddim_coefficients(lam: torch.Tensor, lam_next: torch.Tensor, eta: float = 0.0):
-    """DDIM from λ to λ': s = η·(σ'/σ)·√(1 − α²/α'²), c_z = √(σ'² − s²)/σ, c_x = α' − α·c_z (ε
-    re-derived from the clipped x̂). Returns (c_z, c_x, s)."""
-    alpha, sigma = alpha_sigma(lam)
-    alpha_next, sigma_next = alpha_sigma(lam_next)
-    s = eta * (sigma_next / sigma) * torch.sqrt(1 - alpha**2 / alpha_next**2)
-    c_z = torch.sqrt(sigma_next**2 - s**2) / sigma
-    c_x = alpha_next - alpha * c_z
-    return c_z, c_x, s
-
-
-def dpmpp_2m_coefficients(lam: torch.Tensor, lam_next: torch.Tensor):
-    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2; k-diffusion's `sample_dpmpp_2m` with t = λ/2):
-    h_t = (λ_{t+1} − λ_t)/2, z' = (σ'/σ)·z + α'·(1 − e^(−h))·D, D = (1 + 1/(2r))·x̂ − x̂_prev/(2r),
-    r = h_{t−1}/h_t, h from each row's own (λ, λ') pair; first order (D = x̂, i.e. DDIM η = 0) on
-    the first step and on the last, whose long interval would otherwise overshoot (h = ∞ after a
-    first step from λ = −∞ makes the next step first order too). Returns (c_z, c_x, s, c_p)."""
-    sigma = alpha_sigma(lam)[1]
-    alpha_next, sigma_next = alpha_sigma(lam_next)
-    h = (lam_next - lam) / 2
-    gain = alpha_next * -torch.expm1(-h)  # α'·(1 − e^(−h))
-    half_inv_r = torch.zeros_like(h)  # 1/(2r); 0 keeps the first-order steps
-    half_inv_r[1:-1] = h[1:-1] / (2 * h[:-2])
-    c_p = 0.0 - gain * half_inv_r  # 0.0 − …: +0, not −0, on first-order steps
-    return sigma_next / sigma, gain * (1 + half_inv_r), torch.zeros_like(h), c_p
+COLUMNS = C_P + 1  # the table of a sampler keeping at most the previous x̂
 
 
 def grid_logsnr(steps: int | None, *, grid: str = "cosine",
@@ -82,53 +40,32 @@ def grid_logsnr(steps: int | None, *, grid: str = "cosine",
     return logsnr_grid(steps, *check_logsnr_range(logsnr_range), grid=grid)
 
 
-@dataclass(frozen=True)
-class SamplerKind:
-    """A sampler as the step sees it: `coefficients(λ, λ', v, η)` gives float64 columns
-    (c_z, c_x, s, c_p) for each row's step from λ to λ' (finite), and `state` names the per-row
-    buffers it keeps between steps."""
-
-    name: str
-    coefficients: Callable[..., tuple[torch.Tensor, ...]]
-    state: tuple[str, ...] = ()
+SAMPLERS = tuple(SAMPLER_SPECS)
+PURE_NOISE_SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")  # VP steps that may start at α = 0
 
 
-def _ancestral(lam, lam_next, v, eta):
-    c_z, c_x, s = ancestral_coefficients(lam, lam_next, v)
-    return c_z, c_x, s, torch.zeros_like(s)
+def sampler_plan_rows(logsnr: torch.Tensor, sampler: str, v: float | None, eta: float | None,
+                      options: dict | None, final_logsnr: float,
+                      targets: torch.Tensor | None = None) -> Rows:
+    """The sampler's Rows, given the loops' common settings v and η (each passed on only to a
+    sampler that takes it; None: the sampler's default), its own `options` and optionally each
+    row's own target λ (`step_targets`). ValueError when the sampler cannot start at the grid's
+    λ_0 = −∞."""
+    check_sampler_args(logsnr.numel(), sampler, v, eta)
+    logsnr = logsnr.double()
+    if bool(torch.isneginf(logsnr[0])) and sampler not in PURE_NOISE_SAMPLERS:
+        raise ValueError(f"sampler {sampler} cannot start at λ = -inf (α = 0, a flow model's "
+                         f"first step); use {', '.join(PURE_NOISE_SAMPLERS)}, or a finite grid")
+    known = SAMPLER_SPECS[sampler].options
+    given = {name: value for name, value in (("v", v), ("eta", eta)) if name in known}
+    return sampler_rows(sampler, logsnr, final_logsnr=final_logsnr,
+                        targets=None if targets is None else step_targets(logsnr, targets),
+                        **{**given, **(options or {})})
 
 
-def _ddim(lam, lam_next, v, eta):
-    c_z, c_x, s = ddim_coefficients(lam, lam_next, eta)
-    return c_z, c_x, s, torch.zeros_like(s)
-
-
-def _dpmpp_2m(lam, lam_next, v, eta):
-    return dpmpp_2m_coefficients(lam, lam_next)
-
-
-SAMPLER_KINDS: dict[str, SamplerKind] = {
-    "ancestral": SamplerKind("ancestral", _ancestral),
-    "ddim": SamplerKind("ddim", _ddim),
-    "dpmpp_2m": SamplerKind("dpmpp_2m", _dpmpp_2m, state=("x_hat",)),
-}
-SAMPLERS = tuple(SAMPLER_KINDS)
-
-
-def prediction_alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (α, σ) that read x̂ = (z − σ·ε)/α from the net's answer at λ: alpha_sigma(λ), except
-    (1, 1) at λ = −∞, where α = 0 and the net answers z − x̂ (cfgengine.model)."""
-    alpha, sigma = alpha_sigma(logsnr)
-    pure_noise = torch.isneginf(logsnr)
-    return torch.where(pure_noise, 1.0, alpha), torch.where(pure_noise, 1.0, sigma)
-
-
-def step_targets(logsnr: torch.Tensor, final_logsnr: float = math.inf,
-                 targets: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 [T]: the λ each row steps to — `targets` checked (each ≥ its row's λ; only the
-    last may be +∞), else the next grid point and, from the last row, `final_logsnr`."""
-    if targets is None:
-        return torch.cat([logsnr[1:], logsnr.new_tensor([final_logsnr])])
+def step_targets(logsnr: torch.Tensor, targets) -> torch.Tensor:
+    """Each row's own target λ as float64 [T], checked: finite (the last may be +∞, z' = x̂) and
+    not below the λ the row starts at."""
     targets = torch.as_tensor(targets, dtype=torch.float64).reshape(-1)
     if targets.numel() != logsnr.numel():
         raise ValueError(f"targets holds {targets.numel()} values for {logsnr.numel()} steps")
@@ -140,28 +77,18 @@ def step_targets(logsnr: torch.Tensor, final_logsnr: float = math.inf,
 
 
 def table_from_logsnr(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
-                      eta: float = 0.0, final_logsnr: float = math.inf,
-                      targets: torch.Tensor | None = None) -> torch.Tensor:
-    """The float64 table [T, 6] of rows (α, σ, c_z, c_x, s, c_p) on the float64 grid `logsnr`:
-    row t steps from λ_t to its target (`step_targets`); a target of +∞ makes it z' = x̂."""
-    check_sampler_args(logsnr.numel(), sampler, v, eta)
-    logsnr = logsnr.double()
-    lam_next = step_targets(logsnr, final_logsnr, targets)
-    steps = logsnr.numel() - int(bool(torch.isposinf(lam_next[-1])))  # rows with a finite target
-    kind = SAMPLER_KINDS[sampler]
-    columns = torch.stack(kind.coefficients(logsnr[:steps], lam_next[:steps], v, eta), dim=1)
-    if steps < logsnr.numel():
-        last = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)  # z' = x̂
-        columns = torch.cat([columns, last], dim=0)  # (T, 4)
-    alpha, sigma = prediction_alpha_sigma(logsnr)
-    return torch.cat([torch.stack([alpha, sigma], dim=1), columns], dim=1)  # (T, 6)
+                      eta: float | None = None, options: dict | None = None,
+                      final_logsnr: float = math.inf) -> torch.Tensor:
+    """The float64 table [R, 6..8] of rows (α, σ, c_z, c_x, s, c_p, …) on the float64 grid
+    `logsnr`. The last row steps to `final_logsnr`: +∞ (the default) makes it z' = x̂."""
+    return sampler_plan_rows(logsnr, sampler, v, eta, options, final_logsnr).table
 
 
 def coefficient_table(steps: int | None, sampler: str = "ancestral", *, v: float = 0.3,
-                      eta: float = 0.0, grid: str = "cosine", logsnr_range=LOGSNR_RANGE,
+                      eta: float | None = None, grid: str = "cosine", logsnr_range=LOGSNR_RANGE,
                       logsnr: torch.Tensor | None = None,
                       device: torch.device | str | None = None) -> torch.Tensor:
-    """The sampler's table float32 [T, 6] of rows (α, σ, c_z, c_x, s, c_p), built on `device`."""
+    """The sampler's table float32 [R, 6..8] of rows (α, σ, c_z, c_x, s, c_p, …) on `device`."""
     lam = grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range, logsnr=logsnr)
     table = table_from_logsnr(lam, sampler, v=v, eta=eta)
     return table.to(device=device, dtype=torch.float32)
@@ -169,11 +96,12 @@ def coefficient_table(steps: int | None, sampler: str = "ancestral", *, v: float
 
 @dataclass(frozen=True, eq=False)
 class StepPlan:
-    """Everything a sampling loop needs for one (sampler, grid, rule): the float64 table [R, 6]
-    and the λ the net sees at each row (host; the state is at that λ too), the λ each row steps
-    to, and per row on the host whether the net runs the
-    doubled batch (2B rows: the rule guides this step) and whether the row draws no noise (s = 0);
-    `state` names the per-row buffers the sampler and the rule keep. Every loop — the Sampler's,
+    """Everything a sampling loop needs for one (sampler, grid, rule): the float64 table
+    [R, 6..8] — R network evaluations — and the λ the net sees at each row (host), and per row on
+    the host whether the net runs the doubled batch (2B rows: the rule guides this row) and
+    whether the row draws no noise (s = 0; a row that draws uses key row + 1); `state` names the
+    per-row buffers the sampler and the rule keep; `steps` is each row's grid step (a two-stage
+    sampler has 2 rows per step). Every loop — the Sampler's,
     the CUDA graph's, the serving batch's and the bench's — runs from a StepPlan; none of them
     looks at a sampler's name or a table's width."""
 
@@ -182,7 +110,7 @@ class StepPlan:
     doubled: tuple[bool, ...]
     quiet: tuple[bool, ...]
     state: tuple[str, ...]
-    targets: torch.Tensor | None = None  # float64 [R]: the λ each row steps to (+∞: to x̂)
+    steps: tuple[int, ...] = ()
     _on: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -190,7 +118,7 @@ class StepPlan:
         return self.table.shape[0]
 
     def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(table float32 [R, 6], λ float32 [R]) on `device`, copied once per device."""
+        """(table float32 [R, 6..8], λ float32 [R]) on `device`, copied once per device."""
         device = torch.device(device)
         if device not in self._on:
             self._on[device] = (self.table.to(device, torch.float32),
@@ -203,30 +131,34 @@ class StepPlan:
 
 
 def step_plan(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
-              eta: float = 0.0, rule=None, final_logsnr: float = math.inf,
-              targets: torch.Tensor | None = None) -> StepPlan:
-    """The StepPlan of `sampler` on the float64 grid `logsnr` under guidance `rule` (a CFG,
-    ZeroStar or APG config; None = CFG()): the rule's interval decides which rows are doubled, its
-    per-row state (APG's momentum) joins the sampler's. Each row steps to the next grid point and
-    the last to `final_logsnr`, unless `targets` gives each row's own (a pipeline-exact
-    schedule, ModelInfo.steps_to)."""
-    lam = logsnr.double()
-    targets = step_targets(lam, final_logsnr, targets)
-    table = table_from_logsnr(lam, sampler, v=v, eta=eta, targets=targets)
+              eta: float | None = None, options: dict | None = None, rule=None,
+              final_logsnr: float = math.inf, targets: torch.Tensor | None = None) -> StepPlan:
+    """The StepPlan of `sampler` (with `options`, cfgengine.samplers) on the float64 grid `logsnr`
+    under guidance `rule` (a CFG, ZeroStar or APG config; None = CFG()): the rule's interval
+    decides which rows are doubled (by the λ each row's net sees), its per-row state (APG's
+    momentum) joins the sampler's x̂ history. Each row steps to the next grid point and the last
+    to `final_logsnr`, unless `targets` gives each row's own (ModelInfo.steps_to)."""
+    rows = sampler_plan_rows(logsnr, sampler, v, eta, options, final_logsnr, targets)
     rule = CFG() if rule is None else rule
     interval = rule.interval
-    doubled = tuple(interval is None or interval[0] <= x <= interval[1] for x in lam.tolist())
-    quiet = tuple(s == 0 for s in table[:, NOISE].tolist())
-    state = SAMPLER_KINDS[sampler].state + rule.row_state
-    return StepPlan(table, lam, doubled, quiet, state, targets)
+    doubled = tuple(interval is None or interval[0] <= x <= interval[1]
+                    for x in rows.logsnr.tolist())
+    return StepPlan(rows.table, rows.logsnr, doubled, rows.quiet, rows.state + rule.row_state,
+                    rows.steps)
 
 
-def check_sampler_args(steps: int, sampler: str, v: float, eta: float) -> None:
-    """Raise ValueError naming the first bad sampler setting."""
+def check_sampler_args(steps: int, sampler: str, v: float | None, eta: float | None,
+                       options: dict | None = None) -> None:
+    """Raise ValueError naming the first bad sampler setting (v and η: numbers in [0, 1], or None
+    for the sampler's default; `options`: the sampler's own, cfgengine.samplers)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an integer ≥ 2, got {steps!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     for name, value in (("v", v), ("eta", eta)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                      and 0 <= value <= 1):
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"sampler_options must be a dict, got {type(options).__name__}")
+    sampler_options(sampler, **(options or {}))

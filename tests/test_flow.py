@@ -135,11 +135,18 @@ def test_the_first_row_at_alpha_zero_reads_x_hat_from_the_net():
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "dpmpp_2m"])
-def test_every_sampler_runs_a_flow_model(sampler):
+def test_the_grid_samplers_run_a_flow_model(sampler):
     model = FlowMatching(TinyNet().eval(), num_classes=CLASSES, sample_shape=SHAPE, shift=3.0)
     labels, w, _ = setting()
     out = engine(model, labels, w, 6, sampler)
     assert out.shape == (4, *SHAPE) and bool(torch.isfinite(out).all())
+
+
+def test_a_sigma_space_sampler_refuses_alpha_zero_in_one_line():
+    model = FlowMatching(TinyNet().eval(), num_classes=CLASSES, sample_shape=SHAPE)
+    labels, w, _ = setting()
+    with pytest.raises(ValueError, match="cannot start at λ = -inf"):
+        engine(model, labels, w, 6, "heun")
 
 
 def test_bad_settings_fail_in_one_line():

@@ -13,7 +13,7 @@ input and the net's output to ε:
 
 A flow model starts at t = 1 (λ = −∞, α = 0), where ε = z says nothing about x: there the wrapper
 answers z − x̂ = v in ε's slot, which the step reads back as x̂ (cfgengine.model,
-cfgengine.tables.prediction_alpha_sigma). Guidance is unchanged by the conversions: ε, v and D are
+cfgengine.schedule.prediction_alpha_sigma). Guidance is unchanged by the conversions: ε, v and D are
 affine in one another at a fixed state, so eq. 6 on ε is eq. 6 on v or on D.
 """
 from __future__ import annotations
