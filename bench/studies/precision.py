@@ -179,10 +179,10 @@ def main(argv=None) -> None:
     parser.add_argument("--force", default="", help="precisions to sample even where emulated "
                         "(bf16 without native bf16 ran 14-55x slower than fp32 here)")
     args = parser.parse_args(argv)
-    study = StudyConfig(args.model, tuple(args.precisions.split(",")),
-                        tuple(float(x) for x in args.noise.split(",") if x), args.n, args.steps,
-                        args.w, args.seed, args.rounds, args.out,
-                        tuple(p for p in args.force.split(",") if p))
+    study = StudyConfig(model=args.model, precisions=tuple(args.precisions.split(",")),
+                        noise=tuple(float(x) for x in args.noise.split(",") if x), n=args.n,
+                        steps=args.steps, w=args.w, seed=args.seed, rounds=args.rounds,
+                        out=args.out, force=tuple(p for p in args.force.split(",") if p))
     command = "python -m cfgengine.bench.studies.precision " + " ".join(argv or [])
     result = run(study)
     paths = write(result, command.strip())
