@@ -166,7 +166,8 @@ def write(result: dict, command: str) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> None:
+def parse(argv: list[str]) -> StudyConfig:
+    """The StudyConfig of a command line (every flag named as its field)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = StudyConfig()
     parser.add_argument("--model", default=default.model)
@@ -179,11 +180,15 @@ def main(argv=None) -> None:
     parser.add_argument("--force", default="", help="precisions to sample even where emulated "
                         "(bf16 without native bf16 ran 14-55x slower than fp32 here)")
     args = parser.parse_args(argv)
-    study = StudyConfig(model=args.model, precisions=tuple(args.precisions.split(",")),
-                        noise=tuple(float(x) for x in args.noise.split(",") if x), n=args.n,
-                        steps=args.steps, w=args.w, seed=args.seed, rounds=args.rounds,
-                        out=args.out, force=tuple(p for p in args.force.split(",") if p))
-    command = "python -m cfgengine.bench.studies.precision " + " ".join(argv or [])
+    return StudyConfig(model=args.model, precisions=tuple(args.precisions.split(",")),
+                       noise=tuple(float(x) for x in args.noise.split(",") if x), n=args.n,
+                       steps=args.steps, w=args.w, seed=args.seed, rounds=args.rounds,
+                       out=args.out, force=tuple(p for p in args.force.split(",") if p))
+
+
+def main(argv: list[str]) -> None:
+    study = parse(argv)
+    command = "python -m cfgengine.bench.studies.precision " + " ".join(argv)
     result = run(study)
     paths = write(result, command.strip())
     print(markdown(result, command.strip()) + "wrote " + ", ".join(map(str, paths)))

@@ -32,3 +32,11 @@ def test_verdicts_resolve_only_disjoint_intervals():
     assert not v["variants"]["fp32+noise 0.1"]["overlaps_fp32"]["fid"]
     assert v["smallest_resolved_fid_gap"] == 4
     assert v["fp32_fid_half_width"] == 1
+
+
+def test_command_line_sets_every_field():
+    study = precision.parse(["--n", "7", "--precisions", "fp32,int8", "--noise", "0.2",
+                             "--out", "x", "--force", "bf16", "--steps", "4", "--w", "1"])
+    assert study == precision.StudyConfig(precisions=("fp32", "int8"), noise=(0.2,), n=7,
+                                          steps=4, w=1.0, out="x", force=("bf16",))
+    assert precision.parse([]) == precision.StudyConfig()
