@@ -5,7 +5,7 @@ of a stated size relative to each tensor's RMS — that show which FID differenc
 resolves at this n: "inside fp32's interval" means something only if a known-worse model falls
 outside it.
 
-    python -m cfgengine.bench.studies.precision                # shapes, n = 500, T = 16
+    python -m cfgengine.bench.studies.precision                # shapes, n = 1000, T = 16
     python -m cfgengine.bench.studies.precision --n 200 --precisions fp32,int8
 
 Writes bench/results/precision-shapes.json and .md. A precision whose interval does not overlap
@@ -41,8 +41,8 @@ SCORED = ("fid", "inception_score", "precision", "recall")
 class StudyConfig:
     model: str = "default"
     precisions: tuple[str, ...] = ("fp32", "bf16", "int8")
-    noise: tuple[float, ...] = (0.03, 0.1)  # relative std of the added weight noise (fp32)
-    n: int = 500  # samples per variant, class-balanced: about 10 minutes here (fp32, int8, 2 noisy)
+    noise: tuple[float, ...] = (0.03, 0.05, 0.1)  # relative std of the added weight noise (fp32)
+    n: int = 1000  # samples per variant, class-balanced: 5-13 minutes here at load 3-10
     steps: int = 16
     w: float = 0.3
     seed: int = 0
