@@ -129,10 +129,15 @@ def _cells(specs: list[dict], runs: dict, flops: dict, roofline: dict
         else:
             timed[_key(spec)] = done
     peers = {k[0]: _medians(v) for k, v in timed.items() if k[0] in harness.BASELINES}
+    rounds = {k[0]: v for k, v in timed.items() if k[0] in harness.BASELINES}
     rows = []
     for (name, precision), done in timed.items():
         for key, m in _medians(done).items():
-            rows.append(_row(name, precision, key, m, peers, flops, roofline, done))
+            row = _row(name, precision, key, m, peers, flops, roofline, done)
+            if row["role"] == "engine":
+                row["speedup_by_round"] = {p: _by_round(done, peer, key)
+                                           for p, peer in rounds.items()}
+            rows.append(row)
     return rows, skipped
 
 
@@ -146,6 +151,15 @@ def _medians(done: list[dict]) -> dict[tuple[int, int], dict]:
             cell["floor"].append(c["t_forward_2B"])
             cell["step"] += [c["t_step"]] if c.get("t_step") is not None else []
     return {k: dict(v, seconds=statistics.median(v["all"])) for k, v in cells.items()}
+
+
+def _by_round(engine: list[dict], peer: list[dict], key: tuple[int, int]) -> list[float]:
+    """Per round (the i-th process of each runner, run close in time): peer / engine median
+    seconds — how far one round's ratio strays when the machine's load changes between rounds."""
+    def seconds(run: dict) -> float:
+        return statistics.median(next(c["seconds_all"] for c in run["cells"]
+                                      if (c["batch"], c["steps"]) == key))
+    return [seconds(b) / seconds(e) for e, b in zip(engine, peer)]
 
 
 def _row(name: str, precision: str, key: tuple[int, int], m: dict, peers: dict, flops: dict,

@@ -34,6 +34,12 @@ def markdown(report: dict, figure: str | None = None) -> str:
     """The run as markdown: where, the per-cell table, the a + b·T fits and the goals."""
     lines = [_header(report), "", *cell_table(report), "", *fit_table(report), "",
              *goal_table(report)]
+    rounds = [r for r in report["cells"] if r.get("speedup_by_round")]
+    if rounds:
+        lines += ["", "Speed-ups per round (the i-th process of each runner): " + "; ".join(
+            f"{r['runner']} {r['precision']} B={r['batch']} T={r['steps']}: " + ", ".join(
+                f"× {p} " + "/".join(f"{x:.2f}" for x in xs)
+                for p, xs in r["speedup_by_round"].items()) for r in rounds)]
     if report.get("precision_goals"):
         lines += ["", *goal_table(dict(goals={"issue 27": report["precision_goals"]}))]
     if report.get("skipped"):

@@ -83,6 +83,7 @@ def test_precisions_of_one_backend_stay_apart():
     assert got[("cfgengine/auto", "fp32")]["speedup"]["baseline2"] == 2.0
     assert got[("cfgengine/auto", "int8")]["speedup"]["baseline2"] == 4.0
     assert got[("cfgengine/auto", "int8")]["pids"] == [2]
+    assert got[("cfgengine/auto", "int8")]["speedup_by_round"] == {"baseline2": [4.0]}
     assert got[("cfgengine/auto", "int8")]["roofline_fraction"] is None  # no int8 GEMM measured
     goals = isolated.precision_goals(rows)
     assert goals["faster of bf16/int8 >= 2.5x baseline2 at B = 1"]["worst"] == 4.0
