@@ -147,7 +147,9 @@ class DiffusersDenoiser(nn.Module):
         return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
                          sample_shape=self.sample_shape, clip=self.clip,
                          logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
-                         decode=self.decode, class_names=self.class_names)
+                         decode=self.decode, class_names=self.class_names,
+                         config=dict(prediction_type=self.prediction_type,
+                                     net=dict(self.net.config)))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [−1, 1] from samples x: through the VAE for latent models, else x itself."""
