@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from cfgengine import distributed
+from cfgengine import distributed, provenance
 from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.cli.budget import plan_batch
@@ -185,6 +185,7 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
+    distributed.agree_on("the model", lambda: provenance.derivation(model))  # under torchrun
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
     labels = sample_labels(engine.info, args.classes, args.n)
