@@ -10,9 +10,9 @@ one row per guided row.
 What the engine needs to know besides the call — classes, sample shape, clip bound, λ range, the
 model's own grid, names — is a `ModelInfo`, made once where a model is loaded (`info(model)`) and
 passed on; nothing else in the engine asks a model for attributes. A user's own callable needs only
-`num_classes` and `sample_shape` (and optionally `clip`, `class_names`, `guidance_embedded`, and
-`config`: a dataclass or dict of the settings its forward depends on); a model that knows more
-carries a complete `ModelInfo` as its `info` attribute.
+`num_classes` and `sample_shape` (and optionally `clip`, `class_names`, `dataset`,
+`guidance_embedded`, and `config`: a dataclass or dict of the settings its forward depends on);
+a model that knows more carries a complete `ModelInfo` as its `info` attribute.
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ class ModelInfo:
     final_logsnr: float = math.inf
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     class_names: tuple[str, ...] = ()
+    dataset: str = ""  # the dataset a cfgengine model was trained on (its eval's feature space)
     guidance_embedded: bool = False
     conditioning: str = "class"  # "class": int64 ids (K = null); "text": TextCondition rows
     encode: Callable[[list[str]], TextCondition] | None = None  # prompts → rows ("text" models)
@@ -96,7 +97,7 @@ class ModelInfo:
 def info(model) -> ModelInfo:
     """The model's `ModelInfo`: its own `info` when it carries one, else built from the minimal
     contract of a user's callable (num_classes, sample_shape; optionally clip, class_names,
-    guidance_embedded, config). ValueError naming what is missing."""
+    dataset, guidance_embedded, config). ValueError naming what is missing."""
     own = getattr(model, "info", None)
     if isinstance(own, ModelInfo):
         return own
@@ -110,6 +111,7 @@ def info(model) -> ModelInfo:
                      sample_shape=tuple(int(d) for d in model.sample_shape),
                      clip=None if clip is None else float(clip),
                      class_names=tuple(getattr(model, "class_names", ()) or ()),
+                     dataset=str(getattr(model, "dataset", "") or ""),
                      guidance_embedded=bool(getattr(model, "guidance_embedded", False)),
                      config=_config(getattr(model, "config", None)))
 
