@@ -51,12 +51,13 @@ def tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             *model.named_buffers(remove_duplicate=False)]
 
 
-def fingerprint(model: torch.nn.Module) -> list[tuple]:
-    """Which tensors the model holds and their in-place version counters: cheap, and equal
-    only while no tensor was replaced or changed through itself (writes through `.data`
-    bypass the counters: see `content_crc`)."""
-    return [(name, id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device)
-            for name, t in tensors(model)]
+def fingerprint(modules: list[torch.nn.Module]) -> list[tuple]:
+    """Which tensors `modules` (a model's `modules()`, listed once) hold and their in-place
+    version counters: ≈ 0.1 ms for a few hundred tensors, equal only while no tensor was
+    replaced (`p.data = …`, `load_state_dict(assign=True)`) or changed through itself (writes
+    through `.data` bypass the counters: see `content_crc`)."""
+    return [(id(t), t.data_ptr(), t._version) for m in modules
+            for table in (m._parameters, m._buffers) for t in table.values() if t is not None]
 
 
 def content_crc(model: torch.nn.Module) -> int:

@@ -292,7 +292,7 @@ class OnnxRuntimeDenoiser:
         self.sample_shape = self.info.sample_shape
         self.runtime = "onnxruntime"  # what ran the last call: onnxruntime or torch
         self._fingerprint, self._check, self._key, self._weights = None, None, None, None
-        self._failed, self._folder = False, None
+        self._failed, self._folder, self._modules = False, None, None
         self._wanted = not auto
 
     def plan(self, rows: int, steps: int) -> None:
@@ -317,10 +317,13 @@ class OnnxRuntimeDenoiser:
 
     def key(self, check_content: bool = False) -> str:
         """The cache key of the model as it is now, re-derived when a tensor was replaced or
-        changed in place (every call), or — with `check_content` — when the tensors' bytes or
-        the settings changed where torch's version counters cannot see (`p.data.mul_`)."""
-        fingerprint = provenance.fingerprint(self.model)
+        changed in place (every call), or — with `check_content` — when the tensors' bytes, the
+        settings or the module tree changed where torch's version counters cannot see
+        (`p.data.mul_`, a submodule swapped)."""
         fresh = check_content or self._key is None
+        if fresh:
+            self._modules = list(self.model.modules())
+        fingerprint = provenance.fingerprint(self._modules)
         check = provenance.content_check(self.model) if fresh else self._check
         if fingerprint != self._fingerprint or check != self._check:
             parts = derivation(self.model, self.precision, self.sample_shape)
