@@ -152,8 +152,9 @@ class DiffusersDenoiser(nn.Module):
                          sample_shape=self.sample_shape, clip=self.clip,
                          logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
                          decode=self.decode, class_names=self.class_names,
-                         config=dict(prediction_type=self.prediction_type,
-                                     net=dict(self.net.config)))
+                         config=dict(prediction_type=self.prediction_type, net={
+                             k: v for k, v in self.net.config.items()
+                             if not k.startswith("_")}))  # not _name_or_path: where it lay
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [−1, 1] from samples x: through the VAE for latent models, else x itself."""

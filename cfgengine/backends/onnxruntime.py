@@ -113,7 +113,7 @@ def cache_folder(auto: bool) -> Path:
 def _unsafe(folder: Path) -> str | None:
     """Why another user could plant or swap graphs in `folder`, or None: it or a folder above
     it is world-writable without the sticky bit, or it (or its parent) belongs to another user."""
-    folder = folder.absolute()
+    folder = folder.resolve()  # a symlinked cache is judged where it points
     for depth, path in enumerate([folder, *folder.parents]):
         try:
             info_ = path.stat()

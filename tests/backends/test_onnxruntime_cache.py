@@ -60,6 +60,10 @@ def test_prediction_type_edited_in_a_diffusers_folder_is_another_graph(tmp_path)
         folder)
     eps_model = cfgengine.load(str(folder))
     run(eps_model)  # exports and caches the epsilon graph
+    moved = cfgengine.load(str(shutil.copytree(folder, tmp_path / "moved")))
+    shape = eps_model.sample_shape
+    assert ort_backend.cache_key(moved, "fp32", shape) == \
+        ort_backend.cache_key(eps_model, "fp32", shape)  # the same model in another folder
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()),
                                       prediction_type="v_prediction")))
