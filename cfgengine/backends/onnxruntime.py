@@ -34,6 +34,7 @@ import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -138,11 +139,16 @@ def _warn_once(line: str) -> None:
 
 
 def session(model: torch.nn.Module, precision: str, device: torch.device, key: str,
-            weights: str, folder: Path):
+            weights: str | None = None, folder: Path | None = None,
+            write: Callable[[Path, str], Path] | None = None):
     """The OnnxBackend of `model` for `key` (`weights`: its weights' SHA-256): from memory, else
-    from `folder` when the graph there records this key and these weights, else exported now
-    (replacing a corrupt, foreign or stale entry). ValueError naming the file to delete when
-    even a fresh export cannot be used."""
+    from `folder` (default: the cache folder) when the graph there records this key and these
+    weights, else made now by `write(path, key)` (default: exported at `precision`), replacing a
+    corrupt, foreign or stale entry. ValueError naming the file to delete when even a fresh
+    graph cannot be used."""
+    weights = weights or provenance.weights_sha256(model)
+    folder = folder or cache_folder(auto=False)
+    write = write or functools.partial(_export, model, precision)
     if key in _SESSIONS:
         _SESSIONS.move_to_end(key)
         return _SESSIONS[key]
@@ -150,7 +156,7 @@ def session(model: torch.nn.Module, precision: str, device: torch.device, key: s
     backend, why = _load_cached(path, device, key, weights) if path.is_file() else (None, None)
     if backend is None:
         try:
-            path = _export(model, precision, path, key)
+            path = write(path, key)
         except Exception as err:
             if why is None:
                 raise
@@ -343,11 +349,18 @@ class OnnxRuntimeDenoiser:
                 or batch > 2 * MAX_BATCH:
             return None
         try:
-            key = self.key()
-            return session(self.model, self.precision, self.device, key, self._weights,
-                           self.folder())
+            return self._session()
         except Exception as err:  # the exporters raise many types; all mean "cannot run ORT"
             return self._fall_back(err)
+
+    def _session(self):
+        key = self.key()
+        return session(self.model, self.precision, self.device, key, self._weights,
+                       self.folder(), self._write)
+
+    def _write(self, path: Path, key: str) -> Path:
+        """Make this denoiser's graph at `path`, recording `key` (where it lands: see _export)."""
+        return _export(self.model, self.precision, path, key)
 
     def _fall_back(self, err: Exception) -> None:
         why = f"ONNX Runtime backend unavailable ({_first_line(err, 500)})"
