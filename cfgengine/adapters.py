@@ -9,10 +9,13 @@ maps cfgengine's null label K = num_classes to the model's null class embedding.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cfgengine.folder_config import PREDICTION_TYPES, check_config
 from cfgengine.model import ModelInfo
 from cfgengine.schedule import alpha_sigma
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MODEL_COMPONENTS = ("unet", "transformer")  # where a pipeline folder keeps its denoising net
 MIN_ALPHAS_CUMPROD = 2.0**-24  # zero terminal SNR (ᾱ = 0, λ = −∞) is floored, as diffusers does
 
@@ -210,7 +214,10 @@ class DiffusersDenoiser(nn.Module):
                          logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
                          final_logsnr=self.schedule.final_logsnr(self._logsnr_table64),
                          steps_to=self.steps_to if exact else None,
-                         decode=self.decode, class_names=self.class_names)
+                         decode=self.decode, class_names=self.class_names,
+                         config=dict(prediction_type=self.prediction_type, net={
+                             k: v for k, v in self.net.config.items()
+                             if not k.startswith("_")}))  # not _name_or_path: where it lay
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [−1, 1] from samples x: through the VAE for latent models, else x itself."""
@@ -291,8 +298,9 @@ def from_diffusers(model: nn.Module, scheduler, vae: nn.Module | None = None, *,
     if alphas_cumprod is None:
         raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: cfgengine needs a "
                          "DDPM-family scheduler (the model's training schedule)")
-    return _adapt(model, alphas_cumprod, dict(scheduler.config), vae, null_label, class_names,
-                  schedule)
+    config = dict(scheduler.config)
+    check_config(f"{type(scheduler).__name__} config", config)
+    return _adapt(model, alphas_cumprod, config, vae, null_label, class_names, schedule)
 
 
 def _adapt(net, alphas_cumprod, config: dict, vae, null_label, class_names,
@@ -317,18 +325,38 @@ def is_pipeline_folder(path: Path) -> bool:
 def load_folder(folder: str | Path, *, schedule: str = "consistent") -> DiffusersDenoiser:
     """A diffusers pipeline folder (model_index.json; unet/ or transformer/, scheduler/, optional
     vae/) → a DiffusersDenoiser on the scheduler's own timesteps (`schedule`: TimestepSchedule);
-    ValueError in one line for a folder cfgengine cannot read."""
+    ValueError in one line for a folder cfgengine cannot read: the config fields it builds from
+    are checked first (cfgengine.folder_config), the weights must fill the net exactly, and any
+    other failure while building names the folder."""
     folder = Path(folder)
     if not is_pipeline_folder(folder):
         raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     index = _read_json(folder / "model_index.json")
-    net = _load_component(folder, index, _model_component(folder, index), _model_classes())
-    vae = None
-    if index.get("vae") and (folder / "vae").is_dir():
-        vae = _load_component(folder, index, "vae", {"AutoencoderKL": _diffusers().AutoencoderKL})
+    name = _model_component(folder, index)
     config = _scheduler_config(folder, index)
-    return _adapt(net, training_alphas_cumprod(config), config, vae, None,
-                  _class_names(index), schedule)
+    vae = bool(index.get("vae")) and (folder / "vae").is_dir()
+    for component in (name, "vae") if vae else (name,):
+        _component_config(folder, component)
+    try:
+        net = _load_component(folder, index, name, _model_classes())
+        if vae:
+            vae = _load_component(folder, index, "vae",
+                                  {"AutoencoderKL": _diffusers().AutoencoderKL})
+        return _adapt(net, training_alphas_cumprod(config), config, vae or None, None,
+                      _class_names(index), schedule)
+    except ValueError as err:
+        raise ValueError(err if str(folder) in str(err) else f"{folder}: {err}") from None
+    except Exception as err:  # diffusers' and torch's own errors while building: one line
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{folder}: cannot build the model ({type(err).__name__}: "
+                         f"{first})") from None
+
+
+def _component_config(folder: Path, name: str) -> None:
+    """Check a component's config.json (when it has one: from_pretrained reports its absence)."""
+    path = folder / name / "config.json"
+    if path.is_file():
+        check_config(path, _read_json(path))
 
 
 def _read_json(path: Path) -> dict:
@@ -366,7 +394,45 @@ def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.M
         raise ValueError(f"{folder}: model_index.json names {name}, but there is no {name}/")
     # accelerate only makes loading leaner; without it diffusers warns unless told not to use it
     lean = importlib.util.find_spec("accelerate") is not None
-    return classes[class_name].from_pretrained(folder / name, low_cpu_mem_usage=lean).eval()
+    try:
+        with _quiet_diffusers():  # its "newly initialized" warnings: ours says it in one line
+            net, loading = classes[class_name].from_pretrained(
+                folder / name, low_cpu_mem_usage=lean, output_loading_info=True)
+    except RuntimeError as err:  # torch's load_state_dict: "size mismatch for KEY: …" lines
+        _check_loading(folder / name, {"mismatched_keys": re.findall(
+            r"size mismatch for ([\w.]+)", str(err))})
+        raise
+    _check_loading(folder / name, loading)
+    return net.eval()
+
+
+def _check_loading(component: Path, loading: dict) -> None:
+    """ValueError naming the weights file and the keys unless the file filled every tensor of
+    the net and nothing else (a missing class table would be left random)."""
+    problems = [(what, loading.get(key) or []) for what, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                 ("mismatched", "mismatched_keys"))]
+    problems = [f"{what} {_keys(keys)}" for what, keys in problems if keys]
+    if problems:
+        weights = next((component / f for f in WEIGHT_FILES if (component / f).is_file()),
+                       component)
+        raise ValueError(f"{weights}: weights do not match the config ({'; '.join(problems)})")
+
+
+def _keys(keys: list) -> str:
+    names = [str(k[0] if isinstance(k, tuple) else k) for k in keys]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _scheduler_config(folder: Path, index: dict) -> dict:
@@ -374,7 +440,9 @@ def _scheduler_config(folder: Path, index: dict) -> dict:
     if not index.get("scheduler") or not path.is_file():
         raise ValueError(f"{folder}: no scheduler/scheduler_config.json; cfgengine needs the "
                          "model's training schedule")
-    return _read_json(path)
+    config = _read_json(path)
+    check_config(path, config)
+    return config
 
 
 def training_alphas_cumprod(config: dict) -> torch.Tensor:

@@ -10,6 +10,10 @@ sample/eval split the sample ids 0..N−1 into contiguous shards, one per rank (
 is keyed by i, so a shard is the same numbers a single process draws for those rows); rank 0
 gathers and writes. Only rank 0 writes files and shows progress.
 
+Agreement: every command starts with a vote on a digest of its flags, and `sample` then on the
+model's digest (cfgengine.provenance: weights, config, code); ranks started with different
+`--classes`, `--w`, `--seed` or model files stop with one line before anything is written.
+
 Failure: the ranks run the same sequence of collectives, and every collective here starts with a
 vote (one all-reduce) on whether some rank has failed. A rank whose command raises casts a
 "failed" vote in place of its next collective: the lowest failing rank reports its error (one
@@ -189,6 +193,7 @@ def command(run: Callable) -> Callable:
 
 def _run_voting(run: Callable, args) -> int:
     try:
+        agree_on("the command's flags", vars(args))
         result = run(args)
         agree()  # a rank that failed after the last collective still stops the job
         return result
@@ -299,12 +304,32 @@ def check_identical(tensors, what: str) -> None:
     if _world.size == 1:
         return
     agree()
-    sums = torch.stack([t.detach().double().sum().cpu() for t in tensors])
-    low, high = sums.clone(), sums.clone()
+    if not _same_everywhere(torch.stack([t.detach().double().sum().cpu() for t in tensors])):
+        raise RuntimeError(f"{what} differ between ranks")
+
+
+def agree_on(what: str, record) -> None:
+    """ValueError (one line; every rank raises it, rank 0 reports) unless every rank holds the
+    same `record` (JSON-able data, or a function making it: called under torchrun only),
+    compared by 240 bits of its SHA-256."""
+    if _world.size == 1:
+        return
+    from cfgengine import provenance
+
+    agree()
+    digest = provenance.digest(provenance.plain(record() if callable(record) else record))
+    words = torch.tensor([int(digest[i:i + 15], 16) for i in range(0, 60, 15)], dtype=torch.int64)
+    if not _same_everywhere(words):
+        raise ValueError(f"the ranks disagree on {what}: start every rank with the same command "
+                         "line and model files (nothing was written)")
+
+
+def _same_everywhere(values: torch.Tensor) -> bool:
+    """Whether every rank holds the same `values` (one MIN and one MAX all-reduce)."""
+    low, high = values.clone(), values.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError(f"{what} differ between ranks")
+    return torch.equal(low, high)
 
 
 # ---------------------------------------------------------------------------------------------

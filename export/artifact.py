@@ -4,6 +4,7 @@ guided step and calls it once on 2B rows), the artifact's `ModelInfo` from its m
 checking against that metadata, optional-dependency imports."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +35,8 @@ class Backend:
         self.info = ModelInfo(name=str(self.path), num_classes=meta.num_classes,
                               sample_shape=meta.sample_shape, clip=meta.clip,
                               logsnr_range=meta.logsnr_range, class_names=meta.class_names,
-                              backend=self.backend_name, precision=meta.precision)
+                              backend=self.backend_name, precision=meta.precision,
+                              config=dataclasses.asdict(meta))  # its digest: the vote's
         self.num_classes, self.sample_shape = meta.num_classes, meta.sample_shape
 
     def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

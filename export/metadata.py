@@ -17,6 +17,7 @@ import torch
 
 from cfgengine.model import info
 from cfgengine.precision import PRECISIONS
+from cfgengine.provenance import weights_sha256  # noqa: F401 — re-exported: the artifact's source hash
 from cfgengine.schedule import LOGSNR_RANGE, check_logsnr_range
 
 FORMAT = "cfgengine-export"
@@ -146,18 +147,6 @@ def check_exportable(model, source: str | None = None) -> None:
         raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
                          "(e.g. a UNet checkpoint) can be exported")
     info(model)  # ValueError naming what a denoiser lacks
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over the state dict (names, dtypes, shapes, bytes): the same weights hash the same
-    whether they came from a ckpt.pt or a .safetensors file."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        # reshape first: a 0-d tensor (BatchNorm's step counter) cannot be viewed as bytes
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str | None,

@@ -94,9 +94,10 @@ def cache_key(fp32_key: str, settings: Calibration, config=None) -> str:
 
 
 def quantize(model: torch.nn.Module, fp32_path: Path, path: Path, settings: Calibration,
-             sample) -> Path:
+             sample, props: dict[str, str] | None = None) -> Path:
     """Write the int8 QDQ graph of the fp32 graph at `fp32_path` to `path` (atomically), with
-    our metadata (precision int8) and digest; returns the path."""
+    our metadata (precision int8) and digest, and `props` as further metadata entries (the
+    graph cache's key); returns the path."""
     import tempfile
 
     import onnx
@@ -120,6 +121,9 @@ def quantize(model: torch.nn.Module, fp32_path: Path, path: Path, settings: Cali
     del proto.metadata_props[:]
     int8 = metadata.ExportMeta(**{**asdict(meta), "precision": "int8"})
     proto = onnx_export.with_metadata(proto, int8)
+    for name, value in (props or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = name, value
     with atomic_path(Path(path), ".onnx") as tmp_path:
         onnx.save_model(proto, tmp_path)
     return Path(path)

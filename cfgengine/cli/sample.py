@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from cfgengine import distributed
+from cfgengine import distributed, provenance
 from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.adapters import SCHEDULES
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
@@ -236,6 +236,7 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code, schedule=args.schedule)
+    distributed.agree_on("the model", lambda: provenance.derivation(model))  # under torchrun
     facts = model_info(model)
     classes, n = sample_classes(facts, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
