@@ -8,6 +8,7 @@ Coefficients are computed in float64 from a float64 grid and rounded once.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -144,14 +145,23 @@ class StepPlan:
     doubled batch (2B rows: the rule guides this step) and whether the row draws no noise (s = 0);
     `state` names the per-row buffers the sampler and the rule keep. Every loop — the Sampler's,
     the CUDA graph's, the serving batch's and the bench's — runs from a StepPlan; none of them
-    looks at a sampler's name or a table's width."""
+    looks at a sampler's name or a table's width.
+
+    `guided` says where the rule's w applies (its interval); `doubled` is the subset of those rows
+    that run the null branch (all of them, except between CFG(refresh=k)'s refresh steps, where
+    the step reuses the stored Δ). Outside `guided` a loop passes w = 0."""
 
     table: torch.Tensor
     logsnr: torch.Tensor
     doubled: tuple[bool, ...]
     quiet: tuple[bool, ...]
     state: tuple[str, ...]
+    guided: tuple[bool, ...] = ()
     _on: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.guided:  # a plan built without `guided`: w applies where the net doubles
+            object.__setattr__(self, "guided", self.doubled)
 
     @property
     def rows(self) -> int:
@@ -165,24 +175,34 @@ class StepPlan:
                                 self.logsnr.to(device, torch.float32))
         return self._on[device]
 
+    def kinds(self) -> tuple[tuple[bool, bool], ...]:
+        """(doubled, guided) per row: the kinds of step a captured loop replays."""
+        return tuple(zip(self.doubled, self.guided))
+
     def unguided(self) -> "StepPlan":
         """The same plan with every row on B rows (w = 0 everywhere, or no labels)."""
-        return replace(self, doubled=(False,) * self.rows, _on=self._on)
+        return replace(self, doubled=(False,) * self.rows, guided=(False,) * self.rows,
+                       _on=self._on)
 
 
 def step_plan(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
               eta: float = 0.0, rule=None, final_logsnr: float = math.inf) -> StepPlan:
     """The StepPlan of `sampler` on the float64 grid `logsnr` under guidance `rule` (a CFG,
-    ZeroStar or APG config; None = CFG()): the rule's interval decides which rows are doubled, its
-    per-row state (APG's momentum) joins the sampler's."""
+    ZeroStar or APG config; None = CFG()): the rule's interval decides which rows are guided, and
+    of those CFG(refresh=k) doubles every k-th (counted from the first guided row, so the first
+    guided step always stores a fresh Δ); the rule's per-row state (APG's momentum, the stored Δ)
+    joins the sampler's."""
     lam = logsnr.double()
     table = table_from_logsnr(lam, sampler, v=v, eta=eta, final_logsnr=final_logsnr)
     rule = CFG() if rule is None else rule
     interval = rule.interval
-    doubled = tuple(interval is None or interval[0] <= x <= interval[1] for x in lam.tolist())
+    guided = tuple(interval is None or interval[0] <= x <= interval[1] for x in lam.tolist())
+    refresh = rule.refresh if isinstance(rule, CFG) else 1
+    order = itertools.accumulate(guided)  # 1-based position among the guided rows
+    doubled = tuple(g and (k - 1) % refresh == 0 for g, k in zip(guided, order))
     quiet = tuple(s == 0 for s in table[:, NOISE].tolist())
     state = SAMPLER_KINDS[sampler].state + rule.row_state
-    return StepPlan(table, lam, doubled, quiet, state)
+    return StepPlan(table, lam, doubled, quiet, state, guided)
 
 
 def check_sampler_args(steps: int, sampler: str, v: float, eta: float) -> None:

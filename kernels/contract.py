@@ -4,9 +4,11 @@
     x̂  = threshold((z − σ·ε̃)/α)          (APG forms x̂ directly in x̂ space)
     z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n   (α, σ, c_z, c_x, s, c_p) = table[step_i]
 
-An eps2 of B rows (instead of 2B) means the guidance is off at this step (w = 0 everywhere,
-unconditional sampling, or a step outside the rule's interval): ε̃ = ε_c whatever the rule, and
-APG's momentum is left as it is. Nothing here imports Triton.
+An eps2 of B rows (instead of 2B) means the null branch did not run at this step (w = 0
+everywhere, unconditional sampling, or a step outside the rule's interval): ε̃ = ε_c whatever the
+rule, and APG's momentum is left as it is — except under CFG(refresh=k), which keeps Δ = ε_c − ε_u
+per row (state.delta, stored on the steps with 2B rows) and on B rows takes ε̃ = ε_c + w_i·Δ (the
+caller passes w = 0 outside the interval). Nothing here imports Triton.
 """
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_SCALE = range(3)
 class RowState:
     """The per-row state a sampler and rule keep across steps, each fp32 [B, *S] or None (not
     kept). `momentum`: APG's m, updated in place on guided steps. `x_hat`: read as the previous
-    step's x̂ where c_p ≠ 0, then overwritten with this step's x̂.
+    step's x̂ where c_p ≠ 0, then overwritten with this step's x̂. `delta`: CFG(refresh=k)'s
+    Δ = ε_c − ε_u, written on steps with 2B rows and read on steps with B rows.
 
     New kinds of state are new fields defaulting to None, so callers that do not keep them are
     untouched; `zeros_like` and `rows` work on every field."""
     momentum: torch.Tensor | None = None
     x_hat: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
 
     @classmethod
     def zeros_like(cls, z: torch.Tensor, names) -> "RowState":
@@ -147,10 +151,21 @@ def check_rule_args(rule, state: RowState | None, clip) -> None:
                          "[B, *S] buffer, zeros at first)")
     if momentum is not None and momentum.dtype != torch.float32:
         raise ValueError(f"state.momentum must be float32, got {momentum.dtype}")
+    delta = None if state is None else state.delta
+    if refreshes(rule) and delta is None:
+        raise ValueError("CFG(refresh > 1) needs state=RowState(delta=...) (an fp32 [B, *S] "
+                         "buffer, zeros at first)")
+    if delta is not None and delta.dtype != torch.float32:
+        raise ValueError(f"state.delta must be float32, got {delta.dtype}")
     if not (clip is None or isinstance(clip, DynamicThreshold)
             or (is_number(clip) and math.isfinite(clip) and clip > 0)):
         raise ValueError(f"clip must be None, a positive number or a DynamicThreshold, "
                          f"got {clip!r}")
+
+
+def refreshes(rule) -> bool:
+    """Whether the rule keeps Δ between steps (CFG with refresh > 1)."""
+    return isinstance(rule, CFG) and rule.refresh > 1
 
 
 def is_number(value) -> bool:
