@@ -2,45 +2,23 @@
 metadata and the loaded backend's ModelInfo say `guidance_embedded`, and the exported backends
 (ONNX Runtime, AOTInductor) match the torch net call for call and sample for sample.
 
-The net is a tiny test net taking w (Fourier features of w added to the λ features), standing in
-for the distilled UNet."""
+The net is a tiny test net taking w (tests/tiny_distilled.py), standing in for the distilled
+UNet."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
-from torch import nn
 
 import cfgengine
 from cfgengine import CFG, export
 from cfgengine.export import metadata
 from cfgengine.export.program import example_inputs, input_names, trace
 from cfgengine.schedule import logsnr_grid
+from tests.tiny_distilled import TinyDistilled
 
 MAX_BATCH = 8
-
-
-class TinyDistilled(nn.Module):
-    """ε̃_w(z, λ, labels, w): a conv whose output is shifted and scaled per row by embeddings of
-    the label, λ and w — every input changes every output element."""
-
-    num_classes, sample_shape, clip, guidance_embedded = 3, (2, 6, 6), 1.0, True
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.class_embed = nn.Embedding(self.num_classes + 1, 2)
-        self.cond = nn.Linear(8, 4)
-        self.conv = nn.Conv2d(2, 2, 3, padding=1)
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(2), persistent=False)
-
-    def forward(self, z, logsnr, labels, w):
-        angles = torch.cat([(logsnr / 20)[:, None] * self.freqs, (w / 4)[:, None] * self.freqs], 1)
-        feats = self.cond(torch.cat([angles.sin(), angles.cos()], 1))  # (N, 4)
-        shift = self.class_embed(labels) + feats[:, :2]
-        return self.conv(z) * (1 + feats[:, 2:, None, None]) + shift[:, :, None, None]
 
 
 def rel_err(out, ref) -> float:
