@@ -55,6 +55,12 @@ STUDIES: dict[str, FewerStudyConfig] = {
     "shapes": FewerStudyConfig(data="shapes", model="default", n=500,
                                student="default-distilled"),
     "digits": FewerStudyConfig(data="digits", model="train", n=1000),
+    # what a loaded 2-core CPU affords (~10 min): the full shapes study is hours
+    "shapes-partial": FewerStudyConfig(data="shapes", model="default", n=200,
+                                       student="default-distilled", w=(0.0, 0.3, 1.0, 2.0),
+                                       steps=(4, 16), out="bench/results/fewer-study-partial",
+                                       notes=("partial: 200 samples per cell, w ≤ 2, T ∈ {4, 16}"
+                                              " — sized for a 2-core CPU shared with other jobs",)),
     "quick": FewerStudyConfig(data="digits", model="tiny-random", n=24, w=(0.0, 1.0),
                               steps=(4,), refresh=(2,), batch_size=16, rounds=20,
                               out="fewer-study-quick"),
@@ -221,7 +227,7 @@ def write(result: dict, study: FewerStudyConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.studies.fewer",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=STUDIES, help="shapes, digits or quick")
+    parser.add_argument("name", choices=STUDIES, help="shapes, shapes-partial, digits or quick")
     parser.add_argument("--student", default=None, help="a guidance-distilled model (default: "
                         "the study's, e.g. default-distilled for shapes)")
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")

@@ -6,48 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cfgengine.kernels.step as dispatch
-from cfgengine import CFG, DynamicThreshold
+from cfgengine import CFG
 from cfgengine.kernels import CounterNoise, RowState, guided_step
+from tests.kernels.test_fused_rules import (B, CLIPS, FP32_TOL, SHAPE, STEPS, TABLE, W,  # noqa: F401
+                                            inputs, launch, on_test_device, pytestmark, rel_err)
 
-pytestmark = pytest.mark.skipif(not dispatch.triton_installed(),
-                                reason="triton is not installed (non-Linux)")
-launch = pytest.importorskip("cfgengine.kernels.launch")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32_TOL = 2e-6
-SHAPE = (3, 17, 19)  # D = 969: not a power of two, not a multiple of 4
-W = torch.tensor([0.0, 0.3, 4.0, 1.5])
-B = W.numel()
 RULE = CFG(refresh=2)
-# (α, σ, c_z, c_x, s, c_p): a DDIM η = 0.5 row, a DPM-Solver++(2M) row (c_p ≠ 0), the last row.
-TABLE = torch.tensor([[0.6, 0.8, 0.9, 0.1, 0.3, 0.0],
-                      [0.75, 0.66, 0.85, 0.6, 0.0, -0.12],
-                      [0.99, 0.14, 0.0, 1.0, 0.0, 0.0]])
-STEPS = torch.tensor([0, 1, 1, 0])
-CLIPS = {"none": None, "static": 1.0, "dynamic": DynamicThreshold(p=0.9, max_value=1.6)}
-
-
-@pytest.fixture(autouse=True)
-def on_test_device():
-    with torch.device(DEVICE):
-        yield
-
-
-def inputs(seed: int, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    draw = lambda rows, scale=1.0: (scale * torch.randn((rows, *SHAPE), generator=gen,
-                                                        device="cpu")).to(DEVICE)
-    return dict(eps2=draw(2 * B).to(dtype), z=draw(B, 1.5).to(dtype),
-                x_prev=draw(B).to(dtype), noise=draw(B).to(dtype), delta=draw(B))
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def run(impl, t, doubled: bool, clip=None, w=W, steps=STEPS, noise=True):
-    """One step, 2B rows (Δ stored) or B rows (Δ read); returns (z', x̂, Δ after)."""
-    delta, x_hat = t["delta"].clone(), t["x_prev"].clone()
+    """One step, 2B rows (Δ stored) or B rows (Δ read, from the inputs' fp32 "state");
+    returns (z', x̂, Δ after)."""
+    delta, x_hat = t["state"].clone(), t["x_prev"].clone()
     eps2 = t["eps2"] if doubled else t["eps2"][:B]
     z_next = guided_step(eps2, t["z"], w, TABLE, steps, rule=RULE, clip=clip,
                          state=RowState(delta=delta, x_hat=x_hat),
@@ -65,7 +35,7 @@ def test_kernel_equals_reference(doubled, clip):
     if doubled:  # Δ = ε_c − ε_u, stored exactly
         assert torch.equal(got[2], t["eps2"][:B] - t["eps2"][B:])
     else:  # read, not written
-        assert torch.equal(got[2], t["delta"])
+        assert torch.equal(got[2], t["state"])
 
 
 @pytest.mark.parametrize("doubled", [True, False], ids=["refresh-step", "reuse-step"])
