@@ -320,6 +320,8 @@ def sample_shard(engine, labels: torch.Tensor, w: torch.Tensor, **options) -> to
         return torch.empty((0, *(options.get("shape") or engine.info.sample_shape)))
     all_ids = options.pop("sample_ids", None)
     ids = torch.arange(rows.start, rows.stop) if all_ids is None else all_ids[rows]
+    if options.get("init") is not None:  # image-to-image: this shard's start images
+        options["init"] = options["init"][rows]
     return engine.sample(labels[rows], w=w[rows], sample_ids=ids, **options).cpu()
 
 

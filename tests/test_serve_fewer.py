@@ -42,7 +42,14 @@ def test_refresh_requests_share_a_batch_and_equal_offline(gmm):
     for response, body in zip(responses, REFRESH):
         assert response.status_code == 200, response.text
         np.testing.assert_allclose(npy(response.content), _offline(gmm, body), atol=1e-4)
-    assert any(null == 0 for _, null in recorder.calls[1:-1])  # reuse steps ran no null rows
+
+
+def test_a_refresh_request_runs_null_rows_on_its_refresh_steps_only(gmm):
+    recorder = Recorder(gmm)
+    response, = asyncio.run(post_staggered(create_app(recorder, max_rows=32), REFRESH[:1]))
+    assert response.status_code == 200, response.text
+    # rows 1 and 2 have w ≠ 0: two null rows on t = 0, 2, 4, …; none between
+    assert recorder.calls == [(5, 2) if t % 2 == 0 else (3, 0) for t in range(12)]
 
 
 class Distilled:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from cfgengine import cpu
 from cfgengine.guidance import doubled_batch, null_labels
 from cfgengine.model import ModelInfo, info
 from cfgengine.precision import PRECISIONS, autocast_dtype
@@ -36,6 +37,12 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
             raise ValueError(f"this model is an exported {facts.backend} file; it runs only on "
                              f"backend {facts.backend}")
         return facts.backend
+    if device.type == "cpu":
+        cpu.check_precision(precision)  # refuses int8 / warns bf16 where the CPU cannot
+    if precision == "int8":
+        from cfgengine.backends import quantized
+
+        return quantized.check_backend(name, module, device)
     if name == "cudagraph" and facts.guidance_embedded:
         raise ValueError("backend cudagraph does not run guidance-distilled models yet; use "
                          "backend torch or compile")
@@ -137,9 +144,10 @@ class Prepared:
 
 
 def prepare(model, *, device=None, backend: str | None = None, precision: str | None = None,
-            facts: ModelInfo | None = None) -> Prepared:
+            facts: ModelInfo | None = None, sample=None) -> Prepared:
     """`model` ready to sample on `device` with `backend` at `precision` (each checked, one-line
-    ValueError otherwise); the model is moved there (in place for nn.Modules, like `.to`)."""
+    ValueError otherwise); the model is moved there (in place for nn.Modules, like `.to`).
+    `sample` (cfgengine.sample, passed by the layer above) calibrates int8 graphs."""
     facts = facts or info(model)
     module = isinstance(model, torch.nn.Module)
     device = check_device(device, model)
@@ -148,7 +156,14 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     model = move_model(model, device)
     runs_own_precision = facts.exported or name == "onnxruntime"
     dtype = None if runs_own_precision else autocast_dtype(precision)
-    if name == "onnxruntime":
+    if name == "onnxruntime" and precision == "int8":
+        from cfgengine.backends.quantized import Int8Denoiser
+
+        if sample is None:
+            raise ValueError("precision int8 calibrates on the model's own sampling: prepare "
+                             "it through cfgengine.Sampler")
+        net = Int8Denoiser(model, device, sample)
+    elif name == "onnxruntime":
         net = onnxruntime_denoiser()(model, precision, device, backend in (None, "auto"))
     elif name == "compile":
         net = torch.compile(model)

@@ -14,7 +14,7 @@ from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_w
 from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.guidance import APG, CFG, RULE_NAMES, DynamicThreshold, ZeroStar
-from cfgengine.model import ModelInfo
+from cfgengine.model import ModelInfo, info as model_info
 from cfgengine.registry import BUILTINS, load
 from cfgengine.precision import PRECISIONS
 from cfgengine.backends import BACKENDS
@@ -46,8 +46,11 @@ def add(sub) -> None:
     p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
                    help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
                         "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η ∈ [0, 1]: 0 = deterministic, 1 = the ancestral step with v = 0 "
-                        "(default: 0)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="η ∈ [0, 1] of DDIM (0 = deterministic, 1 = the ancestral step with v = 0) "
+                        "and of the ancestral/SDE samplers (their noise share) (default: the "
+                        "sampler's: 0 for ddim, 1 for euler_ancestral, dpmpp_2s_ancestral, "
+                        "dpmpp_2m_sde, dpmpp_3m_sde)")
     add_grid_flags(p)
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
@@ -71,9 +74,51 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default fp32, or an exported file's own); the step "
                         "is always fp32")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="image-to-image: start every row from this image (PNG/JPEG, resized to "
+                        "the model's size) or from an .npy/.npz array [*S] or [rows, *S] in "
+                        "[-1, 1]; needs --strength")
+    p.add_argument("--strength", type=float, default=None,
+                   help="image-to-image strength s ∈ (0, 1]: the run starts at step T − ⌊s·T⌋ "
+                        "(diffusers' convention; 1 = from noise)")
     p.add_argument("--out", default="samples.png", help="the figure (PNG; default: samples.png)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=run)
+
+
+def read_init(path: str | None, shape: tuple[int, ...], rows: int) -> torch.Tensor | None:
+    """The --init images as float [rows, *S] in [-1, 1]: an image file (resized, its channels
+    converted) or an array of one image or one per row."""
+    if path is None:
+        return None
+    try:
+        if path.endswith((".npy", ".npz")):
+            data = np.load(path, allow_pickle=False)
+            array = data[data.files[0]] if path.endswith(".npz") else data
+            x = torch.as_tensor(np.asarray(array, dtype=np.float32))
+        else:
+            x = _image_file(path, shape)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--init {path}: cannot read it ({err})") from None
+    if tuple(x.shape) == tuple(shape):
+        x = x.expand(rows, *shape)
+    if tuple(x.shape) != (rows, *shape):
+        raise UserError(f"--init {path}: shape {tuple(x.shape)}; the model samples "
+                        f"{tuple(shape)} (one image, or {rows} of them)")
+    return x.contiguous()
+
+
+def _image_file(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An image file as float [C, H, W] in [-1, 1] at the model's size and channel count."""
+    from PIL import Image
+
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"the model samples {tuple(shape)}, not images; give an .npy array")
+    channels, height, width = shape
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
+        array = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
 def add_grid_flags(p) -> None:
@@ -153,8 +198,9 @@ def guidance_rule(args):
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 
 
-def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) -> torch.Tensor:
-    """One block of n rows per class, in class order."""
+def sample_classes(facts: ModelInfo, classes: list[int] | None,
+                   n: int | None) -> tuple[list[int], int]:
+    """(class ids, samples per class), checked; nothing allocated (the memory budget is next)."""
     classes = list(range(facts.num_classes)) if classes is None else classes
     if not classes:
         raise UserError("--classes: give at least one class id")
@@ -165,7 +211,7 @@ def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) ->
         n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
-    return torch.tensor(classes).repeat_interleave(n)
+    return classes, n
 
 
 def check_output_flags(args) -> None:
@@ -190,12 +236,15 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
+    facts = model_info(model)
+    classes, n = sample_classes(facts, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
-    labels = sample_labels(engine.info, args.classes, args.n)
-    rows = len(labels) * len(args.w)
+    rows = len(classes) * n * len(args.w)
+    batch = plan_batch(rows, facts.sample_shape, args.steps, args.batch, engine.device,
+                       n_flag="--per-class/--n")  # before anything of `rows` size is allocated
+    labels = torch.tensor(classes).repeat_interleave(n)  # one block of n rows per class
     ids = sample_ids(args.first_id, rows)
-    batch = plan_batch(rows, engine.info.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
@@ -203,6 +252,8 @@ def run(args) -> int:
                                 logsnr_range=args.logsnr_range, guidance=rule,
                                 clip="auto" if args.threshold is None else args.threshold,
                                 seed=args.seed, sample_ids=ids, batch_size=batch,
+                                init=read_init(args.init, facts.sample_shape, rows),
+                                strength=args.strength,
                                 progress=sys.stderr.isatty() and distributed.is_main())
     seconds = time.perf_counter() - start
     if x is None:
