@@ -2,8 +2,7 @@
 metadata and the loaded backend's ModelInfo say `guidance_embedded`, and the exported backends
 (ONNX Runtime, AOTInductor) match the torch net call for call and sample for sample.
 
-The net is a tiny test net taking w (tests/tiny_distilled.py), standing in for the distilled
-UNet."""
+The net is a tiny UNet with the w-embedding (tests/tiny_distilled.py)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +15,7 @@ from cfgengine import CFG, export
 from cfgengine.export import metadata
 from cfgengine.export.program import example_inputs, input_names, trace
 from cfgengine.schedule import logsnr_grid
-from tests.tiny_distilled import TinyDistilled
+from tests.tiny_distilled import tiny_distilled
 
 MAX_BATCH = 8
 
@@ -27,7 +26,7 @@ def rel_err(out, ref) -> float:
 
 @pytest.fixture(scope="module")
 def student():
-    return TinyDistilled().eval().requires_grad_(False)
+    return tiny_distilled()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.runner.test_runner import check_parity
-from tests.tiny_distilled import TinyDistilled
+from tests.tiny_distilled import tiny_distilled
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def distilled_package(tmp_path_factory):
     from cfgengine.export import aoti
     from cfgengine.export.program import trace
 
-    traced = trace(TinyDistilled().eval().requires_grad_(False), max_batch=4,
+    traced = trace(tiny_distilled(), max_batch=4,
                    source="tiny-distilled")
     return aoti.export_program(traced, tmp_path_factory.mktemp("distilled") / "student.pt2")
 
