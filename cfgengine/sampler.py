@@ -14,7 +14,7 @@ import torch
 
 from cfgengine import rng
 from cfgengine.cudagraph import CudaGraphLoop
-from cfgengine.guidance import RULES, CFG, DynamicThreshold
+from cfgengine.guidance import RULES, CFG, DynamicThreshold, check_embedded_rule
 from cfgengine.kernels import CounterNoise, RowState, guided_step
 from cfgengine.backends import Prepared, prepare
 from cfgengine.schedule import GRIDS, alpha_sigma, check_logsnr_range
@@ -127,7 +127,7 @@ class Sampler:
             z = alpha * extras.init + sigma * z
         if self.backend == "cudagraph" and extras.callback is None:
             x_hat = self._graph(call, plan, batch).sample(z, labels, w, sample_ids, call.seed,
-                                                          plan.doubled)
+                                                          plan.kinds())
             _advance(bar, plan.rows)
             return x_hat
         table, lam = plan.on(self.device)
@@ -138,27 +138,29 @@ class Sampler:
             if self.device.type == "cpu" else None
         counter = CounterNoise(call.seed, sample_ids)
         finite = finite or FiniteFlag(plan.rows, self.device)
+        unguided = torch.zeros_like(w)  # w outside the rule's interval
         for t in range(plan.rows):
-            eps2 = self._eps(z, lam[t].expand(batch), labels, w, plan.doubled[t])  # (2B|B, *S)
+            w_t = w if plan.guided[t] else unguided
+            eps2 = self._eps(z, lam[t].expand(batch), labels, w_t, plan.doubled[t])  # (2B|B, *S)
             finite.update(eps2, t)  # before the step: its clip would hide ±inf
             noise = counter if drawn is None else silence if plan.quiet[t] else drawn[t]
-            z = guided_step(eps2, z, w, table, t, rule=call.rule, clip=call.clip, state=state,
+            z = guided_step(eps2, z, w_t, table, t, rule=call.rule, clip=call.clip, state=state,
                             noise=noise)
             extras.after_row(plan, t, call, z, state)
             _advance(bar, 1)
         return z
 
     def _eps(self, z, logsnr, labels, w, doubled: bool) -> torch.Tensor:
-        """ε for one step: the doubled batch where the plan guides; a guidance-embedded net
-        instead answers ε̃_w in B rows (w = 0 outside the rule's interval)."""
+        """ε for one step: the doubled batch where the plan says; a guidance-embedded net
+        instead answers ε̃_w in B rows (`w` is already 0 outside the rule's interval)."""
         if self.info.guidance_embedded:
-            return self.model.eps(z, logsnr, labels, False, w=w if doubled else w * 0)
+            return self.model.eps(z, logsnr, labels, False, w=w)
         return self.model.eps(z, logsnr, labels, doubled)
 
     def _graph(self, call: Call, plan: StepPlan, batch: int) -> CudaGraphLoop:
-        """The captured loop for this chunk size and plan: a 2B-row graph for guided steps and a
-        B-row graph for the others, each captured only when some step needs it."""
-        kinds = tuple(sorted(set(plan.doubled)))
+        """The captured loop for this chunk size and plan: one graph per kind of step the plan
+        has (plan.kinds(): 2B rows, B rows with w, B rows with w = 0)."""
+        kinds = tuple(sorted(set(plan.kinds())))
         key = (batch, kinds, replace(call, seed=0))  # the seed is a device tensor: no re-capture
         if key not in self._graphs:
             self._graphs[key] = CudaGraphLoop(self.model, plan, batch=batch, shape=call.shape,
@@ -363,13 +365,11 @@ def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Ten
 def _check_rule(guidance, embedded: bool = False):
     """The guidance rule: None → CFG(); else one of CFG, ZeroStar, APG (frozen dataclasses that
     validate their own parameters). A guidance-embedded net has no separate branches: plain CFG
-    (with an interval) only."""
+    (with an interval, without refresh) only."""
     if guidance is None:
         return CFG()
-    if embedded and not (isinstance(guidance, CFG) and guidance.rescale == 0):
-        raise ValueError(f"{guidance!r} needs the conditional and null branches apart; this "
-                         "guidance-distilled model only answers ε̃_w (use CFG(), optionally "
-                         "with an interval)")
+    if embedded:
+        check_embedded_rule(guidance)
     if not isinstance(guidance, RULES):
         raise ValueError(f"guidance must be CFG(...), ZeroStar(...) or APG(...), got "
                          f"{guidance!r}")

@@ -4,7 +4,9 @@ ONNX `metadata_props`, the AOTInductor package metadata, the TensorRT plan heade
 
 Version 2 artifacts hold the plain denoiser (rows in = rows out, batch up to 2·max_batch); the
 loaded backend makes the doubled batch itself and can also run B rows (docs/design.md). Version 1
-files held the doubled-batch graph only and are refused with a "re-export" message."""
+files held the doubled-batch graph only and are refused with a "re-export" message. A
+guidance-distilled model (`guidance_embedded`) is exported with w as a fourth input, one value per
+row; files written before that field existed read as False."""
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +27,7 @@ VERSION = 2
 KEY = "cfgengine"  # the metadata key under which the JSON is stored in every format
 PROGRAM = "denoiser"  # what the graph computes: ε for each row (not the doubled batch)
 DIGEST_KEY = "cfgengine-digest"  # ONNX: `digest(json, graph bytes)` beside the JSON
+OPTIONAL = {"guidance_embedded"}  # fields added within VERSION 2: absent means the default
 
 
 
@@ -42,6 +45,7 @@ class ExportMeta:
     source_sha256: str
     class_names: tuple[str, ...] = ()
     logsnr_range: tuple[float, float] = LOGSNR_RANGE
+    guidance_embedded: bool = False
     program: str = PROGRAM
     format: str = FORMAT
     version: int = VERSION
@@ -68,7 +72,7 @@ def parse(text: str | None, path: str | Path) -> ExportMeta:
 
 def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
     names = {f.name for f in fields(ExportMeta)}
-    if set(stored) != names:
+    if not set(stored) <= names or not names - OPTIONAL <= set(stored):
         raise ValueError(f"{path}: metadata fields {sorted(set(stored) ^ names)} missing or "
                          "unknown")
     try:
@@ -97,6 +101,8 @@ def check_values(meta: ExportMeta, path: str | Path) -> None:
     if meta.clip is not None and (not isinstance(meta.clip, (int, float))
                                   or isinstance(meta.clip, bool) or not 0 < meta.clip < math.inf):
         bad(f"clip {meta.clip!r} is neither null nor a positive number")
+    if not isinstance(meta.guidance_embedded, bool):
+        bad(f"guidance_embedded {meta.guidance_embedded!r} is not true or false")
     if meta.program != PROGRAM:
         bad(f"program {meta.program!r}: this cfgengine runs {PROGRAM!r} graphs")
     if meta.precision not in PRECISIONS:
@@ -158,4 +164,5 @@ def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str
                       min_batch=min_batch, max_batch=max_batch,
                       source=str(source or type(model).__name__),
                       source_sha256=weights_sha256(model), class_names=facts.class_names,
-                      logsnr_range=check_logsnr_range(facts.logsnr_range))
+                      logsnr_range=check_logsnr_range(facts.logsnr_range),
+                      guidance_embedded=facts.guidance_embedded)

@@ -228,17 +228,17 @@ def _traced_proto(model: torch.nn.Module):
     import onnx
 
     from cfgengine.export import metadata, onnx as onnx_export
-    from cfgengine.export.program import EXAMPLE_BATCH, INPUTS, OUTPUT, cast_for_export, \
-        example_inputs
+    from cfgengine.export.program import EXAMPLE_BATCH, OUTPUT, cast_for_export, \
+        example_inputs, input_names
 
     meta = metadata.describe(model, "fp32", MAX_BATCH, type(model).__name__)
     net = cast_for_export(model, "fp32").cpu().eval()
-    buffer = io.BytesIO()
+    buffer, names = io.BytesIO(), input_names(meta)
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(net, example_inputs(meta, EXAMPLE_BATCH, "cpu"), buffer,
-                          dynamo=False, opset_version=onnx_export.OPSET, input_names=list(INPUTS),
+                          dynamo=False, opset_version=onnx_export.OPSET, input_names=list(names),
                           output_names=[OUTPUT],
-                          dynamic_axes={name: {0: "batch"} for name in (*INPUTS, OUTPUT)})
+                          dynamic_axes={name: {0: "batch"} for name in (*names, OUTPUT)})
     return onnx_export.with_metadata(onnx.load_model_from_string(buffer.getvalue()), meta)
 
 

@@ -141,6 +141,9 @@ def add_guidance_flags(p) -> None:
                         "projected guidance); default cfg")
     p.add_argument("--rescale", type=float, default=None,
                    help="cfg: rescale φ ∈ [0, 1] (Lin et al. 2023; diffusers guidance_rescale)")
+    p.add_argument("--refresh", type=int, default=None, metavar="K",
+                   help="cfg: run the null branch on every K-th guided step only and reuse its "
+                        "Δ = ε_c − ε_u between (B rows instead of 2B; default 1 = every step)")
     p.add_argument("--interval", type=number_pair("--interval"), default=None, metavar="LO,HI",
                    help="guide only on steps with LO ≤ λ ≤ HI (the net runs B rows elsewhere)")
     p.add_argument("--apg-eta", type=float, default=None, help="apg: weight η of Δ∥ (default 0)")
@@ -180,8 +183,9 @@ def threshold(text: str) -> DynamicThreshold:
 
 def guidance_rule(args):
     """The rule the guidance flags describe; a flag of another rule is a user error."""
-    if args.rescale is not None and args.guidance != "cfg":
-        raise UserError(f"--rescale applies to --guidance cfg, not {args.guidance}")
+    for flag in ("rescale", "refresh"):
+        if getattr(args, flag) is not None and args.guidance != "cfg":
+            raise UserError(f"--{flag} applies to --guidance cfg, not {args.guidance}")
     given = {field: getattr(args, flag) for flag, field in APG_FLAGS.items()
              if getattr(args, flag) is not None}
     if given and args.guidance != "apg":
@@ -193,7 +197,8 @@ def guidance_rule(args):
             return APG(**given, interval=args.interval)
         if args.guidance == "zero_star":
             return ZeroStar(interval=args.interval)
-        return CFG(rescale=0.0 if args.rescale is None else args.rescale, interval=args.interval)
+        return CFG(rescale=0.0 if args.rescale is None else args.rescale, interval=args.interval,
+                   refresh=1 if args.refresh is None else args.refresh)
     except ValueError as err:
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 

@@ -40,7 +40,8 @@ class Service:
         if self.scheduler is None:
             model = load(self._model) if isinstance(self._model, str) else self._model
             engine = Engine(model, device=self._device, backend=self._backend)
-            self.limits = Limits(engine.num_classes, self.settings["max_rows"], **self._bounds)
+            self.limits = Limits(engine.num_classes, self.settings["max_rows"], **self._bounds,
+                                 guidance_embedded=engine.info.guidance_embedded)
             self.scheduler = Scheduler(engine, metrics=self.metrics, **self.settings)
             self.scheduler.start()
         return self.scheduler

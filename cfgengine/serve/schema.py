@@ -127,6 +127,7 @@ class Limits:
     max_rows: int
     max_steps: int = 1000
     deadline_s: float = 600.0
+    guidance_embedded: bool = False  # the model answers ε̃_w itself: a row costs one row
 
 
 @dataclass(eq=False)
@@ -142,11 +143,14 @@ class Job:
     deadline: float  # time.monotonic() after which the request is answered 504
     cancelled: bool = False
     on_done: Any = None  # callable(outcome): a Tensor [N, *S] or a RequestError
+    embedded: bool = False  # a guidance-distilled model: no null rows
 
     @property
     def cost(self) -> int:
-        """Rows against --max-rows: two per guided row (conditional + null), one per w = 0 row."""
-        return len(self.labels) + len(self.guided_rows)
+        """Rows against --max-rows: two per guided row (conditional + null), one per w = 0 row;
+        one per row of a guidance-distilled model (and CFG(refresh) still counts its refresh
+        steps' two)."""
+        return len(self.labels) + (0 if self.embedded else len(self.guided_rows))
 
     @property
     def guided(self) -> bool:
@@ -172,10 +176,11 @@ def check_request(body: SampleRequest, limits: Limits) -> Job:
     deadline_s = limits.deadline_s if body.deadline_s is None else float(body.deadline_s)
     if not 0 < deadline_s <= limits.deadline_s:
         raise RequestError(422, f"deadline_s must be in (0, {limits.deadline_s:g}]")
-    job = Job(labels, w, combo, body.seed, _check_rule(body.guidance), body.format,
-              deadline=time.monotonic() + deadline_s)
+    job = Job(labels, w, combo, body.seed, _check_rule(body.guidance, limits), body.format,
+              deadline=time.monotonic() + deadline_s, embedded=limits.guidance_embedded)
     if job.cost > limits.max_rows:
-        raise RequestError(422, f"this request needs {job.cost} rows (guided rows count twice); "
+        twice = "" if job.embedded else " (guided rows count twice)"
+        raise RequestError(422, f"this request needs {job.cost} rows{twice}; "
                                 f"the server's --max-rows is {limits.max_rows}")
     return job
 
@@ -211,8 +216,9 @@ def _check_combo(body: SampleRequest, limits: Limits) -> Combo:
     return Combo(body.steps, body.sampler, float(body.v), eta, body.grid)
 
 
-def _check_rule(spec: GuidanceSpec | None):
-    """The guidance rule object named by `spec` (None: the kernel's default, eq. 6)."""
+def _check_rule(spec: GuidanceSpec | None, limits: Limits):
+    """The guidance rule object named by `spec` (None: the kernel's default, eq. 6); a
+    guidance-distilled model takes plain CFG only."""
     if spec is None or (spec.rule == "cfg" and not spec.model_extra):
         return None
     if spec.rule not in RULES:
@@ -222,6 +228,9 @@ def _check_rule(spec: GuidanceSpec | None):
     if isinstance(params.get("interval"), list):
         params["interval"] = tuple(params["interval"])
     try:
-        return RULES[spec.rule](**params)
+        rule = RULES[spec.rule](**params)
+        if limits.guidance_embedded:
+            guidance.check_embedded_rule(rule)
+        return rule
     except (TypeError, ValueError) as err:
         raise RequestError(422, f"guidance {spec.rule}: {err}") from None
