@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from cfgengine import rng
+from cfgengine.conditioning import check_conditioning, prompt_rows
 from cfgengine.cudagraph import CudaGraphLoop
 from cfgengine.guidance import RULES, CFG, DynamicThreshold
 from cfgengine.kernels import CounterNoise, RowState, guided_step
@@ -59,7 +60,8 @@ class Sampler:
         self._plans: dict[tuple, StepPlan] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
 
-    def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
+    def sample(self, labels: torch.Tensor | None = None, *, prompts=None, negative_prompts=None,
+               w: float | torch.Tensor = 0.3,
                steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3,
                eta: float = 0.0, grid: str = "cosine", logsnr_range=None,
                logsnr: torch.Tensor | None = None, guidance=None,
@@ -67,16 +69,24 @@ class Sampler:
                sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
                batch_size: int | None = None, n: int | None = None,
                progress: bool = False) -> torch.Tensor:
-        """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], labels[i], w[i],
-        settings). `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
+        """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], its condition,
+        w[i], settings). A class model takes `labels`; a prompt model (`info.conditioning ==
+        "text"`) takes `prompts` and optional `negative_prompts` (row i's null branch; "" by
+        default). `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
         ZeroStar(), APG(); default CFG()), `clip` a bound or a DynamicThreshold."""
+        check_conditioning(self.info, labels, prompts, negative_prompts)
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
             call = self._call(steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip,
                               seed, shape)
-            return self._sample(call, labels, w, sample_ids, batch_size, n, progress)
+            if self.info.conditioning == "text":  # encoded once per call, chunked below
+                rows = prompt_rows(self.info, prompts, negative_prompts, n, self.device)
+            else:
+                labels, count = self._check_labels(labels, n)
+                rows = (labels, None, count)
+            return self._sample(call, rows, w, sample_ids, batch_size, progress)
 
-    def _sample(self, call: Call, labels, w, sample_ids, batch_size, n, progress) -> torch.Tensor:
-        labels, count = self._check_labels(labels, n)
+    def _sample(self, call: Call, rows, w, sample_ids, batch_size, progress) -> torch.Tensor:
+        labels, null, count = rows  # labels: class ids or prompt rows (None: unconditional)
         w = self._check_w(w, count)
         sample_ids = _check_sample_ids(sample_ids, count, self.device)
         size = _check_batch_size(batch_size, count)
@@ -88,7 +98,7 @@ class Sampler:
         bar = _progress_bar(progress, len(chunks) * plan.rows)
         finite = FiniteFlag(plan.rows, self.device)  # shared by the chunks, read once below
         parts = [self._sample_chunk(call, plan, _rows(labels, a, b), w[a:b], sample_ids[a:b],
-                                    bar, finite) for a, b in chunks]
+                                    bar, finite, _rows(null, a, b)) for a, b in chunks]
         finite.check(self.info.name, self.precision)
         if bar is not None:
             bar.close()
@@ -97,12 +107,14 @@ class Sampler:
         return x_hat
 
     def _sample_chunk(self, call: Call, plan: StepPlan, labels, w, sample_ids, bar,
-                      finite: FiniteFlag | None = None) -> torch.Tensor:
+                      finite: FiniteFlag | None = None, null=None) -> torch.Tensor:
         """The loop over the plan's rows for one chunk; no host sync inside. The chunk owns its
-        per-row state (the plan names it: x̂_prev, APG momentum), zero before the first step."""
+        per-row state (the plan names it: x̂_prev, APG momentum), zero before the first step.
+        `null`: the rows of the null branch (prompt models), else the null label."""
         batch = sample_ids.shape[0]
-        if labels is None:
-            labels = torch.full((batch,), self.info.null_label, device=self.device)
+        if labels is None:  # unconditional: the null branch alone
+            labels = torch.full((batch,), self.info.null_label, device=self.device) \
+                if null is None else null
         z = rng.randn_like_rows(call.seed, sample_ids, 0, call.shape)  # z_0 ~ N(0, I)
         if self.backend == "cudagraph":
             x_hat = self._graph(call, plan, batch).sample(z, labels, w, sample_ids, call.seed,
@@ -118,7 +130,7 @@ class Sampler:
         counter = CounterNoise(call.seed, sample_ids)
         finite = finite or FiniteFlag(plan.rows, self.device)
         for t in range(plan.rows):
-            eps2 = self._eps(z, lam[t].expand(batch), labels, w, plan.doubled[t])  # (2B|B, *S)
+            eps2 = self._eps(z, lam[t].expand(batch), labels, w, plan.doubled[t], null)
             finite.update(eps2, t)  # before the step: its clip would hide ±inf
             noise = counter if drawn is None else silence if plan.quiet[t] else drawn[t]
             z = guided_step(eps2, z, w, table, t, rule=call.rule, clip=call.clip, state=state,
@@ -126,12 +138,12 @@ class Sampler:
             _advance(bar, 1)
         return z
 
-    def _eps(self, z, logsnr, labels, w, doubled: bool) -> torch.Tensor:
-        """ε for one step: the doubled batch where the plan guides; a guidance-embedded net
-        instead answers ε̃_w in B rows (w = 0 outside the rule's interval)."""
+    def _eps(self, z, logsnr, labels, w, doubled: bool, null=None) -> torch.Tensor:
+        """ε for one step (2B or B rows): the doubled batch where the plan guides; a
+        guidance-embedded net instead answers ε̃_w in B rows (w = 0 outside the rule's interval)."""
         if self.info.guidance_embedded:
             return self.model.eps(z, logsnr, labels, False, w=w if doubled else w * 0)
-        return self.model.eps(z, logsnr, labels, doubled)
+        return self.model.eps(z, logsnr, labels, doubled, null=null)
 
     def _graph(self, call: Call, plan: StepPlan, batch: int) -> CudaGraphLoop:
         """The captured loop for this chunk size and plan: a 2B-row graph for guided steps and a
@@ -306,7 +318,8 @@ def _progress_bar(enabled: bool, total: int):
     return tqdm(total=total, unit="step", leave=False)
 
 
-def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
+def sample(model, labels: torch.Tensor | None = None, *, prompts=None, negative_prompts=None,
+           w: float | torch.Tensor = 0.3,
            steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
            grid: str = "cosine", logsnr_range=None, logsnr: torch.Tensor | None = None,
            guidance=None, clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
@@ -314,10 +327,11 @@ def sample(model, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
            batch_size: int | None = None, n: int | None = None,
            device: torch.device | str | None = None, backend: str | None = None,
            precision: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Guided samples x̂ [N, *S] from a Denoiser or backend (cfgengine.model); a one-shot
+    """Guided samples x̂ [N, *S] from a Denoiser or backend (cfgengine.model): of class
+    `labels`, or of `prompts` (with `negative_prompts`) for a prompt model; a one-shot
     `Sampler`."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
-    return engine.sample(labels, w=w, steps=steps, sampler=sampler, v=v, eta=eta, grid=grid,
+    return engine.sample(labels, prompts=prompts, negative_prompts=negative_prompts, w=w, steps=steps, sampler=sampler, v=v, eta=eta, grid=grid,
                          logsnr_range=logsnr_range, logsnr=logsnr, guidance=guidance, clip=clip,
                          seed=seed, sample_ids=sample_ids, shape=shape, batch_size=batch_size,
                          n=n, progress=progress)

@@ -36,13 +36,16 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
             raise ValueError(f"this model is an exported {facts.backend} file; it runs only on "
                              f"backend {facts.backend}")
         return facts.backend
-    if name == "cudagraph" and facts.guidance_embedded:
-        raise ValueError("backend cudagraph does not run guidance-distilled models yet; use "
-                         "backend torch or compile")
+    # the CUDA graph's static buffers and the cached ONNX graph take w and prompt rows not yet
+    plain = not facts.guidance_embedded and facts.conditioning == "class"
+    if name in ("cudagraph", "onnxruntime") and not plain:
+        kind = "guidance-distilled" if facts.guidance_embedded else "prompt-conditioned"
+        raise ValueError(f"backend {name} does not run {kind} models yet; use backend torch or "
+                         "compile")
     if name == "auto":
         if device.type == "cuda":
-            return "cudagraph" if module and not facts.guidance_embedded else "torch"
-        exportable = module and not facts.guidance_embedded  # the cached graph takes no w yet
+            return "cudagraph" if module and plain else "torch"
+        exportable = module and plain
         return "onnxruntime" if exportable and _onnxruntime_pays(precision) else "torch"
     if name == "onnxruntime" and not module:
         raise ValueError("backend onnxruntime exports the model: it needs a torch nn.Module")

@@ -1,0 +1,209 @@
+"""Prompt models (cfgengine/families/text.py, cfgengine/conditioning.py) against the real
+diffusers StableDiffusionPipeline on a tiny random-weight folder this file builds (a CLIP tokenizer
+from a small byte-level vocabulary it writes): same latents, DDIM η = 0 on the pipeline's own
+timesteps, `output_type="latent"`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+import cfgengine  # noqa: E402
+from cfgengine import rng  # noqa: E402
+from cfgengine.adapters import logsnr_of_alphas_cumprod  # noqa: E402
+from cfgengine.cli import main  # noqa: E402
+from cfgengine.families.text import TextDenoiser  # noqa: E402
+from tests.test_adapters import tiny_vae  # noqa: E402  (8×8 RGB ↔ 4×4×4 latents)
+
+STEPS = 5  # the scheduler's "trailing" timesteps 999, 799, …, 199, then ᾱ = 1
+MAX_LENGTH = 12
+MERGES = (("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"))
+PROMPTS = ["a cat", "dog", "a cat", "two dogs"]
+NEGATIVES = ["blurry", "", "dog", "cat"]
+
+
+def byte_symbols() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE (GPT-2's table: printable bytes keep their
+    character, the others move to 256 + k)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + k) for k in range(len(moved))]
+
+
+def tiny_tokenizer(folder) -> transformers.CLIPTokenizer:
+    folder.mkdir(parents=True)
+    symbols = byte_symbols()
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in MERGES),
+              "<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n"
+                                                                  for a, b in MERGES))
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      model_max_length=MAX_LENGTH)
+
+
+def tiny_text_encoder(vocab: int, eos: int) -> torch.nn.Module:
+    torch.manual_seed(3)
+    config = transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, bos_token_id=vocab - 2,
+        eos_token_id=eos, pad_token_id=eos)
+    return transformers.CLIPTextModel(config).eval()
+
+
+def tiny_unet() -> torch.nn.Module:
+    torch.manual_seed(4)
+    return diffusers.UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        cross_attention_dim=16, attention_head_dim=4).eval()
+
+
+def build_folder(folder, prediction_type: str = "epsilon"):
+    """A StableDiffusionPipeline folder of tiny random nets, saved by the pipeline itself."""
+    tokenizer = tiny_tokenizer(folder.parent / f"{folder.name}-vocab")
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+        beta_end=0.012, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
+        steps_offset=1, prediction_type=prediction_type)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer), tokenizer.eos_token_id),
+        tokenizer=tokenizer, unet=tiny_unet(), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return build_folder(tmp_path_factory.mktemp("text") / "sd-pipe")
+
+
+@pytest.fixture(scope="module")
+def sd_model(sd_folder):
+    return cfgengine.load(sd_folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def pipeline_grid(pipe) -> torch.Tensor:
+    """float64 λ of the pipeline scheduler's timesteps at STEPS (what the engine is given)."""
+    scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    return logsnr_of_alphas_cumprod(scheduler.alphas_cumprod)[scheduler.timesteps]
+
+
+def latents(model, rows: int, seed: int) -> torch.Tensor:
+    return rng.randn_like_rows(seed, torch.arange(rows), 0, model.sample_shape)
+
+
+def pipeline_latents(pipe, prompts, negatives, w: float, z0) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(prompt=prompts, negative_prompt=negatives, latents=z0.clone(),
+                    num_inference_steps=STEPS, guidance_scale=1 + w, eta=0.0,
+                    output_type="latent").images
+
+
+def engine_latents(model, pipe, prompts, negatives, w, seed: int, **options) -> torch.Tensor:
+    return cfgengine.sample(model, prompts=prompts, negative_prompts=negatives, w=w,
+                            sampler="ddim", eta=0.0, logsnr=pipeline_grid(pipe), steps=None,
+                            seed=seed, **options)
+
+
+# --- the folder as a model -------------------------------------------------------------------------
+
+def test_folder_is_a_prompt_model(sd_model, pipe):
+    facts = sd_model.info
+    assert isinstance(sd_model, TextDenoiser)
+    assert (facts.conditioning, facts.sample_shape, facts.clip) == ("text", (4, 4, 4), None)
+    cond = facts.encode(["a cat", ""])
+    ref, _ = pipe.encode_prompt(["a cat", ""], torch.device("cpu"), 1, False)
+    assert cond.pooled is None and cond.mask is None  # the pipeline gives the UNet neither
+    assert torch.equal(cond.embeddings, ref)
+
+
+def test_default_grid_is_the_pipelines(sd_model, pipe):
+    assert torch.equal(sd_model.info.grid(STEPS), pipeline_grid(pipe))
+
+
+# --- sampling against StableDiffusionPipeline --------------------------------------------------------
+
+@pytest.mark.parametrize("negatives", [None, NEGATIVES])
+def test_prompts_sample_what_the_pipeline_samples(sd_model, pipe, negatives):
+    z0 = latents(sd_model, len(PROMPTS), seed=7)
+    ref = pipeline_latents(pipe, PROMPTS, negatives, 2.0, z0)
+    out = engine_latents(sd_model, pipe, PROMPTS, negatives, 2.0, seed=7)
+    assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
+
+
+def test_v_prediction_folder_samples_what_its_pipeline_samples(tmp_path):
+    folder = build_folder(tmp_path / "sd-v", prediction_type="v_prediction")
+    model = cfgengine.load(folder)
+    v_pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    v_pipe.set_progress_bar_config(disable=True)
+    ref = pipeline_latents(v_pipe, PROMPTS[:2], NEGATIVES[:2], 1.5, latents(model, 2, seed=4))
+    out = engine_latents(model, v_pipe, PROMPTS[:2], NEGATIVES[:2], 1.5, seed=4)
+    assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
+
+
+def test_per_sample_w_equals_separate_pipeline_calls(sd_model, pipe):
+    w = torch.tensor([0.0, 1.0, 3.0, 6.5])
+    z0 = latents(sd_model, len(PROMPTS), seed=8)
+    out = engine_latents(sd_model, pipe, PROMPTS, NEGATIVES, w, seed=8, batch_size=3)
+    for i in range(len(PROMPTS)):  # one pipeline call per row: its own prompt, negative and w
+        ref = pipeline_latents(pipe, PROMPTS[i:i + 1], NEGATIVES[i:i + 1], float(w[i]),
+                               z0[i:i + 1])
+        assert rel_err(out[i:i + 1], ref) < 1e-4, (i, rel_err(out[i:i + 1], ref))
+
+
+def test_one_forward_of_2b_rows_per_guided_step(sd_model, pipe):
+    calls = []
+    hook = sd_model.net.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(
+            (args[0].shape[0], kwargs["encoder_hidden_states"].shape[0])), with_kwargs=True)
+    try:
+        engine_latents(sd_model, pipe, PROMPTS, NEGATIVES, 1.0, seed=1)
+    finally:
+        hook.remove()
+    assert calls == [(2 * len(PROMPTS), 2 * len(PROMPTS))] * STEPS
+
+
+def test_decode_is_the_pipelines_vae(sd_model, pipe):
+    z0 = latents(sd_model, 2, seed=9)
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPTS[:2], latents=z0.clone(), num_inference_steps=STEPS,
+                   guidance_scale=3.0, eta=0.0, output_type="pt").images  # in [0, 1]
+    x = engine_latents(sd_model, pipe, PROMPTS[:2], None, 2.0, seed=9)
+    assert rel_err(sd_model.decode(x) / 2 + 0.5, ref) < 1e-4
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+def test_conditioning_mistakes_fail_in_one_line(sd_model):
+    gmm = cfgengine.load("gmm")
+    cases = [(sd_model, dict(labels=torch.tensor([0])), "conditioned on prompts"),
+             (gmm, dict(labels=torch.tensor([0]), prompts=["a"]), "class-conditional"),
+             (sd_model, dict(negative_prompts=["x"], n=1), "need prompts"),
+             (sd_model, dict(prompts=["a", "b"], negative_prompts=["x"] * 3), "3 entries"),
+             (sd_model, dict(prompts=[1]), "list of strings"),
+             (sd_model, dict(prompts=[]), "empty")]
+    for model, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cfgengine.sample(model, steps=2, **kwargs)
