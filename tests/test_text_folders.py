@@ -207,3 +207,41 @@ def test_conditioning_mistakes_fail_in_one_line(sd_model):
     for model, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             cfgengine.sample(model, steps=2, **kwargs)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+def test_cli_writes_decoded_images_of_the_prompts(sd_folder, sd_model, pipe, tmp_path):
+    png, npz = tmp_path / "s.png", tmp_path / "s.npz"
+    args = ["sample", "--ckpt", str(sd_folder), "--sampler", "ddim", "--steps", str(STEPS),
+            "--prompt", "a cat", "--prompt", "dog", "--negative-prompt", "blurry", "--n", "2",
+            "--w", "0,2", "--out", str(png), "--npz", str(npz)]
+    assert main(args) == 0 and png.is_file()
+    arr = np.load(npz)["arr_0"]
+    assert arr.shape == (8, 8, 8, 3) and arr.dtype == np.uint8
+    # rows: panel w = 2, prompt "dog", its second sample (noise key 7)
+    x = cfgengine.sample(sd_model, prompts=["dog"], negative_prompts=["blurry"], w=2.0,
+                         sampler="ddim", steps=STEPS, sample_ids=torch.tensor([7]))
+    image = ((sd_model.decode(x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+    assert np.abs(arr[7].astype(float) - image.numpy()).max() <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", "a cat", "--classes", "0"], "conditioned on prompts; give --prompt"),
+    ([], "give at least one --prompt"),
+    (["--prompt", "a", "--prompt", "b", "--prompt", "c", "--negative-prompt", "x",
+      "--negative-prompt", "y"], "one per --prompt"),
+])
+def test_cli_prompt_mistakes_fail_in_one_line(sd_folder, tmp_path, capsys, flags, message):
+    out = tmp_path / "s.png"
+    assert main(["sample", "--ckpt", str(sd_folder), "--steps", "2", "--out", str(out),
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_cli_prompt_on_a_class_model_fails_in_one_line(tmp_path, capsys):
+    assert main(["sample", "--ckpt", "gmm", "--prompt", "a cat", "--steps", "2",
+                 "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "class-conditional model" in err and len(err.splitlines()) == 1

@@ -52,9 +52,15 @@ def add(sub) -> None:
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
                    help="class ids (default: all)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt, for a model conditioned on prompts (a Stable Diffusion "
+                        "folder); repeat for more: one figure row per prompt")
+    p.add_argument("--negative-prompt", action="append", default=None,
+                   help="the null branch of guidance instead of the empty prompt: once for "
+                        "every --prompt, or once per --prompt in their order")
     p.add_argument("--per-class", "--n", dest="n", type=int, default=None,
-                   help="samples per class (--n is an old spelling that torchrun's own parser "
-                        "rejects as ambiguous)")
+                   help="samples per class or prompt (--n is an old spelling that torchrun's own "
+                        "parser rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed: sample i depends only on (seed, i, its class, w, settings) "
@@ -156,6 +162,11 @@ def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) ->
     bad = [k for k in classes if not 0 <= k < facts.num_classes]
     if bad:
         raise UserError(f"--classes: class {bad[0]} is outside [0, {facts.num_classes})")
+    return per_class(classes, n, facts)
+
+
+def per_class(classes: list[int], n: int | None, facts: ModelInfo) -> torch.Tensor:
+    """n rows of each entry of `classes` (default n: 400 points or 4 images)."""
     if n is None:
         n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
@@ -179,6 +190,32 @@ def sample_ids(first_id: int, rows: int) -> torch.Tensor:
     return torch.arange(rows, dtype=torch.int64) + first_id
 
 
+def conditions(args, facts: ModelInfo) -> tuple[torch.Tensor, list[str], dict]:
+    """(the figure's row index of every sample, the rows' names, what the Sampler is given for
+    every panel's rows: class labels, or prompts and negative prompts)."""
+    panels = len(args.w)
+    if facts.conditioning != "text":
+        if args.prompt or args.negative_prompt:
+            raise UserError(f"--prompt: {args.ckpt} is a class-conditional model; choose classes "
+                            "with --classes")
+        labels = sample_labels(facts, args.classes, args.n)
+        names = list(facts.class_names) or [f"class {k}" for k in range(facts.num_classes)]
+        return labels, names, {"labels": labels.repeat(panels)}
+    if args.classes is not None:
+        raise UserError(f"--classes: {args.ckpt} is conditioned on prompts; give --prompt")
+    prompts, negatives = args.prompt or [], args.negative_prompt or [""]
+    if not prompts:
+        raise UserError(f"{args.ckpt} is conditioned on prompts: give at least one --prompt")
+    if len(negatives) not in (1, len(prompts)):
+        raise UserError(f"--negative-prompt: give one for all prompts or one per --prompt "
+                        f"({len(prompts)}), got {len(negatives)}")
+    labels = per_class(list(range(len(prompts))), args.n, facts)
+    negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+    rows = labels.tolist() * panels
+    return labels, prompts, {"labels": None, "prompts": [prompts[k] for k in rows],
+                             "negative_prompts": [negatives[k] for k in rows]}
+
+
 @distributed.command  # under torchrun: each rank samples its shard of ids, rank 0 writes
 def run(args) -> int:
     check_output_flags(args)
@@ -187,13 +224,13 @@ def run(args) -> int:
     model = load(args.ckpt, trust_code=args.trust_code)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
-    labels = sample_labels(engine.info, args.classes, args.n)
+    labels, names, cond = conditions(args, engine.info)
     rows = len(labels) * len(args.w)
     ids = sample_ids(args.first_id, rows)
     batch = plan_batch(rows, engine.info.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
-    x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
+    x = distributed.sample_rows(engine, cond.pop("labels"), w, **cond, steps=args.steps,
                                 sampler=args.sampler, v=args.v, eta=args.eta, grid=args.grid,
                                 logsnr_range=args.logsnr_range, guidance=rule,
                                 clip="auto" if args.threshold is None else args.threshold,
@@ -203,7 +240,7 @@ def run(args) -> int:
     if x is None:
         return 0  # not rank 0: it writes
     decode = engine.info.decode  # latent models: the PNG and --npz hold images
-    write_outputs(args, engine.info, (decode(x) if decode else x).cpu(), labels)
+    write_outputs(args, names, (decode(x) if decode else x).cpu(), labels)
     runtime = engine.model.runtime  # what ran: auto may have run eager torch
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
           f"samples/s, backend {runtime}, device {engine.device}, precision {engine.precision}"
@@ -211,9 +248,8 @@ def run(args) -> int:
     return 0
 
 
-def write_outputs(args, facts: ModelInfo, x: torch.Tensor, labels: torch.Tensor) -> None:
-    """The PNG grid and the optional npz, both or neither."""
-    names = facts.class_names or [f"class {k}" for k in range(facts.num_classes)]
+def write_outputs(args, names: list[str], x: torch.Tensor, labels: torch.Tensor) -> None:
+    """The PNG grid (a row per class or prompt, named) and the optional npz, both or neither."""
     chunks = x.split(len(labels))
     with atomic_paths(args.out, args.npz) as (png, npz):  # both appear, or neither
         if npz is not None:

@@ -8,6 +8,7 @@ truncates, the CLIP text encoder's last hidden state is the UNet's `encoder_hidd
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -93,8 +94,9 @@ def load_folder(folder: str | Path) -> TextDenoiser:
     diffusers, transformers = adapters._diffusers(), _transformers()
     net = adapters._load_component(folder, index, "unet",
                                    {"UNet2DConditionModel": diffusers.UNet2DConditionModel})
-    text_encoder = adapters._load_component(folder, index, "text_encoder",
-                                            {"CLIPTextModel": transformers.CLIPTextModel})
+    with _quiet(transformers):
+        text_encoder = adapters._load_component(folder, index, "text_encoder",
+                                                {"CLIPTextModel": transformers.CLIPTextModel})
     vae = None
     if index.get("vae") and (folder / "vae").is_dir():
         vae = adapters._load_component(folder, index, "vae",
@@ -113,6 +115,20 @@ def _tokenizer(folder: Path, index: dict):
                "CLIPTokenizerFast": transformers.CLIPTokenizerFast}
     return adapters.component_class(folder, index, "tokenizer", classes).from_pretrained(
         folder / "tokenizer")
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No "Loading weights" progress bar from transformers: a load prints nothing (an error after
+    it is then the one line the user sees)."""
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _transformers():
