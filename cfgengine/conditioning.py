@@ -31,18 +31,25 @@ def prompt_rows(facts: ModelInfo, prompts, negative_prompts, n: int | None,
         return None, encode_rows(facts, [""] * n, device), n
     if n is not None:
         raise ValueError("n is only for unconditional sampling (prompts=None)")
-    prompts = _check_texts("prompts", [prompts] if isinstance(prompts, str) else prompts)
+    prompts, negatives = check_prompts(prompts, negative_prompts)
+    return encode_rows(facts, prompts, device), encode_rows(facts, negatives, device), \
+        len(prompts)
+
+
+def check_prompts(prompts, negative_prompts, names=("prompts", "negative_prompts")):
+    """(prompts, negative prompts) as two lists of N strings; a str stands for one prompt, a str
+    negative prompt (or None: "") serves every row. `names` name the two in errors."""
+    prompts = _check_texts(names[0], [prompts] if isinstance(prompts, str) else prompts)
     if not prompts:
-        raise ValueError("prompts is empty: nothing to sample")
+        raise ValueError(f"{names[0]} is empty: nothing to sample")
     negatives = [""] * len(prompts) if negative_prompts is None else negative_prompts
     if isinstance(negatives, str):
         negatives = [negatives] * len(prompts)
-    negatives = _check_texts("negative_prompts", negatives)
+    negatives = _check_texts(names[1], negatives)
     if len(negatives) != len(prompts):
-        raise ValueError(f"negative_prompts has {len(negatives)} entries for {len(prompts)} "
-                         "prompts (one per prompt, or one string for all)")
-    return encode_rows(facts, prompts, device), encode_rows(facts, negatives, device), \
-        len(prompts)
+        raise ValueError(f"{names[1]} has {len(negatives)} entries for {len(prompts)} "
+                         f"{names[0]} (one per prompt, or one string for all)")
+    return prompts, negatives
 
 
 def encode_rows(facts: ModelInfo, texts: list[str], device: torch.device) -> TextCondition:
@@ -55,6 +62,14 @@ def encode_rows(facts: ModelInfo, texts: list[str], device: torch.device) -> Tex
     where = {text: i for i, text in enumerate(distinct)}
     rows = torch.tensor([where[text] for text in texts], device=encoded.embeddings.device)
     return encoded[rows].to(device)
+
+
+def cat_rows(parts: list):
+    """The rows of several calls as one: class ids, or TextConditions field by field."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    fields = zip(*(part.fields() for part in parts))
+    return TextCondition(*(None if column[0] is None else torch.cat(column) for column in fields))
 
 
 def _check_texts(name: str, texts) -> list[str]:

@@ -4,6 +4,7 @@ from a small byte-level vocabulary it writes): same latents, DDIM η = 0 on the 
 timesteps, `output_type="latent"`."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -245,3 +246,57 @@ def test_cli_prompt_on_a_class_model_fails_in_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "class-conditional model" in err and len(err.splitlines()) == 1
+
+
+# --- serving ----------------------------------------------------------------------------------------
+
+def test_serving_mixes_prompts_in_one_forward_and_equals_offline(sd_model):
+    pytest.importorskip("fastapi")
+    from cfgengine.serve.batch import Engine, RunningBatch
+    from cfgengine.serve.schema import Limits, SampleRequest, check_request
+
+    bodies = [dict(prompt=PROMPTS[:3], negative_prompt=NEGATIVES[:3], w=[0.0, 2.0, 1.0],
+                   steps=3, sampler="ddim", seed=1),
+              dict(prompt="two dogs", negative_prompt="cat", w=3.0, steps=3, sampler="ancestral",
+                   seed=2)]
+    limits = Limits(0, max_rows=64, conditioning="text")
+    jobs = [check_request(SampleRequest(**body), limits) for body in bodies]
+    calls = []
+    hook = sd_model.net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    batch = RunningBatch(Engine(sd_model))  # driven here, without the scheduler's thread
+    try:
+        batch.compose([batch.admit(job) for job in jobs])
+        finished = {}
+        while batch.members:
+            finished.update({m.job.seed: batch.rows_of(m).clone() for m in batch.step()})
+            batch.compose([m for m in batch.members if not m.done])
+    finally:
+        hook.remove()
+    assert calls == [4 + 3] * 3  # 4 conditional rows + null rows for the 3 with w ≠ 0
+    for body in bodies:
+        keywords = {k: body[k] for k in ("w", "steps", "sampler", "seed")}
+        ref = cfgengine.sample(sd_model, prompts=body["prompt"],
+                               negative_prompts=body["negative_prompt"], **keywords)
+        np.testing.assert_allclose(finished[body["seed"]].numpy(), ref.numpy(), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_serving_answers_prompts_and_refuses_labels(sd_model):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from cfgengine.serve import create_app
+    from tests.serve_support import npy
+
+    async def post(bodies):
+        transport = httpx.ASGITransport(app=create_app(sd_model))
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+            return [await client.post("/v1/samples", json=body) for body in bodies]
+
+    good = dict(prompt=["a cat"], w=2.0, steps=2, sampler="ddim", seed=4)
+    ok, labels, both = asyncio.run(post([good, dict(labels=[0], steps=2),
+                                         dict(prompt=["a", "b"], negative_prompt=["x"] * 3)]))
+    assert ok.status_code == 200, ok.text
+    ref = cfgengine.sample(sd_model, prompts=["a cat"], w=2.0, steps=2, sampler="ddim", seed=4)
+    np.testing.assert_allclose(npy(ok.content), ref.numpy(), atol=1e-5)
+    assert labels.status_code == 422 and "send prompt, not labels" in labels.text
+    assert both.status_code == 422 and "3 entries" in both.text
