@@ -212,7 +212,8 @@ def conditions(args, facts: ModelInfo) -> tuple[torch.Tensor, list[str], dict]:
     labels = per_class(list(range(len(prompts))), args.n, facts)
     negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     rows = labels.tolist() * panels
-    return labels, prompts, {"labels": None, "prompts": [prompts[k] for k in rows],
+    names = [p if len(p) <= 24 else p[:23] + "…" for p in prompts]  # the figure's row labels
+    return labels, names, {"labels": None, "prompts": [prompts[k] for k in rows],
                              "negative_prompts": [negatives[k] for k in rows]}
 
 
