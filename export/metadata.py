@@ -132,7 +132,9 @@ def check_exportable(model, source: str | None = None) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
                          "(e.g. a UNet checkpoint) can be exported")
-    info(model)  # ValueError naming what a denoiser lacks
+    if info(model).conditioning != "class":  # info: ValueError naming what a denoiser lacks
+        raise ValueError(f"{name} is conditioned on prompts; exports take class labels only "
+                         "(sample it with backend torch or compile)")
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
