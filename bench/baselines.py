@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from cfgengine.bench.workload import Workload, schedule
+from cfgengine.model import info as model_info
 from cfgengine.schedule import logsnr_grid
 
 SCHEDULERS = {"ancestral": "ddpm", "ddim": "ddim"}
@@ -64,7 +65,7 @@ class TwoForwardLoop:
             eps_null = work.net(z, logsnr_t, work.null)  # (B, *S)
         eps = eps_null + (eps_cond - eps_null) * (1.0 + work.w)
         alpha, sigma, c_z, c_x, s = (_extract(table[:, k], t_batch, z) for k in range(5))
-        x_hat = _clip((z - sigma * eps) / alpha, getattr(work.net, "clip", None))
+        x_hat = _clip((z - sigma * eps) / alpha, model_info(work.net).clip)
         noise = 0.0 if gen is None else torch.randn(z.shape, generator=gen, device=z.device)
         return c_z * z + c_x * x_hat + s * noise
 

@@ -48,7 +48,7 @@ from cfgengine.bench.baselines import diffusers_scheduler
 from cfgengine.bench.timing import CPU_MIN_REPS, CPU_MIN_SECONDS, environment, time_seconds
 from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar
 from cfgengine.kernels import RowState, guided_step
-from cfgengine.kernels.contract import TABLE_COLUMNS
+from cfgengine.kernels.contract import MIN_COLUMNS
 from cfgengine.kernels.reference import guided_step_reference
 from cfgengine.tables import coefficient_table
 
@@ -142,7 +142,7 @@ def step_table(device: str, previous: bool) -> torch.Tensor:
     second-order multistep shape instead (DDIM η = 0 with c_p = −c_x/4, s = 0): timing depends on
     which terms are non-zero, not on their values."""
     table = coefficient_table(STEPS, "ddim" if previous else "ancestral", v=0.0, device=device)
-    if table.shape[1] < TABLE_COLUMNS:  # tables built before the c_p column existed
+    if table.shape[1] < MIN_COLUMNS:  # tables built before the c_p column existed
         table = torch.cat([table, torch.zeros_like(table[:, :1])], dim=1)
     if previous:
         table[STEPS // 2, 5] = -0.25 * table[STEPS // 2, 3]

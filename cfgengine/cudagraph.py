@@ -2,7 +2,7 @@
 
 The net reads a static input buffer z2 [2B, *S] (rows B..2B−1 carry the null label); the fused
 step kernel reads ε from the net's output and z from z2[:B], and writes z' straight into both
-halves of z2 (`out2`), so the next replay's forward input is ready. The step index and the seed
+halves of z2 (`out` of 2B rows), so the next replay's forward input is ready. The step index and the seed
 are 0-d device tensors the kernel reads, so replays advance through the table and a new seed needs
 no re-capture. Steps outside the guidance interval replay a second graph whose net runs on B
 rows. One loop per (batch, kinds of step, plan).

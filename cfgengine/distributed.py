@@ -311,7 +311,7 @@ def check_identical(tensors, what: str) -> None:
 # Sampling over ranks
 
 
-PER_ROW = ("prompts", "negative_prompts")  # sampler options that hold one entry per row
+PER_ROW = ("prompts", "negative_prompts", "init")  # sampler options with one entry per row
 
 
 def sample_shard(engine, labels: torch.Tensor | None, w: torch.Tensor, **options) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from cfgengine import distributed, metrics
 from cfgengine.atomic import atomic_path, atomic_paths
 from cfgengine.figures import to_uint8_images
+from cfgengine.model import info as model_info
 
 PAPER_W = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
 METRICS = ("fid", "inception_score", "precision", "recall", "accuracy")
@@ -73,7 +74,7 @@ def load_models(paths: tuple[str, ...], trust_code: bool = False) -> list[ModelS
     from cfgengine.registry import load
 
     specs = [_spec(path, load(path, trust_code=trust_code)) for path in paths]
-    datasets = {getattr(s.model, "dataset", "") for s in specs}
+    datasets = {model_info(s.model).dataset for s in specs}
     if len(datasets) != 1 or "" in datasets:
         raise ValueError(f"eval compares models of one known dataset, got {sorted(datasets)}")
     names = [s.name for s in specs]
@@ -106,8 +107,9 @@ def check_sample_shapes(specs: list[ModelSpec], dataset: str) -> tuple[int, ...]
 
     shape = tuple(load_dataset(dataset).shape)
     for spec in specs:
-        if tuple(spec.model.sample_shape) != shape:
-            raise ValueError(f"{spec.path}: samples of shape {tuple(spec.model.sample_shape)}, "
+        own = model_info(spec.model).sample_shape
+        if own != shape:
+            raise ValueError(f"{spec.path}: samples of shape {own}, "
                              f"but the {dataset} reference images are {shape}")
     return shape
 
@@ -150,7 +152,7 @@ def sample_configuration(spec: ModelSpec, config: EvalConfig, steps: int):
     torchrun, this rank's shard of those rows."""
     from cfgengine.sampler import Sampler
 
-    labels = cell_labels(config.n, spec.model.num_classes).repeat(len(config.w))
+    labels = cell_labels(config.n, model_info(spec.model).num_classes).repeat(len(config.w))
     w = torch.tensor(config.w).repeat_interleave(config.n)  # (len(w)·n,)
     x = distributed.sample_shard(Sampler(spec.model), labels, w, steps=steps,
                                  sampler=config.sampler, v=config.v, seed=config.seed,

@@ -247,26 +247,29 @@ def _load_network(path: Path, trust_code: bool = False):
     """A torch.export program is data once every pickled member passes the weights-only
     unpickler (checked here first, so torch.export.load never takes its pickle fallback);
     TorchScript is code: it loads only when trusted (cfgengine.trust)."""
+    import io
+
     from cfgengine import trust
 
+    data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
     if path.suffix == ".pt2":
-        check_weights_only_archive(path)
-        return torch.export.load(str(path)).module()
-    trust.check_trusted(path, "a TorchScript module", trust_code)
+        check_weights_only_archive(path, data)
+        return torch.export.load(io.BytesIO(data)).module()
+    trust.check_bytes(data, path, "a TorchScript module", trust_code)
     with warnings.catch_warnings():  # TorchScript is deprecated, yet it is how Inception ships
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
 
 
-def check_weights_only_archive(path: Path) -> None:
-    """ValueError unless `path` is a zip whose pickled members (sample inputs, pickled weights
+def check_weights_only_archive(path: Path, contents: bytes) -> None:
+    """ValueError unless `contents` (read from `path`) is a zip whose pickled members (sample inputs, pickled weights
     or constants) all load with torch.load(weights_only=True): nothing in it can run on
     unpickling. Raw tensor payloads that the archive's JSON configs describe are bytes only."""
     import io
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(contents)) as archive:
             data = {name: archive.read(name) for name in archive.namelist()
                     if "/data/" in f"/{name}" and not name.endswith("/")}
     except (OSError, zipfile.BadZipFile) as err:

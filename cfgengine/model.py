@@ -10,7 +10,8 @@ one row per guided row.
 What the engine needs to know besides the call — classes, sample shape, clip bound, λ range, the
 model's own grid, names — is a `ModelInfo`, made once where a model is loaded (`info(model)`) and
 passed on; nothing else in the engine asks a model for attributes. A user's own callable needs only
-`num_classes` and `sample_shape` (and optionally `clip`, `class_names`, `guidance_embedded`); a
+`num_classes` and `sample_shape` (and optionally `clip`, `class_names`, `dataset`,
+`guidance_embedded`); a
 model that knows more carries a complete `ModelInfo` as its `info` attribute.
 """
 from __future__ import annotations
@@ -71,6 +72,7 @@ class ModelInfo:
     final_logsnr: float = math.inf
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     class_names: tuple[str, ...] = ()
+    dataset: str = ""  # the dataset a cfgengine model was trained on (its eval's feature space)
     guidance_embedded: bool = False
     conditioning: str = "class"  # "class": int64 ids (K = null); "text": TextCondition rows
     encode: Callable[[list[str]], TextCondition] | None = None  # prompts → rows ("text" models)
@@ -90,7 +92,7 @@ class ModelInfo:
 def info(model) -> ModelInfo:
     """The model's `ModelInfo`: its own `info` when it carries one, else built from the minimal
     contract of a user's callable (num_classes, sample_shape; optionally clip, class_names,
-    guidance_embedded). ValueError naming what is missing."""
+    dataset, guidance_embedded). ValueError naming what is missing."""
     own = getattr(model, "info", None)
     if isinstance(own, ModelInfo):
         return own
@@ -104,4 +106,5 @@ def info(model) -> ModelInfo:
                      sample_shape=tuple(int(d) for d in model.sample_shape),
                      clip=None if clip is None else float(clip),
                      class_names=tuple(getattr(model, "class_names", ()) or ()),
+                     dataset=str(getattr(model, "dataset", "") or ""),
                      guidance_embedded=bool(getattr(model, "guidance_embedded", False)))

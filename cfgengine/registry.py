@@ -1,12 +1,12 @@
 """Model names, files and folders → what `cfgengine.sample` runs (`cfgengine.load`): the built-in
-models (`default`, `gmm`), cfgengine's own weight files, exported artifacts, and diffusers
-pipeline folders (cfgengine/adapters.py)."""
+models (`default`, `default-distilled`, `gmm`), cfgengine's own weight files, exported artifacts,
+and diffusers pipeline folders (cfgengine/adapters.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
-from cfgengine import adapters, toy, trust
+from cfgengine import adapters, toy
 from cfgengine.families import text
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
                                   read_safetensors, require_keys)
@@ -23,24 +23,24 @@ def _load_safetensors(path: Path) -> UNet:
     return build_unet(meta["model_config"], meta["dataset"], weights, path)
 
 
-# exported formats that are native code (DESIGN: data vs code files): loaded only when trusted
-CODE_SUFFIXES = {".pt2": "an AOTInductor package (.pt2)", ".plan": "a TensorRT plan",
-                 ".engine": "a TensorRT plan"}
+# exported formats that are native code (DESIGN: data vs code files): each loads only when
+# trusted, checked by its loader on the very bytes it loads (cfgengine.trust)
+CODE_SUFFIXES = (".pt2", ".plan", ".engine")
 
 
 def _load_exported(path: Path, trust_code: bool = False):
     from cfgengine import export  # lazy: onnx / onnxruntime are optional
 
     if path.suffix in CODE_SUFFIXES:
-        trust.check_trusted(path, CODE_SUFFIXES[path.suffix], trust_code)
-        if path.suffix == ".pt2":
-            return export.load(path, trust_code=True)  # just checked: hash the file once
+        return export.load(path, trust_code=trust_code)
     return export.load(path)
 
 
 BUILTINS: dict[str, Callable[[], Any]] = {
     "gmm": toy.ring_mixture,
     "default": lambda: _load_safetensors(ASSETS / "default.safetensors"),
+    # `default` guidance-distilled (scripts/distill_default.sh): net(z, logsnr, labels, w)
+    "default-distilled": lambda: _load_safetensors(ASSETS / "default-distilled.safetensors"),
 }
 LOADERS: dict[str, Callable[[Path], Any]] = {
     ".pt": _load_pt, ".safetensors": _load_safetensors,
@@ -49,10 +49,10 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
 
 
 def load(model: str | Path, *, trust_code: bool = False):
-    """A built-in name (`default`, `gmm`), a model file or a diffusers pipeline folder → what
-    `cfgengine.sample` runs: a UNet in eval mode with EMA weights for .pt / .safetensors, a backend
-    for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json (a
-    TextDenoiser, which takes prompts, for a Stable Diffusion folder).
+    """A built-in name (`default`, `default-distilled`, `gmm`), a model file or a diffusers pipeline
+    folder → what `cfgengine.sample` runs: a UNet in eval mode with EMA weights for .pt /
+    .safetensors, a backend for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with
+    model_index.json (a TextDenoiser, which takes prompts, for a Stable Diffusion folder).
     `.pt2` and `.plan` files are code: they load only if trusted (`cfgengine.trust`) or with
     `trust_code=True`."""
     name = str(model)

@@ -18,7 +18,7 @@ from cfgengine.cudagraph import CudaGraphLoop
 from cfgengine.guidance import RULES, CFG, DynamicThreshold
 from cfgengine.kernels import CounterNoise, RowState, guided_step
 from cfgengine.backends import Prepared, prepare
-from cfgengine.schedule import GRIDS, check_logsnr_range
+from cfgengine.schedule import GRIDS, alpha_sigma, check_logsnr_range
 from cfgengine.tables import StepPlan, check_sampler_args, grid_logsnr, step_plan
 
 
@@ -28,12 +28,14 @@ class Call:
 
     sampler: str
     v: float
-    eta: float
+    eta: float | None  # None: the sampler's default
     logsnr: tuple[float, ...]
     rule: object
     clip: float | DynamicThreshold | None
     seed: int
     shape: tuple[int, ...]
+    options: tuple[tuple[str, object], ...] = ()  # the sampler's own options, sorted
+    start: int = 0  # the grid step an image-to-image run starts at
 
     @property
     def steps(self) -> int:
@@ -53,7 +55,7 @@ class Sampler:
     def __init__(self, model, *, device: torch.device | str | None = None,
                  backend: str | None = None, precision: str | None = None):
         self.model: Prepared = prepare(model, device=device, backend=backend,
-                                       precision=precision)
+                                       precision=precision, sample=sample)
         self.info = self.model.info
         self.device, self.backend = self.model.device, self.model.backend
         self.precision = self.model.precision
@@ -63,31 +65,48 @@ class Sampler:
     def sample(self, labels: torch.Tensor | None = None, *, prompts=None, negative_prompts=None,
                w: float | torch.Tensor = 0.3,
                steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3,
-               eta: float = 0.0, grid: str = "cosine", logsnr_range=None,
+               eta: float | None = None, grid: str = "cosine", logsnr_range=None,
                logsnr: torch.Tensor | None = None, guidance=None,
                clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
                sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
                batch_size: int | None = None, n: int | None = None,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, sampler_options: dict | None = None,
+               init: torch.Tensor | None = None, strength: float | None = None,
+               callback=None) -> torch.Tensor:
         """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], its condition,
         w[i], settings). A class model takes `labels`; a prompt model (`info.conditioning ==
         "text"`) takes `prompts` and optional `negative_prompts` (row i's null branch; "" by
-        default). `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
-        ZeroStar(), APG(); default CFG()), `clip` a bound or a DynamicThreshold."""
+        default). `sampler` is one of cfgengine.samplers' (`eta` None: its default, e.g. 0 for
+        DDIM and 1 for Euler ancestral; `sampler_options` its own, e.g. {"order": 3} for UniPC).
+        `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
+        ZeroStar(), APG(); default CFG()), `clip` a bound or a DynamicThreshold.
+
+        Image-to-image: `init` [N, *S] (data x) and `strength` s in (0, 1] start the run at grid
+        step T − ⌊s·T⌋ (diffusers' convention) from z = α·x + σ·ε, ε keyed (seed, id, 0).
+        `callback(step, logsnr, z, x_hat)` is called after each grid step (None: no host sync)."""
         check_conditioning(self.info, labels, prompts, negative_prompts)
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
             call = self._call(steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip,
-                              seed, shape)
-            if self.info.conditioning == "text":  # encoded once per call, chunked below
-                rows = prompt_rows(self.info, prompts, negative_prompts, n, self.device)
-            else:
-                labels, count = self._check_labels(labels, n)
-                rows = (labels, None, count)
-            return self._sample(call, rows, w, sample_ids, batch_size, progress)
+                              seed, shape, sampler_options)
+            call = replace(call, start=_check_strength(strength, init, call.steps))
+            extras = Extras(callback, init)
+            rows = self._conditions(labels, prompts, negative_prompts, n)
+            return self._sample(call, rows, w, sample_ids, batch_size, progress, extras)
 
-    def _sample(self, call: Call, rows, w, sample_ids, batch_size, progress) -> torch.Tensor:
+    def _conditions(self, labels, prompts, negative_prompts, n):
+        """(cond, null, N): class ids (null: the null label), or a prompt model's rows and their
+        null branches, encoded once per call; cond None: unconditional (the null branch alone)."""
+        if self.info.conditioning == "text":
+            return prompt_rows(self.info, prompts, negative_prompts, n, self.device)
+        labels, count = self._check_labels(labels, n)
+        return labels, None, count
+
+    def _sample(self, call: Call, rows, w, sample_ids, batch_size, progress,
+                extras: Extras = None) -> torch.Tensor:
+        extras = extras or Extras()
         labels, null, count = rows  # labels: class ids or prompt rows (None: unconditional)
         w = self._check_w(w, count)
+        init = extras.check_init(count, call.shape, self.device)
         sample_ids = _check_sample_ids(sample_ids, count, self.device)
         size = _check_batch_size(batch_size, count)
         chunks = [(i, min(i + size, count)) for i in range(0, count, size)]
@@ -98,7 +117,9 @@ class Sampler:
         bar = _progress_bar(progress, len(chunks) * plan.rows)
         finite = FiniteFlag(plan.rows, self.device)  # shared by the chunks, read once below
         parts = [self._sample_chunk(call, plan, _rows(labels, a, b), w[a:b], sample_ids[a:b],
-                                    bar, finite, _rows(null, a, b)) for a, b in chunks]
+                                    bar, finite, replace(extras, init=_rows(init, a, b)),
+                                    _rows(null, a, b))
+                 for a, b in chunks]
         finite.check(self.info.name, self.precision)
         if bar is not None:
             bar.close()
@@ -107,22 +128,27 @@ class Sampler:
         return x_hat
 
     def _sample_chunk(self, call: Call, plan: StepPlan, labels, w, sample_ids, bar,
-                      finite: FiniteFlag | None = None, null=None) -> torch.Tensor:
+                      finite: FiniteFlag | None = None, extras: Extras = None,
+                      null=None) -> torch.Tensor:
         """The loop over the plan's rows for one chunk; no host sync inside. The chunk owns its
         per-row state (the plan names it: x̂_prev, APG momentum), zero before the first step.
         `null`: the rows of the null branch (prompt models), else the null label."""
+        extras = extras or Extras()
         batch = sample_ids.shape[0]
         if labels is None:  # unconditional: the null branch alone
             labels = torch.full((batch,), self.info.null_label, device=self.device) \
                 if null is None else null
         z = rng.randn_like_rows(call.seed, sample_ids, 0, call.shape)  # z_0 ~ N(0, I)
-        if self.backend == "cudagraph":
+        if extras.init is not None:  # image-to-image: the forward process at the first λ
+            alpha, sigma = alpha_sigma(plan.logsnr[:1].to(self.device, torch.float32))
+            z = alpha * extras.init + sigma * z
+        if self.backend == "cudagraph" and extras.callback is None:
             x_hat = self._graph(call, plan, batch).sample(z, labels, w, sample_ids, call.seed,
                                                           plan.doubled)
             _advance(bar, plan.rows)
             return x_hat
         table, lam = plan.on(self.device)
-        state = RowState.zeros_like(z, plan.state)
+        state = RowState.zeros_like(z, extras.state(plan))
         silence = torch.zeros_like(z) if any(plan.quiet) else None
         # CPU: the noise of many steps per Philox call (rng.StepNoise); CUDA draws it in-kernel
         drawn = rng.StepNoise(call.seed, sample_ids, call.shape, plan.rows) \
@@ -135,6 +161,7 @@ class Sampler:
             noise = counter if drawn is None else silence if plan.quiet[t] else drawn[t]
             z = guided_step(eps2, z, w, table, t, rule=call.rule, clip=call.clip, state=state,
                             noise=noise)
+            extras.after_row(plan, t, call, z, state)
             _advance(bar, 1)
         return z
 
@@ -156,18 +183,21 @@ class Sampler:
         return self._graphs[key]
 
     def plan(self, call: Call) -> StepPlan:
-        """The step plan of a call, built once per (sampler, v, η, grid, rule)."""
-        key = (call.sampler, call.v, call.eta, call.logsnr, call.rule)
+        """The step plan of a call, built once per (sampler, v, η, grid, rule, start): an
+        image-to-image run's plan is built on the grid from its first step on."""
+        key = (call.sampler, call.v, call.eta, call.options, call.logsnr, call.rule, call.start)
         if key not in self._plans:
-            self._plans[key] = step_plan(torch.tensor(call.logsnr, dtype=torch.float64),
-                                         call.sampler, v=call.v, eta=call.eta, rule=call.rule,
+            self._plans[key] = step_plan(torch.tensor(call.logsnr[call.start:],
+                                                      dtype=torch.float64),
+                                         call.sampler, v=call.v, eta=call.eta,
+                                         options=dict(call.options), rule=call.rule,
                                          final_logsnr=self.info.final_logsnr)
         return self._plans[key]
 
     def _call(self, steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip, seed,
-              shape) -> Call:
+              shape, options=None) -> Call:
         lam = self._grid(steps, grid, logsnr_range, logsnr)
-        check_sampler_args(lam.numel(), sampler, v, eta)
+        check_sampler_args(lam.numel(), sampler, v, eta, options)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
                 or not 0 <= seed < 2**63:  # numpy integers are integers too
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
@@ -176,8 +206,9 @@ class Sampler:
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise ValueError(f"shape must be a tuple of positive integers, got {shape!r}")
         rule = _check_rule(guidance, self.info.guidance_embedded)
-        return Call(sampler, float(v), float(eta), tuple(lam.tolist()), rule,
-                    self._check_clip(clip), seed, shape)
+        return Call(sampler, float(v), None if eta is None else float(eta), tuple(lam.tolist()),
+                    rule, self._check_clip(clip), seed, shape,
+                    tuple(sorted((options or {}).items())))
 
     def _grid(self, steps, grid, logsnr_range, logsnr) -> torch.Tensor:
         """The float64 λ grid: `logsnr` verbatim, else the model's own grid for `steps` when
@@ -260,6 +291,65 @@ class FiniteFlag:
                                      f"(precision {precision})")
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a call may add to the loop: a per-step `callback(step, logsnr, z, x_hat)` and the
+    image-to-image start images `init` [N, *S]."""
+
+    callback: object = None
+    init: torch.Tensor | None = None
+
+    def check_init(self, count: int, shape: tuple[int, ...], device) -> torch.Tensor | None:
+        init = self.init
+        if init is None:
+            return None
+        if not isinstance(init, torch.Tensor) or tuple(init.shape) != (count, *shape) \
+                or not init.is_floating_point():
+            raise ValueError(f"init must be a float Tensor[{count}, {', '.join(map(str, shape))}] "
+                             f"(one image per sample), got {_describe(init)}")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init must be finite")
+        return init.to(device, torch.float32)
+
+    def state(self, plan: StepPlan) -> tuple[str, ...]:
+        """The plan's per-row state, plus this step's x̂ when a callback wants to see it."""
+        wanted = ("x_hat",) if self.callback is not None else ()
+        return tuple(dict.fromkeys(plan.state + wanted))
+
+    def after_row(self, plan: StepPlan, row: int, call: Call, z, state) -> None:
+        """Call the callback after the last row of each grid step (two-stage samplers run two)."""
+        if self.callback is None:
+            return
+        steps = plan.steps or tuple(range(plan.rows))
+        if row + 1 < plan.rows and steps[row + 1] == steps[row]:
+            return
+        step = call.start + steps[row]
+        self.callback(step, call.logsnr[step], z, state.x_hat)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _check_strength(strength, init, steps: int) -> int:
+    """The grid step an image-to-image run starts at: T − ⌊s·T⌋ for strength s in (0, 1]."""
+    if init is None and strength is None:
+        return 0
+    if init is None or strength is None:
+        raise ValueError("image-to-image needs both init (--init: the images) and strength "
+                         "(--strength)")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+            or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    start = steps - int(strength * steps)
+    if steps - start < 2:
+        raise ValueError(f"strength {strength} leaves {steps - start} of {steps} steps; "
+                         "a run needs at least 2 (raise strength or steps)")
+    return start
+
+
 def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Tensor:
     """The noise key of each row: 0..N−1 by default, else a Tensor[N] of ids in [0, 2^63)."""
     if ids is None:
@@ -318,20 +408,12 @@ def _progress_bar(enabled: bool, total: int):
     return tqdm(total=total, unit="step", leave=False)
 
 
-def sample(model, labels: torch.Tensor | None = None, *, prompts=None, negative_prompts=None,
-           w: float | torch.Tensor = 0.3,
-           steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3, eta: float = 0.0,
-           grid: str = "cosine", logsnr_range=None, logsnr: torch.Tensor | None = None,
-           guidance=None, clip: float | str | DynamicThreshold | None = "auto", seed: int = 0,
-           sample_ids: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
-           batch_size: int | None = None, n: int | None = None,
+def sample(model, labels: torch.Tensor | None = None, *,
            device: torch.device | str | None = None, backend: str | None = None,
-           precision: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Guided samples x̂ [N, *S] from a Denoiser or backend (cfgengine.model): of class
-    `labels`, or of `prompts` (with `negative_prompts`) for a prompt model; a one-shot
-    `Sampler`."""
+           precision: str | None = None, **settings) -> torch.Tensor:
+    """Guided samples x̂ [N, *S] from a Denoiser or backend (cfgengine.model): a one-shot
+    `Sampler(model, device=, backend=, precision=)`; `settings` are `Sampler.sample`'s (prompts
+    and negative_prompts for a prompt model, w, steps, sampler, grid, guidance, seed,
+    init/strength, callback, …)."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
-    return engine.sample(labels, prompts=prompts, negative_prompts=negative_prompts, w=w, steps=steps, sampler=sampler, v=v, eta=eta, grid=grid,
-                         logsnr_range=logsnr_range, logsnr=logsnr, guidance=guidance, clip=clip,
-                         seed=seed, sample_ids=sample_ids, shape=shape, batch_size=batch_size,
-                         n=n, progress=progress)
+    return engine.sample(labels, **settings)

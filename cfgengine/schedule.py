@@ -9,6 +9,10 @@ import torch
 LOGSNR_MIN = -20.0
 LOGSNR_MAX = 20.0
 LOGSNR_RANGE = (LOGSNR_MIN, LOGSNR_MAX)
+# |λ| ≤ 80 for any grid: α² = sigmoid(λ) and σ² = sigmoid(−λ) stay normal float32 numbers
+# (e^−80 ≈ 1.8e−35 > 1.2e−38, the smallest), so the table and the λ the net sees are finite, and
+# e^(±λ/2) of the schedules cannot overflow float64 (which would need |λ| > 1419)
+LOGSNR_LIMIT = 80.0
 GRIDS = ("cosine", "cosine-authors", "uniform", "karras")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
@@ -72,7 +76,16 @@ def check_logsnr_range(logsnr_range) -> tuple[float, float]:
             from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"logsnr_range must be finite with lo < hi, got ({lo:g}, {hi:g})")
+    check_logsnr_limit(lo, hi, "logsnr_range")
     return lo, hi
+
+
+def check_logsnr_limit(lo: float, hi: float, what: str) -> None:
+    """ValueError unless −LOGSNR_LIMIT ≤ lo and hi ≤ LOGSNR_LIMIT (see LOGSNR_LIMIT)."""
+    if lo < -LOGSNR_LIMIT or hi > LOGSNR_LIMIT:
+        raise ValueError(f"{what} ({lo:g}, {hi:g}) is outside [-{LOGSNR_LIMIT:g}, "
+                         f"{LOGSNR_LIMIT:g}]: beyond it α² or σ² = sigmoid(±λ) is no normal "
+                         "float32 number")
 
 
 def check_logsnr(logsnr) -> torch.Tensor:
@@ -86,6 +99,7 @@ def check_logsnr(logsnr) -> torch.Tensor:
         raise ValueError(f"logsnr must hold at least 2 values, got {lam.numel()}")
     if not bool(torch.isfinite(lam).all()):
         raise ValueError("logsnr must be finite")
+    check_logsnr_limit(lam.min().item(), lam.max().item(), "logsnr")
     drops = (lam[1:] <= lam[:-1]).nonzero()
     if drops.numel():
         i = int(drops[0, 0])

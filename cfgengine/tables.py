@@ -1,66 +1,26 @@
-"""Coefficient tables for the paper's ancestral sampler (Algorithm 2, v), DDIM (η) and
-DPM-Solver++(2M) — pure functions of a λ grid.
+"""The step plan: a sampler's coefficient table on a λ grid and the per-row facts every loop needs.
 
-Every step is x̂ = rule(z, ε), z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n (docs/design.md). A table is
-float32 [T, 6] with rows (α, σ, c_z, c_x, s, c_p) at λ_t; c_p multiplies the previous step's x̂
-(only DPM-Solver++(2M) uses it); the last row is (α, σ, 0, 1, 0, 0) so that z' = x̂.
-Coefficients are computed in float64 from a float64 grid and rounded once.
+Every row is x̂ = rule(z, ε), z' = c_z·z + c_x·x̂ + c_p·x̂_prev (+ c_p2·x̂₂ + c_p3·x̂₃) + s·n
+(docs/design.md). A table is float32 [R, 6] (up to [R, 8] for samplers keeping older x̂) with rows
+(α, σ, c_z, c_x, s, c_p, …), one row per network evaluation; with the final λ at +∞ the last row is
+(α, σ, 0, 1, 0, 0) so that z' = x̂. The samplers themselves are cfgengine/samplers.py's registry;
+coefficients are computed in float64 from a float64 grid and rounded once.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 
 from cfgengine.guidance import CFG
-from cfgengine.schedule import (LOGSNR_RANGE, alpha_sigma, check_logsnr, check_logsnr_range,
-                                logsnr_grid)
+from cfgengine.samplers import (ALPHA, C_P, C_X, C_Z, NOISE, SIGMA,  # noqa: F401 (re-exported)
+                                Rows, ancestral_coefficients, ddim_coefficients,
+                                dpmpp_2m_coefficients, sampler_options, sampler_rows)
+from cfgengine.samplers import SAMPLERS as SAMPLER_SPECS
+from cfgengine.schedule import LOGSNR_RANGE, check_logsnr, check_logsnr_range, logsnr_grid
 
-ALPHA, SIGMA, C_Z, C_X, NOISE, C_P = range(6)
-COLUMNS = 6
-
-
-def ancestral_coefficients(logsnr: torch.Tensor, v: float = 0.3):
-    """Algorithm 2 between consecutive grid points: μ = r·(α'/α)·z + (1 − r)·α'·x̂,
-    var = ((1 − r)·σ'²)^(1−v) · ((1 − r)·σ²)^v, r = e^(λ − λ'). Returns (c_z, c_x, s) for t < T−1."""
-    lam, lam_next = logsnr[:-1], logsnr[1:]
-    alpha, sigma = alpha_sigma(lam)
-    alpha_next, sigma_next = alpha_sigma(lam_next)
-    r = torch.exp(lam - lam_next)
-    one_minus_r = -torch.expm1(lam - lam_next)
-    c_z = r * alpha_next / alpha
-    c_x = one_minus_r * alpha_next
-    var = (one_minus_r * sigma_next**2) ** (1 - v) * (one_minus_r * sigma**2) ** v
-    return c_z, c_x, var.sqrt()
-
-
-def ddim_coefficients(logsnr: torch.Tensor, eta: float = 0.0):
-    """DDIM: s = η·(σ'/σ)·√(1 − α²/α'²), c_z = √(σ'² − s²)/σ, c_x = α' − α·c_z (ε re-derived from
-    the clipped x̂). Returns (c_z, c_x, s) for t < T−1."""
-    alpha, sigma = alpha_sigma(logsnr[:-1])
-    alpha_next, sigma_next = alpha_sigma(logsnr[1:])
-    s = eta * (sigma_next / sigma) * torch.sqrt(1 - alpha**2 / alpha_next**2)
-    c_z = torch.sqrt(sigma_next**2 - s**2) / sigma
-    c_x = alpha_next - alpha * c_z
-    return c_z, c_x, s
-
-
-def dpmpp_2m_coefficients(logsnr: torch.Tensor):
-    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2; k-diffusion's `sample_dpmpp_2m` with t = λ/2):
-    h_t = (λ_{t+1} − λ_t)/2, z' = (σ'/σ)·z + α'·(1 − e^(−h))·D, D = (1 + 1/(2r))·x̂ − x̂_prev/(2r),
-    r = h_{t−1}/h_t; first order (D = x̂, i.e. DDIM η = 0) on the first step and on the step into
-    the last grid point, whose long last interval would otherwise overshoot. Returns
-    (c_z, c_x, s, c_p) for t < T−1."""
-    sigma = alpha_sigma(logsnr[:-1])[1]
-    alpha_next, sigma_next = alpha_sigma(logsnr[1:])
-    h = (logsnr[1:] - logsnr[:-1]) / 2  # (T−1,)
-    gain = alpha_next * -torch.expm1(-h)  # α'·(1 − e^(−h))
-    half_inv_r = torch.zeros_like(h)  # 1/(2r); 0 keeps the first-order steps
-    half_inv_r[1:-1] = h[1:-1] / (2 * h[:-2])
-    c_p = 0.0 - gain * half_inv_r  # 0.0 − …: +0, not −0, on first-order steps
-    return sigma_next / sigma, gain * (1 + half_inv_r), torch.zeros_like(h), c_p
+COLUMNS = C_P + 1  # the table of a sampler keeping at most the previous x̂
 
 
 def grid_logsnr(steps: int | None, *, grid: str = "cosine",
@@ -78,60 +38,33 @@ def grid_logsnr(steps: int | None, *, grid: str = "cosine",
     return logsnr_grid(steps, *check_logsnr_range(logsnr_range), grid=grid)
 
 
-@dataclass(frozen=True)
-class SamplerKind:
-    """A sampler as the step sees it: `coefficients(λ_ext, settings)` gives float64 columns
-    (c_z, c_x, s, c_p) for each interval of the extended grid λ_ext (the grid plus, when finite,
-    the final λ), and `state` names the per-row buffers it keeps between steps."""
-
-    name: str
-    coefficients: Callable[..., tuple[torch.Tensor, ...]]
-    state: tuple[str, ...] = ()
+SAMPLERS = tuple(SAMPLER_SPECS)
 
 
-def _ancestral(lam, v, eta):
-    c_z, c_x, s = ancestral_coefficients(lam, v)
-    return c_z, c_x, s, torch.zeros_like(s)
-
-
-def _ddim(lam, v, eta):
-    c_z, c_x, s = ddim_coefficients(lam, eta)
-    return c_z, c_x, s, torch.zeros_like(s)
-
-
-def _dpmpp_2m(lam, v, eta):
-    return dpmpp_2m_coefficients(lam)
-
-
-SAMPLER_KINDS: dict[str, SamplerKind] = {
-    "ancestral": SamplerKind("ancestral", _ancestral),
-    "ddim": SamplerKind("ddim", _ddim),
-    "dpmpp_2m": SamplerKind("dpmpp_2m", _dpmpp_2m, state=("x_hat",)),
-}
-SAMPLERS = tuple(SAMPLER_KINDS)
+def sampler_plan_rows(logsnr: torch.Tensor, sampler: str, v: float | None, eta: float | None,
+                      options: dict | None, final_logsnr: float) -> Rows:
+    """The sampler's Rows, given the loops' common settings v and η (each passed on only to a
+    sampler that takes it; None: the sampler's default) and its own `options`."""
+    check_sampler_args(logsnr.numel(), sampler, v, eta)
+    known = SAMPLER_SPECS[sampler].options
+    given = {name: value for name, value in (("v", v), ("eta", eta)) if name in known}
+    return sampler_rows(sampler, logsnr.double(), final_logsnr=final_logsnr,
+                        **{**given, **(options or {})})
 
 
 def table_from_logsnr(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
-                      eta: float = 0.0, final_logsnr: float = math.inf) -> torch.Tensor:
-    """The float64 table [T, 6] of rows (α, σ, c_z, c_x, s, c_p) on the float64 grid `logsnr`.
-    The last row steps to `final_logsnr`: +∞ (the default) makes it z' = x̂."""
-    check_sampler_args(logsnr.numel(), sampler, v, eta)
-    logsnr = logsnr.double()
-    alpha, sigma = alpha_sigma(logsnr)
-    finite = math.isfinite(final_logsnr)
-    lam = torch.cat([logsnr, logsnr.new_tensor([final_logsnr])]) if finite else logsnr
-    columns = torch.stack(SAMPLER_KINDS[sampler].coefficients(lam, v, eta), dim=1)
-    if not finite:
-        last = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)  # z' = x̂
-        columns = torch.cat([columns, last], dim=0)  # (T, 4)
-    return torch.cat([torch.stack([alpha, sigma], dim=1), columns], dim=1)  # (T, 6)
+                      eta: float | None = None, options: dict | None = None,
+                      final_logsnr: float = math.inf) -> torch.Tensor:
+    """The float64 table [R, 6..8] of rows (α, σ, c_z, c_x, s, c_p, …) on the float64 grid
+    `logsnr`. The last row steps to `final_logsnr`: +∞ (the default) makes it z' = x̂."""
+    return sampler_plan_rows(logsnr, sampler, v, eta, options, final_logsnr).table
 
 
 def coefficient_table(steps: int | None, sampler: str = "ancestral", *, v: float = 0.3,
-                      eta: float = 0.0, grid: str = "cosine", logsnr_range=LOGSNR_RANGE,
+                      eta: float | None = None, grid: str = "cosine", logsnr_range=LOGSNR_RANGE,
                       logsnr: torch.Tensor | None = None,
                       device: torch.device | str | None = None) -> torch.Tensor:
-    """The sampler's table float32 [T, 6] of rows (α, σ, c_z, c_x, s, c_p), built on `device`."""
+    """The sampler's table float32 [R, 6..8] of rows (α, σ, c_z, c_x, s, c_p, …) on `device`."""
     lam = grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range, logsnr=logsnr)
     table = table_from_logsnr(lam, sampler, v=v, eta=eta)
     return table.to(device=device, dtype=torch.float32)
@@ -139,10 +72,12 @@ def coefficient_table(steps: int | None, sampler: str = "ancestral", *, v: float
 
 @dataclass(frozen=True, eq=False)
 class StepPlan:
-    """Everything a sampling loop needs for one (sampler, grid, rule): the float64 table [R, 6]
-    and the λ the net sees at each row (host), and per row on the host whether the net runs the
-    doubled batch (2B rows: the rule guides this step) and whether the row draws no noise (s = 0);
-    `state` names the per-row buffers the sampler and the rule keep. Every loop — the Sampler's,
+    """Everything a sampling loop needs for one (sampler, grid, rule): the float64 table
+    [R, 6..8] — R network evaluations — and the λ the net sees at each row (host), and per row on
+    the host whether the net runs the doubled batch (2B rows: the rule guides this row) and
+    whether the row draws no noise (s = 0; a row that draws uses key row + 1); `state` names the
+    per-row buffers the sampler and the rule keep; `steps` is each row's grid step (a two-stage
+    sampler has 2 rows per step). Every loop — the Sampler's,
     the CUDA graph's, the serving batch's and the bench's — runs from a StepPlan; none of them
     looks at a sampler's name or a table's width."""
 
@@ -151,6 +86,7 @@ class StepPlan:
     doubled: tuple[bool, ...]
     quiet: tuple[bool, ...]
     state: tuple[str, ...]
+    steps: tuple[int, ...] = ()
     _on: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -158,7 +94,7 @@ class StepPlan:
         return self.table.shape[0]
 
     def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(table float32 [R, 6], λ float32 [R]) on `device`, copied once per device."""
+        """(table float32 [R, 6..8], λ float32 [R]) on `device`, copied once per device."""
         device = torch.device(device)
         if device not in self._on:
             self._on[device] = (self.table.to(device, torch.float32),
@@ -171,26 +107,33 @@ class StepPlan:
 
 
 def step_plan(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
-              eta: float = 0.0, rule=None, final_logsnr: float = math.inf) -> StepPlan:
-    """The StepPlan of `sampler` on the float64 grid `logsnr` under guidance `rule` (a CFG,
-    ZeroStar or APG config; None = CFG()): the rule's interval decides which rows are doubled, its
-    per-row state (APG's momentum) joins the sampler's."""
-    lam = logsnr.double()
-    table = table_from_logsnr(lam, sampler, v=v, eta=eta, final_logsnr=final_logsnr)
+              eta: float | None = None, options: dict | None = None, rule=None,
+              final_logsnr: float = math.inf) -> StepPlan:
+    """The StepPlan of `sampler` (with `options`, cfgengine.samplers) on the float64 grid `logsnr`
+    under guidance `rule` (a CFG, ZeroStar or APG config; None = CFG()): the rule's interval
+    decides which rows are doubled (by the λ each row's net sees), its per-row state (APG's
+    momentum) joins the sampler's x̂ history."""
+    rows = sampler_plan_rows(logsnr, sampler, v, eta, options, final_logsnr)
     rule = CFG() if rule is None else rule
     interval = rule.interval
-    doubled = tuple(interval is None or interval[0] <= x <= interval[1] for x in lam.tolist())
-    quiet = tuple(s == 0 for s in table[:, NOISE].tolist())
-    state = SAMPLER_KINDS[sampler].state + rule.row_state
-    return StepPlan(table, lam, doubled, quiet, state)
+    doubled = tuple(interval is None or interval[0] <= x <= interval[1]
+                    for x in rows.logsnr.tolist())
+    return StepPlan(rows.table, rows.logsnr, doubled, rows.quiet, rows.state + rule.row_state,
+                    rows.steps)
 
 
-def check_sampler_args(steps: int, sampler: str, v: float, eta: float) -> None:
-    """Raise ValueError naming the first bad sampler setting."""
+def check_sampler_args(steps: int, sampler: str, v: float | None, eta: float | None,
+                       options: dict | None = None) -> None:
+    """Raise ValueError naming the first bad sampler setting (v and η: numbers in [0, 1], or None
+    for the sampler's default; `options`: the sampler's own, cfgengine.samplers)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an integer ≥ 2, got {steps!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     for name, value in (("v", v), ("eta", eta)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                      and 0 <= value <= 1):
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"sampler_options must be a dict, got {type(options).__name__}")
+    sampler_options(sampler, **(options or {}))

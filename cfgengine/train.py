@@ -16,6 +16,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from cfgengine.unet import UNet, preset
 RESUMABLE = ("steps", "out", "ckpt_every", "sample_every", "device", "ema_weights")
 
 
-def _flag(default, help_text: str):
+def setting(default, help_text: str):
     """A config field whose help text the CLI shows."""
     return field(default=default, metadata={"help": help_text})
 
@@ -40,26 +41,26 @@ class TrainConfig:
     """One training run. The learning rate warms up linearly then stays constant, so a run's
     trajectory does not depend on `steps` and a resumed run may extend it."""
 
-    data: str = _flag("shapes", "shapes, digits, gmm, a folder of class folders, or an .npz")
-    image_size: int | None = _flag(None, "image side for shapes/folder (shapes: 16)")
-    preset: str = _flag("default", "UNet preset: tiny, small, default, base")
-    steps: int = _flag(3500, "total optimizer steps")
-    batch_size: int = _flag(64, "batch per process: under torchrun the global batch is "
+    data: str = setting("shapes", "shapes, digits, gmm, a folder of class folders, or an .npz")
+    image_size: int | None = setting(None, "image side for shapes/folder (shapes: 16)")
+    preset: str = setting("default", "UNet preset: tiny, small, default, base")
+    steps: int = setting(3500, "total optimizer steps")
+    batch_size: int = setting(64, "batch per process: under torchrun the global batch is "
                                 "batch_size × world size")
-    lr: float = _flag(1e-3, "AdamW learning rate after warm-up")
-    warmup: int = _flag(200, "linear learning-rate warm-up steps")
+    lr: float = setting(1e-3, "AdamW learning rate after warm-up")
+    warmup: int = setting(200, "linear learning-rate warm-up steps")
     weight_decay: float = 0.0
-    ema_decay: float = _flag(0.999, "EMA decay of the exported weights")
-    grad_clip: float = _flag(1.0, "gradient-norm clipping threshold")
-    p_uncond: float = _flag(0.1, "probability of replacing the label by the null label")
-    seed: int = _flag(0, "seeds initialisation, data and noise")
-    out: str = _flag("runs/default", "run folder: ckpt.pt, samples/, model.safetensors")
-    ckpt_every: int = _flag(500, "checkpoint period in steps")
-    sample_every: int = _flag(1000, "sample-grid period in steps")
-    sample_steps: int = _flag(64, "sampling steps T of the grids")
-    sample_w: float = _flag(1.0, "guidance weight w of the grids")
-    device: str = _flag("auto", "auto, cpu, cuda, cuda:1 … (bf16 autocast on CUDA)")
-    ema_weights: str | None = _flag(None, "EMA weights file (default: OUT/model.safetensors)")
+    ema_decay: float = setting(0.999, "EMA decay of the exported weights")
+    grad_clip: float = setting(1.0, "gradient-norm clipping threshold")
+    p_uncond: float = setting(0.1, "probability of replacing the label by the null label")
+    seed: int = setting(0, "seeds initialisation, data and noise")
+    out: str = setting("runs/default", "run folder: ckpt.pt, samples/, model.safetensors")
+    ckpt_every: int = setting(500, "checkpoint period in steps")
+    sample_every: int = setting(1000, "sample-grid period in steps")
+    sample_steps: int = setting(64, "sampling steps T of the grids")
+    sample_w: float = setting(1.0, "guidance weight w of the grids")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1 … (bf16 autocast on CUDA)")
+    ema_weights: str | None = setting(None, "EMA weights file (default: OUT/model.safetensors)")
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond <= 1.0:
@@ -113,15 +114,22 @@ def drop_labels(labels: torch.Tensor, num_classes: int, p_uncond: float,
     return torch.where(drop.to(labels.device), num_classes, labels)
 
 
-def diffusion_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, p_uncond: float,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Algorithm 1's loss: mean ‖ε_θ(α·x + σ·ε, λ, c) − ε‖² with λ = λ(u), u ~ U(0, 1)."""
+def forward_process(x: torch.Tensor, labels: torch.Tensor, num_classes: int, p_uncond: float,
+                    generator: torch.Generator):
+    """A training example of Algorithm 1: (z, λ, labels, ε) with λ = λ(u), u ~ U(0, 1),
+    z = α·x + σ·ε and each label dropped to the null label with probability p_uncond."""
     n = x.shape[0]
     logsnr = sample_logsnr(n, generator).to(x.device)  # (N,)
     eps = torch.randn(x.shape, generator=generator).to(x.device)
-    labels = drop_labels(labels, model.num_classes, p_uncond, generator)
+    labels = drop_labels(labels, num_classes, p_uncond, generator)
     alpha, sigma = (t.view(n, *[1] * (x.dim() - 1)) for t in alpha_sigma(logsnr))
-    z = alpha * x + sigma * eps
+    return alpha * x + sigma * eps, logsnr, labels, eps
+
+
+def diffusion_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, p_uncond: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Algorithm 1's loss: mean ‖ε_θ(α·x + σ·ε, λ, c) − ε‖²."""
+    z, logsnr, labels, eps = forward_process(x, labels, model.num_classes, p_uncond, generator)
     return F.mse_loss(model(z, logsnr, labels).float(), eps)
 
 
@@ -147,6 +155,12 @@ def train_step(state: TrainState, dataset: ImageDataset, config: TrainConfig,
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = diffusion_loss(state.net or state.model, x, labels, config.p_uncond,
                               state.noise_rng)
+    return optimizer_step(state, config, loss)
+
+
+def optimizer_step(state: TrainState, config, loss: torch.Tensor) -> torch.Tensor:
+    """Backward, clip to `config.grad_clip`, AdamW at the warmed-up rate, EMA; returns the loss
+    detached. `config`: any run config with lr, warmup, grad_clip and ema_decay."""
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
@@ -172,13 +186,20 @@ def new_state(config: TrainConfig, dataset: ImageDataset, device: torch.device) 
     channels, size, _ = dataset.shape
     torch.manual_seed(config.seed)
     model = UNet(preset(config.preset, num_classes=dataset.num_classes, image_size=size,
-                        in_channels=channels)).to(device)
+                        in_channels=channels))
+    return state_for(config, model, device)
+
+
+def state_for(config, model: UNet, device: torch.device, state_class=None) -> TrainState:
+    """`state_class` (TrainState) of `model` on `device`, its EMA copy, AdamW and the two
+    generators seeded from `config.seed` (any run config with lr, weight_decay and seed)."""
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
                                   weight_decay=config.weight_decay)
     data_rng = torch.Generator().manual_seed(config.seed)
     noise_rng = torch.Generator().manual_seed(config.seed + 1)
-    return TrainState(config, model, ema, optimizer, data_rng, noise_rng)
+    return (state_class or TrainState)(config, model, ema, optimizer, data_rng, noise_rng)
 
 
 def checkpoint_contents(state: TrainState, config: TrainConfig, dataset: ImageDataset) -> dict:
@@ -328,15 +349,28 @@ def run(config: TrainConfig, contents: dict | None, progress: bool) -> TrainStat
 
 def _loop(state: TrainState, config: TrainConfig, dataset: ImageDataset, device: torch.device,
           progress: bool) -> None:
+    samples = (config.sample_every, lambda: distributed.on_main(
+        lambda: write_samples(state, config, dataset)))
+    optimization_loop(state, config, device, lambda: train_step(state, dataset, config, device),
+                      lambda: write_checkpoint(state, config, dataset), progress, [samples])
+
+
+def optimization_loop(state: TrainState, config, device: torch.device,
+                      step: Callable[[], torch.Tensor], save: Callable[[], object],
+                      progress: bool, every: list[tuple[int, Callable[[], object]]] = (),
+                      kept: str | None = None) -> None:
+    """`step()` (one optimizer step, returning its loss) until `config.steps`; `save()` every
+    `config.ckpt_every` steps once the loss is known finite, each (period, hook) of `every` on its
+    period; Ctrl-C raises KeyboardInterrupt between whole steps. `kept`: see LossHealth."""
     from tqdm import tqdm
 
     bar = tqdm(total=config.steps, initial=state.step, disable=not progress, unit="step",
                dynamic_ncols=True)
     state.model.train()
-    health = LossHealth(state.step, device)
+    health = LossHealth(state.step, device, kept)
     with deferred_interrupt() as interrupted:
         while state.step < config.steps:
-            loss = train_step(state, dataset, config, device)
+            loss = step()
             health.update(loss)
             bar.update(1)
             if state.step % 10 == 0 or state.step == config.steps:
@@ -344,9 +378,10 @@ def _loop(state: TrainState, config: TrainConfig, dataset: ImageDataset, device:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if state.step % config.ckpt_every == 0:
                 health.check(state, config)
-                write_checkpoint(state, config, dataset)
-            if state.step % config.sample_every == 0:
-                distributed.on_main(lambda: write_samples(state, config, dataset))
+                save()
+            for period, hook in every:
+                if state.step % period == 0:
+                    hook()
             if interrupted.is_set():  # Ctrl-C lands here, between whole steps
                 health.check(state, config)
                 raise KeyboardInterrupt
@@ -375,9 +410,10 @@ class LossHealth:
     loop's existing sync points: a non-finite loss stops training before the next checkpoint,
     so the last checkpoint on disk is the last good one."""
 
-    def __init__(self, step: int, device: torch.device):
+    def __init__(self, step: int, device: torch.device, kept: str | None = None):
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.good_step = step  # the last step known to be finite
+        self.kept = kept  # where the last checkpoint is, if not in config.out
 
     def update(self, loss: torch.Tensor) -> None:
         self.bad |= ~torch.isfinite(loss)
@@ -387,5 +423,5 @@ class LossHealth:
             raise FloatingPointError(
                 f"training loss became NaN/inf between steps {self.good_step + 1} and "
                 f"{state.step} (lr {config.lr:g}, grad_clip {config.grad_clip:g}); stopped, the "
-                f"last checkpoint in {config.out} was kept")
+                f"last checkpoint {self.kept or 'in ' + config.out} was kept")
         self.good_step = state.step

@@ -32,6 +32,7 @@ class UNetConfig:
     groups: int = 8
     fourier_features: int = 16
     dropout: float = 0.0
+    guidance_embedding: bool = False  # a guidance-distilled student: forward takes w per row
 
     @property
     def embed_dim(self) -> int:
@@ -72,17 +73,26 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-class LogSNREmbedding(nn.Module):
-    """Fourier features of λ/λmax ∈ [−1, 1] at octave frequencies π·2^k, then a 2-layer MLP."""
+# w ∈ [0, GUIDANCE_SCALE] spans the guidance embedding's slowest half period
+GUIDANCE_SCALE = 16.0
 
-    def __init__(self, features: int, dim: int):
+
+class FourierEmbedding(nn.Module):
+    """Fourier features of s/scale at octave frequencies π·2^k, then a 2-layer MLP: the λ embedding
+    (scale λmax, so λ/λmax ∈ [−1, 1]) and a distilled student's w embedding (Meng et al. 2023,
+    whose last layer starts at zero so the student starts as its teacher's conditional ε)."""
+
+    def __init__(self, features: int, dim: int, scale: float, zero_out: bool = False):
         super().__init__()
+        self.scale = scale
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(features // 2), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        if zero_out:
+            _zero(self.mlp[2])
 
-    def forward(self, logsnr: torch.Tensor) -> torch.Tensor:
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
         # fp32 phases even for half-precision weights: π·2^k·λ in fp16 would be off by ~0.3 rad
-        angle = (logsnr.float() / LOGSNR_MAX)[:, None] * self.freqs.float()  # (N, F/2)
+        angle = (s.float() / self.scale)[:, None] * self.freqs.float()  # (N, F/2)
         features = torch.cat([angle.sin(), angle.cos()], dim=1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))  # (N, E)
 
@@ -140,7 +150,9 @@ class Stage(nn.Module):
 
 class UNet(nn.Module):
     """Denoiser ε_θ(z, λ, c): `forward(z[N, C, H, W], logsnr[N], labels[N]) -> eps` (same dtype as
-    z); label `num_classes` is the null label ∅."""
+    z); label `num_classes` is the null label ∅. With `config.guidance_embedding` it is a
+    guidance-distilled student ε_θ(z, λ, c, w) ≈ (1+w)·ε(z, c) − w·ε(z, ∅) of one forward:
+    `forward(z, logsnr, labels, w[N])`, and `guidance_embedded` is True."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -149,9 +161,13 @@ class UNet(nn.Module):
         self.num_classes = config.num_classes
         self.sample_shape = config.sample_shape
         self.clip = 1.0
+        self.guidance_embedded = config.guidance_embedding
         widths = [config.base_channels * m for m in config.channel_mult]
-        self.logsnr_embed = LogSNREmbedding(config.fourier_features, config.embed_dim)
+        self.logsnr_embed = FourierEmbedding(config.fourier_features, config.embed_dim, LOGSNR_MAX)
         self.class_embed = nn.Embedding(config.num_classes + 1, config.embed_dim)
+        if config.guidance_embedding:  # absent otherwise: a plain UNet's state dict is unchanged
+            self.guidance_embed = FourierEmbedding(config.fourier_features, config.embed_dim,
+                                                   GUIDANCE_SCALE, zero_out=True)
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down, self.downsample = self._down_path(widths)
         mid = widths[-1]
@@ -183,9 +199,16 @@ class UNet(nn.Module):
             resample.append(nn.Identity() if level == 0 else _Upsample(c_in))
         return stages, resample
 
-    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+                w: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.conv_in.weight.dtype
         emb = self.logsnr_embed(logsnr) + self.class_embed(labels)  # (N, E)
+        if (w is not None) != self.guidance_embedded:
+            raise ValueError("a guidance-distilled UNet takes w per row: net(z, logsnr, labels, w)"
+                             if self.guidance_embedded else
+                             "this UNet is not guidance-distilled: it takes no w")
+        if w is not None:
+            emb = emb + self.guidance_embed(w)
         h = self.conv_in(z.to(dtype))
         skips = []
         per_level = self.config.blocks_per_level

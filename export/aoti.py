@@ -7,6 +7,7 @@ the device type it was compiled for.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from cfgengine.atomic import atomic_path
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "bf16")
 _DEVICE_KEY = "AOTI_DEVICE_KEY"  # written by AOTInductor itself: "cpu" or "cuda"
+_MODEL_DIR = "/data/aotinductor/model/"  # where a package keeps its compiled library
 
 
 def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
@@ -35,6 +37,7 @@ def export_program(traced: Traced, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"{path}: an AOTInductor package must be named *.pt2")
+    trust.trusted_hashes()  # a damaged or shared trust file fails now, not after compiling
     configs = {"aot_inductor.metadata": {metadata.KEY: traced.meta.to_json()}}
     with atomic_path(path, ".pt2") as tmp:
         torch._inductor.aoti_compile_and_package(traced.program, package_path=tmp,
@@ -46,23 +49,49 @@ def export_program(traced: Traced, path: str | Path) -> Path:
 def load(path: str | Path, *, device: torch.device | str | None = None,
          trust_code: bool = False) -> "AotiBackend":
     """The backend of a cfgengine `.pt2`; `device` defaults to (and must match) the package's.
-    A package is native code: it loads only when trusted (`cfgengine.trust`), checked on the
-    file's bytes before anything in it is extracted or dlopen'ed."""
+    A package is native code: it loads only when trusted (`cfgengine.trust`), and what is loaded
+    is a private copy of the very bytes that were checked. Its label table must have the rows
+    the metadata promises."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    trust.check_trusted(path, "an AOTInductor package (.pt2)", trust_code)
+    with trust.trusted_copy(path, "an AOTInductor package (.pt2)", trust_code) as copy:
+        compiled, stored = _load_package(copy, path)
+        meta = metadata.parse(stored.get(metadata.KEY), path)
+        built_for = stored.get(_DEVICE_KEY, "cpu")
+        metadata.check_label_table(_label_table_rows(copy, built_for), meta, path,
+                                   "compiled package")
+    backend = AotiBackend(meta, path, _device(built_for, device, path), compiled)
+    probe(backend)
+    return backend
+
+
+def _load_package(copy: Path, path: Path):
+    """(compiled model, its stored metadata) of the package at `copy`; errors name `path`."""
     try:
-        compiled = torch._inductor.aoti_load_package(str(path))
-        stored = compiled.get_metadata()
+        compiled = torch._inductor.aoti_load_package(str(copy))
+        return compiled, compiled.get_metadata()
     except Exception as err:  # zipfile, RuntimeError from the loader: all mean "not a package"
         raise ValueError(f"{path}: not a loadable AOTInductor package "
                          f"({type(err).__name__})") from err
-    meta = metadata.parse(stored.get(metadata.KEY), path)
-    backend = AotiBackend(meta, path, _device(stored.get(_DEVICE_KEY, "cpu"), device, path),
-                          compiled)
-    probe(backend)
-    return backend
+
+
+def _label_table_rows(copy: Path, built_for: str) -> int | None:
+    """Rows of the compiled label table, read from the package library's own constants (as the
+    ONNX loader reads its initializer); None for a graph without one, and for CUDA packages,
+    which Python cannot open a second runner on (cfgengine-run checks those)."""
+    runner_type = getattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", None)
+    if built_for != "cpu" or runner_type is None:
+        return None
+    with zipfile.ZipFile(copy) as package:
+        libraries = [n for n in package.namelist() if n.endswith(".so") and _MODEL_DIR in n]
+        if len(libraries) != 1:
+            return None
+        library = copy.with_name("model.so")  # beside the private copy, never a shared folder
+        library.write_bytes(package.read(libraries[0]))
+    constants = runner_type(str(library), 1).extract_constants_map(False)
+    rows = [t.shape[0] for name, t in constants.items() if name.endswith(metadata.LABEL_TABLE)]
+    return rows[0] if rows else None
 
 
 def probe(backend: "AotiBackend") -> None:

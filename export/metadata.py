@@ -108,6 +108,19 @@ def check_values(meta: ExportMeta, path: str | Path) -> None:
         bad(f"class_names do not name {meta.num_classes} classes")
 
 
+LABEL_TABLE = "class_embed.weight"  # the label embedding of cfgengine's UNet: num_classes + 1 rows
+
+
+def check_label_table(rows: int | None, meta: ExportMeta, path: str | Path,
+                      graph: str = "graph") -> None:
+    """ValueError unless the graph's label table (`rows`, None when it has none) has
+    num_classes + 1 rows: edited metadata would make a class id act as the null label."""
+    if rows is not None and rows != meta.num_classes + 1:
+        raise ValueError(f"{path}: metadata does not fit the {graph}: num_classes "
+                         f"{meta.num_classes}, but its label table has {rows} rows "
+                         "(num_classes + 1 null label); re-export the model")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -19,12 +19,14 @@ from cfgengine.threads import intra_op_threads
 
 OPSET = 18
 SUPPORTED_PRECISIONS = ("fp32", "fp16")
+LOADABLE_PRECISIONS = (*SUPPORTED_PRECISIONS, "int8")  # int8: made from fp32 by export/quantize
 _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
 
 
 def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            max_batch: int = 64, opset: int = OPSET, source: str | None = None) -> Path:
-    """Write `model` as an ONNX file at `path` (atomically); returns the path."""
+    """Write `model` as an ONNX file at `path` (atomically); returns the path. (int8 is this
+    fp32 graph statically quantized: cfgengine.export.export dispatches it to export/quantize.py.)"""
     metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "ONNX")
     return export_program(trace(model, precision=precision, max_batch=max_batch, source=source),
                           path, opset=opset)
@@ -78,7 +80,7 @@ def load(path: str | Path, *, device: torch.device | str = "cpu",
     path = Path(path)
     meta = read_metadata(path)
     device = torch.device(device)
-    if meta.precision not in SUPPORTED_PRECISIONS:
+    if meta.precision not in LOADABLE_PRECISIONS:
         raise ValueError(f"{path}: precision {meta.precision} has no ONNX Runtime kernels")
     return OnnxBackend(meta, path, device, _session(path, meta, device, threads))
 
@@ -118,10 +120,8 @@ def check_graph(proto, props: dict, meta: metadata.ExportMeta, path: Path) -> No
     if half != (meta.precision == "fp16"):
         raise ValueError(f"{path}: metadata precision {meta.precision} but the graph's weights "
                          f"are {'fp16' if half else 'fp32'}")
-    table = [t for t in proto.graph.initializer if t.name.endswith("class_embed.weight")]
-    if table and table[0].dims[0] != meta.num_classes + 1:
-        raise ValueError(f"{path}: metadata num_classes {meta.num_classes} but the graph's label "
-                         f"table has {table[0].dims[0]} rows (num_classes + 1 null label)")
+    table = [t.dims[0] for t in proto.graph.initializer if t.name.endswith(metadata.LABEL_TABLE)]
+    metadata.check_label_table(table[0] if table else None, meta, path)
 
 
 def _session(path: Path, meta: metadata.ExportMeta, device: torch.device, threads: int | None):

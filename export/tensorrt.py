@@ -25,6 +25,7 @@ from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend, require
 from cfgengine.export.onnx import to_proto
 from cfgengine.export.program import INPUTS, OUTPUT, Traced, check_batch_range, trace
+from cfgengine import trust
 from cfgengine.atomic import atomic_path
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16")  # bf16 would need a bf16 ONNX graph, which we do not export
@@ -93,7 +94,11 @@ def read_plan(path: str | Path) -> tuple[dict, bytes]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    data = path.read_bytes()
+    return parse_plan(path.read_bytes(), path)
+
+
+def parse_plan(data: bytes, path: str | Path) -> tuple[dict, bytes]:
+    """(header, engine bytes) of a plan's bytes; ValueError naming `path` otherwise."""
     start = len(MAGIC) + _LENGTH.size
     if not data.startswith(MAGIC) or len(data) < start:
         raise ValueError(f"{path}: not a cfgengine TensorRT plan (export it with "
@@ -220,10 +225,17 @@ def build_engine(trt, onnx_bytes: bytes, profile: Profile, sample_shape: tuple[i
     return bytes(serialized)
 
 
-def load(path: str | Path, *, device: torch.device | str = "cuda") -> "TensorRTBackend":
-    """The backend of a cfgengine plan; ValueError if foreign, stale, or no GPU/TensorRT."""
-    header, engine_bytes = read_plan(path)
+def load(path: str | Path, *, device: torch.device | str = "cuda",
+         trust_code: bool = False) -> "TensorRTBackend":
+    """The backend of a cfgengine plan; ValueError if foreign, stale, or no GPU/TensorRT. A plan
+    is code: it loads only when trusted, checked on the bytes read once here (cfgengine.trust);
+    its header is data, read first so that a foreign file says what it is."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    data = Path(path).read_bytes()  # read once: the bytes checked are the bytes deserialized
+    header, engine_bytes = parse_plan(data, path)
     meta = metadata.parse(header.get("meta"), path)  # before TensorRT: a foreign file says so
+    trust.check_bytes(data, path, "a TensorRT plan", trust_code)
     trt, device = _tensorrt(), _cuda(device)
     check_target(header, current_target(trt, device), path)
     with torch.cuda.device(device):

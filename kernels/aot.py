@@ -216,7 +216,8 @@ class StepOptions:
     step and w as Python scalars ("scalar"), 0-d device tensors ("0d", the CUDA-graph loop) or
     per-row tensors ("rows", serving), z' into both halves of a [2B] `out` ("out2"), x̂ kept in
     the RowState, the guidance rule, the threshold (a number or "dynamic") and a DPM-Solver++(2M)
-    table (c_p ≠ 0: the kept x̂ is read as x̂_prev)."""
+    table (c_p ≠ 0: the kept x̂ is read as x̂_prev), or `history` x̂ of earlier steps kept (2: DPM++
+    3M SDE, 3: UniPC order 3, their 7- and 8-column tables)."""
 
     dtype: torch.dtype
     guided: bool = True
@@ -227,6 +228,7 @@ class StepOptions:
     rule: str = "cfg"
     clip: str = "1.0"
     dpmpp: bool = False
+    history: int = 0
 
     @property
     def name(self) -> str:
@@ -236,23 +238,24 @@ class StepOptions:
                                         ("dpmpp", self.dpmpp)) if on]
         parts += [] if self.rule == "cfg" else [self.rule]
         parts += [] if self.clip == "1.0" else [f"clip={self.clip}"]
+        parts += [f"history={self.history}"] if self.history else []
         return " ".join(parts)
 
 
 def _step_call(o: StepOptions) -> Callable[[], object]:
     from cfgengine.guidance import DynamicThreshold
     from cfgengine.kernels import CounterNoise, RowState, guided_step
-    from cfgengine.tables import coefficient_table
 
     def call():
         gen = torch.Generator().manual_seed(0)
         z = torch.randn((BATCH, *SAMPLE_SHAPE), generator=gen).to(o.dtype)
         eps2 = torch.randn(((2 if o.guided else 1) * BATCH, *SAMPLE_SHAPE), generator=gen)
-        table = coefficient_table(8, "dpmpp_2m" if o.dpmpp else "ancestral")
+        table = _table(o)
         step, w, seed = {"scalar": (3, 0.7, 5),
                          "0d": (torch.tensor(3), torch.tensor(0.7), torch.tensor(5)),
                          "rows": (torch.arange(BATCH) % 7, torch.rand(BATCH), 5)}[o.mode]
-        names = ["momentum"] * (o.rule == "apg") + ["x_hat"] * (o.dpmpp or o.x_hat)
+        kept = max(o.history, int(o.dpmpp or o.x_hat))  # x̂ of that many earlier steps
+        names = ["momentum"] * (o.rule == "apg") + ["x_hat", "x_hat_2", "x_hat_3"][:kept]
         ids = torch.arange(BATCH) + 2**33 if o.mode == "rows" else None
         return guided_step(
             eps2.to(o.dtype), z, w, table, step, impl="triton", rule=_rule(o.rule),
@@ -261,6 +264,18 @@ def _step_call(o: StepOptions) -> Callable[[], object]:
             noise=torch.randn_like(z) if o.noise else CounterNoise(seed, ids),
             out=torch.empty_like(eps2.to(o.dtype)) if o.out2 else None)
     return call
+
+
+def _table(o: StepOptions) -> torch.Tensor:
+    """An 8-row float32 table: ancestral, DPM-Solver++(2M), or the sampler keeping o.history x̂."""
+    from cfgengine.samplers import sampler_rows
+    from cfgengine.schedule import logsnr_grid
+    from cfgengine.tables import coefficient_table
+
+    if not o.history:
+        return coefficient_table(8, "dpmpp_2m" if o.dpmpp else "ancestral")
+    sampler, options = {2: ("dpmpp_3m_sde", {}), 3: ("unipc", {"order": 3})}[o.history]
+    return sampler_rows(sampler, logsnr_grid(8), **options).table.float()
 
 
 def _case(o: StepOptions) -> Case:
@@ -278,7 +293,8 @@ def cases(which: str = "all") -> list[Case]:
                  for d, g, m in itertools.product(dtypes, (True, False), ("scalar", "0d"))]
         extra = [StepOptions(torch.float32, rule=r) for r in RULES[1:]]
         extra += [StepOptions(torch.float32, clip="dynamic"),
-                  StepOptions(torch.float32, guided=True, dpmpp=True, x_hat=True)]
+                  StepOptions(torch.float32, guided=True, dpmpp=True, x_hat=True),
+                  StepOptions(torch.float32, history=2), StepOptions(torch.float32, history=3)]
         return [_case(o) for o in plain + extra]
     plain = [StepOptions(d, g, n, m, o, x) for d, g, n, m, o, x in itertools.product(
         dtypes, (True, False), (False, True), ("scalar", "0d", "rows"), (False, True),

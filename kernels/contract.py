@@ -2,7 +2,10 @@
 
     ε̃  = rule(ε_c, ε_u, w_i)             (rows 0..B−1 of eps2 are ε_c, rows B..2B−1 are ε_u)
     x̂  = threshold((z − σ·ε̃)/α)          (APG forms x̂ directly in x̂ space)
-    z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n   (α, σ, c_z, c_x, s, c_p) = table[step_i]
+    z' = c_z·z + c_x·x̂ + c_p·x̂₁ + c_p2·x̂₂ + c_p3·x̂₃ + s·n
+         (α, σ, c_z, c_x, s, c_p[, c_p2[, c_p3]]) = table[step_i]
+
+x̂_k is the x̂ of k steps back (state.x_hat, x_hat_2, x_hat_3); a table of 6 columns has c_p only.
 
 An eps2 of B rows (instead of 2B) means the guidance is off at this step (w = 0 everywhere,
 unconditional sampling, or a step outside the rule's interval): ε̃ = ε_c whatever the rule, and
@@ -17,8 +20,10 @@ import torch
 
 from cfgengine import rng
 from cfgengine.guidance import APG, CFG, RULES, DynamicThreshold, ZeroStar
-from cfgengine.tables import ALPHA, C_P, C_X, C_Z, NOISE, SIGMA  # noqa: F401  (the table's columns)
-from cfgengine.tables import COLUMNS as TABLE_COLUMNS
+from cfgengine.samplers import (ALPHA, C_P, C_P2, C_P3, C_X, C_Z,  # noqa: F401 (the columns)
+                                NOISE, SIGMA)
+
+MIN_COLUMNS, MAX_COLUMNS = C_P + 1, C_P3 + 1  # (…, c_p) up to (…, c_p, c_p2, c_p3)
 
 IMPLS = ("auto", "triton", "torch")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,13 +39,18 @@ THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_SCALE = range(3)
 @dataclasses.dataclass
 class RowState:
     """The per-row state a sampler and rule keep across steps, each fp32 [B, *S] or None (not
-    kept). `momentum`: APG's m, updated in place on guided steps. `x_hat`: read as the previous
-    step's x̂ where c_p ≠ 0, then overwritten with this step's x̂.
+    kept). `momentum`: APG's m, updated in place on guided steps. `x_hat`, `x_hat_2`, `x_hat_3`:
+    the x̂ of 1, 2 and 3 steps back (a prefix of them is kept), read where c_p, c_p2, c_p3 ≠ 0;
+    after the step the history moves one back (x_hat_3 ← x_hat_2 ← x_hat) and x_hat holds this
+    step's x̂ — in place, so one captured step replays at every step and rows at different steps
+    share a call.
 
     New kinds of state are new fields defaulting to None, so callers that do not keep them are
     untouched; `zeros_like` and `rows` work on every field."""
     momentum: torch.Tensor | None = None
     x_hat: torch.Tensor | None = None
+    x_hat_2: torch.Tensor | None = None
+    x_hat_3: torch.Tensor | None = None
 
     @classmethod
     def zeros_like(cls, z: torch.Tensor, names) -> "RowState":
@@ -59,6 +69,18 @@ class RowState:
         """The fields that are kept, by name."""
         return {name: getattr(self, name) for name in self.names()
                 if getattr(self, name) is not None}
+
+    def history(self) -> tuple[torch.Tensor | None, ...]:
+        """(x̂₁, x̂₂, x̂₃): the x̂ of 1, 2, 3 steps back, None where not kept."""
+        return self.x_hat, self.x_hat_2, self.x_hat_3
+
+    def push(self, x_hat: torch.Tensor) -> None:
+        """Move the kept x̂ history one step back and keep `x_hat` as the last step's."""
+        kept = [t for t in self.history() if t is not None]
+        for newer, older in reversed(list(zip(kept, kept[1:]))):
+            older.copy_(newer)
+        if kept:
+            kept[0].copy_(x_hat)
 
     def zero_(self) -> "RowState":
         """Every kept buffer set to 0 in place (a new chunk of rows starts from zero state)."""
@@ -101,9 +123,11 @@ def check_step_args(eps2, z, w, table, step, *, rule=None, clip=None, state=None
     if eps2.shape[0] not in (batch, 2 * batch) or tuple(eps2.shape[1:]) != sample_shape:
         raise ValueError(f"eps2 must be [2B, *S] = [{2 * batch}, {sample_shape}] for z of shape "
                          f"{tuple(z.shape)}, got {tuple(eps2.shape)}")
-    if table.dim() != 2 or table.shape[1] != TABLE_COLUMNS or table.dtype != torch.float32:
-        raise ValueError(f"table must be float32 [T, {TABLE_COLUMNS}] (α, σ, c_z, c_x, s, c_p), "
-                         f"got {table.dtype} {tuple(table.shape)}")
+    if table.dim() != 2 or not MIN_COLUMNS <= table.shape[1] <= MAX_COLUMNS \
+            or table.dtype != torch.float32:
+        raise ValueError(f"table must be float32 [T, {MIN_COLUMNS}] (α, σ, c_z, c_x, s, c_p), or "
+                         f"up to [T, {MAX_COLUMNS}] with c_p2, c_p3; got {table.dtype} "
+                         f"{tuple(table.shape)}")
     if isinstance(step, int) and not 0 <= step < table.shape[0]:
         raise ValueError(f"step {step} is outside the table's {table.shape[0]} rows")
     if isinstance(step, torch.Tensor) and step.numel() not in (1, batch):
@@ -132,6 +156,10 @@ def _state_fields(state: RowState | None) -> list[tuple[str, torch.Tensor]]:
         return []
     if not isinstance(state, RowState):
         raise ValueError(f"state must be a RowState or None, got {type(state).__name__}")
+    kept = [t is not None for t in state.history()]
+    if kept != sorted(kept, reverse=True):
+        raise ValueError("state keeps x̂ history with a gap: x_hat_2 needs x_hat, x_hat_3 "
+                         "needs x_hat_2")
     return [(f"state.{name}", t) for name, t in state.kept().items()]
 
 
@@ -169,7 +197,7 @@ def check_kernel_operands(eps2, z, w, table, step, *, state: RowState | None,
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device != z.device:
             raise ValueError(f"{name} is on {t.device}, z on {z.device}")
-    for name in ("eps2", "z", "noise", "out", "state.x_hat"):
+    for name in ("eps2", "z", "noise", "out", "state.x_hat", "state.x_hat_2", "state.x_hat_3"):
         t = tensors.get(name)
         if t is not None and t.dtype not in STORAGE_DTYPES:
             raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")

@@ -91,7 +91,7 @@ def launch_step(eps2, z, w, table, step, *, rule, clip, state: RowState | None,
     batch, numel = z.shape[0], z[0].numel()
     out = torch.empty_like(z) if out is None else out
     ops = StepOperands(eps2.contiguous(), z.contiguous(), w, table.contiguous(), step, rule, clip,
-                       state, noise, out)  # the kernels read the table as rows of 6 floats
+                       state, noise, out)  # the kernels read the table as rows of 6–8 floats
     config = config or launch_config(batch, numel)
     mode = rule_mode(ops.rule, ops.guided)
     stats, split = _launch_row_stats(ops, mode, config)
@@ -164,7 +164,7 @@ def _launch_row_stats(ops: StepOperands, mode: int, config: LaunchConfig):
         ops.eps2, ops.eps2[batch:], ops.z, ops.table, w_ptr, step_ptr, _or(momentum, ops.z),
         stats, batch, numel, ops.table.shape[0], w_value, step_value, float(beta), chunk,
         RULE=mode, W_MODE=w_mode, STEP_MODE=step_mode, HAS_MOMENTUM=momentum is not None,
-        READ_MOMENTUM=beta != 0.0, SPLIT=split, BLOCK_R=config.block_rows,
+        READ_MOMENTUM=beta != 0.0, WIDTH=ops.table.shape[1], SPLIT=split, BLOCK_R=config.block_rows,
         BLOCK_D=config.block_d, num_warps=config.num_warps)
     return stats, split
 
@@ -186,7 +186,8 @@ def _launch_step(ops: StepOperands, mode: int, stats: torch.Tensor, split: int,
     triton_step._guided_step_kernel[grid](
         ops.eps2, ops.eps2[batch:] if ops.guided else ops.eps2, ops.z, _or(given, ops.z),
         ops.table, w_ptr, step_ptr, seed_ptr, _or(counter.sample_ids, ops.table), stats,
-        _or(state.momentum, ops.z), *[_or(state.x_hat, ops.z)] * 2, _or(scale, ops.table),
+        _or(state.momentum, ops.z), *[_or(state.x_hat, ops.z)] * 2, _or(state.x_hat_2, ops.z),
+        _or(state.x_hat_3, ops.z), _or(scale, ops.table),
         _or(x_tmp, ops.z), out, out[batch:] if out.shape[0] > batch else out,
         batch, numel, ops.table.shape[0], w_value, step_value, seed_value,
         float(ops.clip) if is_number(ops.clip) else 0.0,
@@ -196,7 +197,8 @@ def _launch_step(ops: StepOperands, mode: int, stats: torch.Tensor, split: int,
         GUIDED=ops.guided, RULE=mode, HAS_MOMENTUM=mode == RULE_APG and state.momentum is not None,
         W_MODE=w_mode, STEP_MODE=step_mode, SEED_MODE=seed_mode,
         HAS_IDS=counter.sample_ids is not None, HAS_NOISE=given is not None,
-        HAS_X_HAT=state.x_hat is not None, THRESHOLD=_threshold_mode(ops.clip, only_x_hat),
+        HISTORY=sum(t is not None for t in state.history()), WIDTH=ops.table.shape[1],
+        THRESHOLD=_threshold_mode(ops.clip, only_x_hat),
         LOAD_X_HAT=scale is not None, ONLY_X_HAT=only_x_hat, DOUBLED_OUT=out.shape[0] > batch,
         SPLIT=split, BLOCK_R=config.block_rows, BLOCK_D=config.block_d,
         num_warps=config.num_warps, maxnreg=STEP_MAX_REGISTERS)

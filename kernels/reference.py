@@ -33,6 +33,8 @@ from cfgengine.kernels.contract import (APG_NORM_FLOOR, ZERO_STAR_EPS, CounterNo
 #                        kthvalue selections of several passes each), the second pass reads
 #                        x̂ (F) and z (S) again: +1 S +2 F and the quantile, ≈ +6 F or more
 #   c_p ≠ 0 (dpmpp_2m)   read x̂_prev, write x̂ (both state.x_hat)                            +2
+#   k x̂ kept (k = 2, 3)  read the k x̂, write them moved one back and x̂ (3M SDE, UniPC):    +2k
+#                        the moves re-read x̂₁ (x̂₂) after z' is stored, from L2 while it stays
 #   given noise          read n (rows with s ≠ 0 only)                                      +1 S
 # The eager torch below materialises every intermediate; it is the definition, not the fast path.
 # ---------------------------------------------------------------------------------------------
@@ -42,14 +44,17 @@ def guided_step_reference(eps2, z, w, table, step, *, rule=None, clip=None,
                           state: RowState | None = None,
                           noise: torch.Tensor | CounterNoise | None = None):
     """The step in plain torch, fp32 arithmetic; returns (z', x̂) in float32. Updates
-    state.momentum in place on guided steps and reads state.x_hat as x̂_prev; storing this step's
-    x̂ into state.x_hat is the caller's (`guided_step` does it)."""
+    state.momentum in place on guided steps and reads the x̂ history; moving it and storing this
+    step's x̂ (`RowState.push`) is the caller's (`guided_step` does it)."""
     state = RowState() if state is None else state
     bshape = (-1,) + (1,) * (z.dim() - 1)
-    alpha, sigma, c_z, c_x, s, c_p = (c.reshape(bshape) for c in table_rows(table, step).unbind(1))
+    alpha, sigma, c_z, c_x, s, *c_ps = (c.reshape(bshape)
+                                        for c in table_rows(table, step).unbind(1))
     x_hat = rule_x_hat(eps2, z, w, alpha, sigma, CFG() if rule is None else rule, state.momentum)
     x_hat = threshold(x_hat, clip)
-    z_next = c_z * z.float() + c_x * x_hat + previous_term(c_p, state.x_hat)
+    z_next = c_z * z.float() + c_x * x_hat
+    for c_p, x_hat_prev in zip(c_ps, state.history()):
+        z_next = z_next + previous_term(c_p, x_hat_prev)
     return z_next + s * drawn_noise(noise, z, step).float(), x_hat
 
 
@@ -153,7 +158,7 @@ def dynamic_threshold_scale(x_hat: torch.Tensor, clip: DynamicThreshold) -> torc
 
 
 def previous_term(c_p: torch.Tensor, x_hat_prev: torch.Tensor | None) -> torch.Tensor:
-    """c_p·x̂_prev where c_p ≠ 0 (DPM-Solver++(2M)); x̂_prev is not read on rows with c_p = 0.
+    """c_p·x̂_prev where c_p ≠ 0 (the multistep samplers); x̂_prev is not read on rows with c_p = 0.
     A row that needs x̂_prev when none is given turns NaN (a device-side test, never a silent
     first-order step)."""
     if x_hat_prev is None:

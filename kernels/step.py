@@ -28,9 +28,9 @@ def guided_step(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Tensor,
 
     `rule` defaults to CFG(); its `interval` is the caller's to apply: outside it the caller
     passes eps2 with B rows (ε̃ = ε_c). `state` holds the per-row state kept across steps
-    (RowState: APG's momentum, x̂ for c_p ≠ 0), updated in place. `step` is an int, a 0-d int64
-    tensor or an int64 Tensor[B]. `noise` is used as given when a tensor, else drawn at key
-    (seed, sample_ids[i], step_i + 1) of its CounterNoise (None: CounterNoise(0, 0..B−1)).
+    (RowState: APG's momentum, the x̂ history for c_p ≠ 0), updated in place. `step` is an int,
+    a 0-d int64 tensor or an int64 Tensor[B]. `noise` is used as given when a tensor, else drawn
+    at key (seed, sample_ids[i], step_i + 1) of its CounterNoise (None: CounterNoise(0, 0..B−1)).
     `out` of B rows receives z'; one of 2B rows receives z' in both halves and the call returns
     out[:B]. `impl` is "auto" (the kernels on CUDA when Triton is installed), "triton" or "torch".
     """
@@ -42,8 +42,8 @@ def guided_step(eps2: torch.Tensor, z: torch.Tensor, w: float | torch.Tensor,
                                        state=state, noise=noise, out=out)
     z_next, x_hat = guided_step_reference(eps2, z, w, table, step, rule=rule, clip=clip,
                                           state=state, noise=noise)
-    if state is not None and state.x_hat is not None:
-        state.x_hat.copy_(x_hat)
+    if state is not None:
+        state.push(x_hat)
     return _store(z_next, z.dtype, out)
 
 

@@ -20,10 +20,12 @@ torch computes in between):
     ε̃  = ε_c + w_i·(ε_c − s*·ε_u), s* = ⟨ε_c, ε_u⟩/(⟨ε_u, ε_u⟩ + 1e−8)    ZeroStar
     x̂  = (z − σ·ε̃)/α, or for APG x̂ = D_c + w_i·(Δ⊥ + η·Δ∥), Δ = m·min(1, r/‖m‖)
     x̂  = clamp(x̂, −c, c), or clamp(x̂, −s_i, s_i)/s_i with s_i DynamicThreshold's scale
-    z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n,  n = noise[i, j], or output j % 4 of Philox4x32-10
-         keyed by `seed` at counter (j // 4, step_i + 1, id_i low, id_i high) (rng.py)
+    z' = c_z·z + c_x·x̂ + c_p·x̂₁ + c_p2·x̂₂ + c_p3·x̂₃ + s·n,  n = noise[i, j], or output j % 4
+         of Philox4x32-10 keyed by `seed` at counter (j // 4, step_i + 1, id_i low, id_i high)
+         (rng.py)
   ε̃ = ε_c (x̂ = D_c) when GUIDED is off (eps2 has B rows). Rows whose s is 0 read no noise and
-  draw none; rows whose c_p is 0 read no x̂_prev. Traffic: the table in kernels/reference.py.
+  draw none; rows whose c_p (c_p2, c_p3) is 0 read no x̂₁ (x̂₂, x̂₃) for z', though a kept
+  history is moved one step back on every row. Traffic: the table in kernels/reference.py.
 
 Every mode, column and slot the kernels test or index is a named constexpr below.
 """
@@ -39,9 +41,9 @@ _c = tl.constexpr
 RULE_RESCALE, RULE_ZERO_STAR, RULE_APG = (_c(contract.RULE_RESCALE), _c(contract.RULE_ZERO_STAR),
                                           _c(contract.RULE_APG))
 THRESHOLD_CLIP, THRESHOLD_SCALE = _c(contract.THRESHOLD_CLIP), _c(contract.THRESHOLD_SCALE)
-TABLE_COLUMNS = _c(contract.TABLE_COLUMNS)
 ALPHA, SIGMA, C_Z, C_X, NOISE, C_P = (_c(contract.ALPHA), _c(contract.SIGMA), _c(contract.C_Z),
                                       _c(contract.C_X), _c(contract.NOISE), _c(contract.C_P))
+C_P2, C_P3 = _c(contract.C_P2), _c(contract.C_P3)
 ZERO_STAR_EPS, APG_NORM_FLOOR = _c(contract.ZERO_STAR_EPS), _c(contract.APG_NORM_FLOOR)
 # How a per-row operand (w, step, seed, sample id) arrives: a Python number, one value in a
 # device tensor shared by every row (a CUDA graph's step), or a value per row.
@@ -69,11 +71,12 @@ def _per_row(ptr, value, rows, row_mask, MODE: tl.constexpr, DTYPE: tl.constexpr
 
 
 @triton.jit
-def _table_column(table_ptr, step, table_len, row_mask, column: tl.constexpr, missing):
-    """table[step_i, column] of the [T, TABLE_COLUMNS] table for each row as (BLOCK_R, 1) fp32;
+def _table_column(table_ptr, step, table_len, row_mask, column: tl.constexpr, missing,
+                  WIDTH: tl.constexpr):
+    """table[step_i, column] of the [T, WIDTH] table for each row as (BLOCK_R, 1) fp32;
     `missing` off the table."""
     valid = row_mask & (step >= 0) & (step < table_len)
-    return tl.load(table_ptr + step * TABLE_COLUMNS + column, mask=valid, other=missing)[:, None]
+    return tl.load(table_ptr + step * WIDTH + column, mask=valid, other=missing)[:, None]
 
 
 @triton.jit
@@ -196,6 +199,32 @@ def _previous_term(z_next, c_p, x_prev_ptr, offs, mask, HAS_X_HAT: tl.constexpr)
 
 
 @triton.jit
+def _older_terms(z_next, table_ptr, step, table_len, row_mask, x_prev2_ptr, x_prev3_ptr, offs,
+                 mask, HISTORY: tl.constexpr, WIDTH: tl.constexpr):
+    """z' + c_p2·x̂₂ + c_p3·x̂₃, for the columns the table has."""
+    if WIDTH > C_P2:
+        c_p2 = _table_column(table_ptr, step, table_len, row_mask, C_P2, 0.0, WIDTH)
+        z_next = _previous_term(z_next, c_p2, x_prev2_ptr, offs, mask, HISTORY >= 2)
+    if WIDTH > C_P3:
+        c_p3 = _table_column(table_ptr, step, table_len, row_mask, C_P3, 0.0, WIDTH)
+        z_next = _previous_term(z_next, c_p3, x_prev3_ptr, offs, mask, HISTORY >= 3)
+    return z_next
+
+
+@triton.jit
+def _move_history(x_prev_ptr, x_prev2_ptr, x_prev3_ptr, offs, mask, HISTORY: tl.constexpr):
+    """The kept x̂ history one step back in place (x̂₃ ← x̂₂, x̂₂ ← x̂₁; the caller then stores
+    x̂ into x̂₁), each element read before it is written. Run after z' is stored, when the
+    noise's registers are free: inside z' it spilled at the 80-register cap."""
+    if HISTORY >= 3:
+        older = tl.load(x_prev2_ptr + offs, mask=mask, other=0.0)
+        tl.store(x_prev3_ptr + offs, older.to(x_prev3_ptr.dtype.element_ty), mask=mask)
+    if HISTORY >= 2:
+        older = tl.load(x_prev_ptr + offs, mask=mask, other=0.0)
+        tl.store(x_prev2_ptr + offs, older.to(x_prev2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _philox_normals(seed, k, sample_id, pid_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """rng.randn for a tile: (BLOCK_R, BLOCK_D) normals, element j being output j % 4 of Philox at
     counter (j // 4, k, id low word, id high word), by triton.language's Box–Muller pairs."""
@@ -237,15 +266,18 @@ def _store_z_next(out_ptr, copy_ptr, offs, mask, z_next, DOUBLED_OUT: tl.constex
 
 @triton.jit
 def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_len, x_prev_ptr,
-            noise_ptr, seed_ptr, seed_value, ids_ptr, HAS_X_HAT: tl.constexpr,
-            HAS_NOISE: tl.constexpr, SEED_MODE: tl.constexpr, HAS_IDS: tl.constexpr,
-            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """z' = c_z·z + c_x·x̂ + c_p·x̂_prev + s·n for a tile."""
-    c_z = _table_column(table_ptr, step, table_len, row_mask, C_Z, 0.0)
-    c_x = _table_column(table_ptr, step, table_len, row_mask, C_X, 0.0)
-    s = _table_column(table_ptr, step, table_len, row_mask, NOISE, 0.0)
-    c_p = _table_column(table_ptr, step, table_len, row_mask, C_P, 0.0)
-    z_next = _previous_term(c_z * z + c_x * x_hat, c_p, x_prev_ptr, offs, mask, HAS_X_HAT)
+            x_prev2_ptr, x_prev3_ptr, noise_ptr, seed_ptr, seed_value, ids_ptr,
+            HISTORY: tl.constexpr, WIDTH: tl.constexpr, HAS_NOISE: tl.constexpr,
+            SEED_MODE: tl.constexpr, HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """z' = c_z·z + c_x·x̂ + c_p·x̂₁ + c_p2·x̂₂ + c_p3·x̂₃ + s·n for a tile."""
+    c_z = _table_column(table_ptr, step, table_len, row_mask, C_Z, 0.0, WIDTH)
+    c_x = _table_column(table_ptr, step, table_len, row_mask, C_X, 0.0, WIDTH)
+    s = _table_column(table_ptr, step, table_len, row_mask, NOISE, 0.0, WIDTH)
+    c_p = _table_column(table_ptr, step, table_len, row_mask, C_P, 0.0, WIDTH)
+    z_next = _previous_term(c_z * z + c_x * x_hat, c_p, x_prev_ptr, offs, mask, HISTORY >= 1)
+    z_next = _older_terms(z_next, table_ptr, step, table_len, row_mask, x_prev2_ptr, x_prev3_ptr,
+                          offs, mask, HISTORY, WIDTH)
     seed = _per_row(seed_ptr, seed_value, rows, row_mask, SEED_MODE, tl.int64)
     if HAS_IDS:
         sample_id = _per_row(ids_ptr, 0, rows, row_mask, _ROWS, tl.int64)
@@ -258,21 +290,22 @@ def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_
 @triton.jit(do_not_specialize=["step_value", "seed_value"])
 def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr, step_ptr,
                         seed_ptr, ids_ptr, stats_ptr, momentum_ptr, x_prev_ptr, x_hat_ptr,
-                        scale_ptr, x_tmp_ptr, out_ptr, copy_ptr,
+                        x_prev2_ptr, x_prev3_ptr, scale_ptr, x_tmp_ptr, out_ptr, copy_ptr,
                         batch, numel, table_len, w_value, step_value, seed_value, clip, rescale,
                         apg_eta, apg_norm,
                         GUIDED: tl.constexpr, RULE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                         W_MODE: tl.constexpr, STEP_MODE: tl.constexpr, SEED_MODE: tl.constexpr,
-                        HAS_IDS: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_X_HAT: tl.constexpr,
-                        THRESHOLD: tl.constexpr, LOAD_X_HAT: tl.constexpr,
+                        HAS_IDS: tl.constexpr, HAS_NOISE: tl.constexpr, HISTORY: tl.constexpr,
+                        WIDTH: tl.constexpr, THRESHOLD: tl.constexpr, LOAD_X_HAT: tl.constexpr,
                         ONLY_X_HAT: tl.constexpr, DOUBLED_OUT: tl.constexpr,
                         SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """The fused step (formula above) over a grid (blocks of D, blocks of rows), rows strided by
     the grid's second axis so any B fits CUDA's 65535 limit on it. DynamicThreshold's halves:
     ONLY_X_HAT stores the unthresholded x̂ into `x_tmp` and stops; LOAD_X_HAT reads it back
-    instead of computing it. HAS_X_HAT: the kept x̂ is read as x̂_prev (`x_prev`), then
-    overwritten (`x_hat`): one buffer passed as two pointers, since through one pointer the fp32
-    0-d step spilled 16 B on sm_90 at the 80-register cap (`python -m cfgengine.kernels.aot`)."""
+    instead of computing it. HISTORY: how many x̂ of earlier steps are kept (0–3); the last one
+    is read as x̂₁ (`x_prev`), then overwritten (`x_hat`): one buffer passed as two pointers,
+    since through one pointer the fp32 0-d step spilled 16 B on sm_90 at the 80-register cap
+    (`python -m cfgengine.kernels.aot`). WIDTH: the table's columns (6–8)."""
     pid_d = tl.program_id(0)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) element index j within a row
     for row_block in range(tl.program_id(1), tl.cdiv(batch, BLOCK_R), tl.num_programs(1)):
@@ -284,8 +317,8 @@ def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr
         if LOAD_X_HAT:
             x_hat = tl.load(x_tmp_ptr + offs, mask=mask, other=0.0)
         else:
-            alpha = _table_column(table_ptr, step, table_len, row_mask, ALPHA, float("nan"))
-            sigma = _table_column(table_ptr, step, table_len, row_mask, SIGMA, 0.0)
+            alpha = _table_column(table_ptr, step, table_len, row_mask, ALPHA, float("nan"), WIDTH)
+            sigma = _table_column(table_ptr, step, table_len, row_mask, SIGMA, 0.0, WIDTH)
             w = _per_row(w_ptr, w_value, rows, row_mask, W_MODE, tl.float32)[:, None]
             x_hat = _rule_x_hat(eps_c_ptr, eps_u_ptr, momentum_ptr, stats_ptr, offs, mask, z,
                                 alpha, sigma, w, rows, row_mask, rescale, apg_eta, apg_norm,
@@ -295,11 +328,13 @@ def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr
             tl.store(x_tmp_ptr + offs, x_hat, mask=mask)
         else:
             z_next = _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr,
-                             table_len, x_prev_ptr, noise_ptr, seed_ptr, seed_value, ids_ptr,
-                             HAS_X_HAT, HAS_NOISE, SEED_MODE, HAS_IDS, BLOCK_R, BLOCK_D)
-            if HAS_X_HAT:  # after x̂_prev was read from the same buffer (`x_prev`)
-                tl.store(x_hat_ptr + offs, x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
+                             table_len, x_prev_ptr, x_prev2_ptr, x_prev3_ptr, noise_ptr, seed_ptr,
+                             seed_value, ids_ptr, HISTORY, WIDTH, HAS_NOISE, SEED_MODE, HAS_IDS,
+                             BLOCK_R, BLOCK_D)
             _store_z_next(out_ptr, copy_ptr, offs, mask, z_next, DOUBLED_OUT)
+            _move_history(x_prev_ptr, x_prev2_ptr, x_prev3_ptr, offs, mask, HISTORY)
+            if HISTORY >= 1:  # after x̂₁ was read (and moved back) from the same buffer
+                tl.store(x_hat_ptr + offs, x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -398,7 +433,8 @@ def _row_stats_kernel(eps_c_ptr, eps_u_ptr, z_ptr, table_ptr, w_ptr, step_ptr, m
                       stats_ptr, batch, numel, table_len, w_value, step_value, beta, chunk,
                       RULE: tl.constexpr, W_MODE: tl.constexpr, STEP_MODE: tl.constexpr,
                       HAS_MOMENTUM: tl.constexpr, READ_MOMENTUM: tl.constexpr,
-                      SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                      WIDTH: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     """The reduction pass (above): program (k, ·) reduces elements [k·chunk, (k + 1)·chunk) of
     its rows, rows strided by the grid's second axis."""
     split = tl.program_id(0)
@@ -416,8 +452,8 @@ def _row_stats_kernel(eps_c_ptr, eps_u_ptr, z_ptr, table_ptr, w_ptr, step_ptr, m
                              split, SPLIT, BLOCK_D)
         else:
             step = _per_row(step_ptr, step_value, rows, row_mask, STEP_MODE, tl.int64)
-            alpha = _table_column(table_ptr, step, table_len, row_mask, ALPHA, float("nan"))
-            sigma = _table_column(table_ptr, step, table_len, row_mask, SIGMA, 0.0)
+            alpha = _table_column(table_ptr, step, table_len, row_mask, ALPHA, float("nan"), WIDTH)
+            sigma = _table_column(table_ptr, step, table_len, row_mask, SIGMA, 0.0, WIDTH)
             _apg_stats(eps_c_ptr, eps_u_ptr, z_ptr, momentum_ptr, stats_ptr, alpha, sigma, beta,
                        rows, row_mask, start, stop, numel, split, HAS_MOMENTUM, READ_MOMENTUM,
                        SPLIT, BLOCK_D)

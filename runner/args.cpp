@@ -12,7 +12,9 @@ const char* const kUsage =
     "usage: cfgengine-run MODEL.pt2 --labels 0,3,5 [--w 0.3] [--steps 256]\n"
     "         [--sampler ancestral|ddim|dpmpp_2m] [--v 0.3] [--eta 0]\n"
     "         [--grid cosine|cosine-authors|uniform|karras] [--seed 0] --out x.npy\n"
-    "         [--png grid.png] [--device cpu|cuda]\n"
+    "         [--png grid.png] [--device cpu|cuda] [--trust-code]\n"
+    "       (a package not written by `cfgengine export` on this machine, i.e. not in the\n"
+    "       trust file, loads only with --trust-code: it is native code)\n"
     "       cfgengine-run --dump-noise NUMEL --ids 0,1 --k 0 [--seed 0] --out noise.npy\n";
 
 namespace {
@@ -120,6 +122,8 @@ Options parse_args(int argc, char** argv) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
       options.help = true;
+    } else if (arg == "--trust-code") {
+      options.trust_code = true;
     } else if (setters().count(arg)) {
       if (i + 1 >= argc) throw UserError(arg + " needs a value");
       setters().at(arg)(options, argv[++i]);

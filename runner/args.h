@@ -25,6 +25,7 @@ struct Options {
   std::vector<int64_t> ids;
   int64_t k = 0;
   bool help = false;
+  bool trust_code = false;           // load a package that is not in the trust file
 };
 
 // Parses argv; UserError naming the first bad flag or value.

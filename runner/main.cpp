@@ -4,14 +4,20 @@
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <climits>
+#include <fstream>
 #include <iostream>
 #include <map>
+#include <new>
 
 #include "args.h"
 #include "output.h"
 #include "package.h"
 #include "step.h"
+#include "trust.h"
 
 namespace cfgengine {
 namespace {
@@ -72,6 +78,30 @@ at::Tensor sample_all(const Run& run) {
   return at::cat(parts).to(at::kCPU).contiguous();
 }
 
+int64_t available_bytes() {  // MemAvailable, as cfgengine/cli/budget.py
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemAvailable:") return kib * 1024;
+    meminfo.ignore(64, '\n');
+  }
+  return static_cast<int64_t>(sysconf(_SC_AVPHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+}
+
+// UserError unless `rows` samples of `numel` floats fit in free memory about three times over
+// (the samples, their copy as values, the encoded file): never a bad_alloc or a size overflow.
+void check_memory(int64_t rows, int64_t numel, const std::string& flag) {
+  int64_t bytes = 0;
+  const int64_t free = available_bytes();
+  if (__builtin_mul_overflow(rows, numel, &bytes) || __builtin_mul_overflow(bytes, 12, &bytes) ||
+      bytes > free) {
+    throw UserError(std::to_string(rows) + " rows of " + std::to_string(numel) +
+                    " floats need more than the " + std::to_string(free >> 20) +
+                    " MiB of free memory: lower " + flag);
+  }
+}
+
 void check_request(const Options& o, const ModelInfo& info) {
   for (const int64_t label : o.labels) {
     if (label >= info.num_classes) {
@@ -92,6 +122,12 @@ void check_request(const Options& o, const ModelInfo& info) {
   }
   check_writable(o.out);
   if (!o.png.empty()) check_writable(o.png);
+  check_distinct({{"MODEL", o.model}, {"--out", o.out}, {"--png", o.png}});
+  int64_t numel = 1;
+  for (const int64_t d : s) {
+    if (__builtin_mul_overflow(numel, d, &numel)) numel = INT64_MAX;
+  }
+  check_memory(static_cast<int64_t>(o.labels.size()), numel, "--labels");
 }
 
 std::vector<float> values_of(const at::Tensor& x) {
@@ -128,9 +164,11 @@ std::string grid_png(const at::Tensor& x, const std::vector<int64_t>& labels) {
 }
 
 void run_sampling(const Options& o) {
-  const ModelInfo info = read_model_info(o.model);
+  const PrivateCopy copy(o.model);  // the bytes hashed are the only bytes read and loaded
+  const ModelInfo info = read_model_info(copy.path(), o.model);  // data only: nothing runs
   check_request(o, info);
-  const auto model = load_model(o.model, info.device);
+  check_trusted(copy, o.model, o.trust_code);
+  const auto model = load_model(copy.path(), info, o.model);
   const at::Device device(info.device == "cuda" ? at::kCUDA : at::kCPU);
   std::vector<double> logsnr = logsnr_grid(o.steps, o.grid, info.logsnr_range);
   std::vector<Row> rows = coefficient_table(logsnr, o.spec);
@@ -146,6 +184,7 @@ void run_sampling(const Options& o) {
 
 void run_noise_dump(const Options& o) {
   check_writable(o.out);
+  check_memory(static_cast<int64_t>(o.ids.size()), o.dump_noise, "--dump-noise or --ids");
   const std::vector<int64_t> shape = {o.dump_noise};
   const at::Tensor noise = randn_rows(o.seed, o.ids, static_cast<uint64_t>(o.k), shape, at::kCPU);
   const auto rows = static_cast<int64_t>(o.ids.size());
@@ -171,16 +210,22 @@ int run_main(int argc, char** argv) {
 }  // namespace cfgengine
 
 int main(int argc, char** argv) {
+  const auto first_line = [](const std::string& text) { return text.substr(0, text.find('\n')); };
   try {
     return cfgengine::run_main(argc, argv);
   } catch (const cfgengine::UserError& err) {
-    std::cerr << "cfgengine-run: error: " << err.what() << "\n";
+    std::cerr << "cfgengine-run: error: " << first_line(err.what()) << "\n";
     return 2;
-  } catch (const c10::Error& err) {  // a bug or a broken model: say so, without the backtrace
-    std::cerr << "cfgengine-run: internal error: " << err.what_without_backtrace() << "\n";
+  } catch (const std::bad_alloc&) {  // a request too large for this machine, past the estimate
+    std::cerr << "cfgengine-run: error: not enough memory for this request; ask for fewer "
+                 "samples\n";
+    return 2;
+  } catch (const c10::Error& err) {  // a bug or a broken model: say so in one line
+    std::cerr << "cfgengine-run: internal error: " << first_line(err.what_without_backtrace())
+              << "\n";
     return 1;
   } catch (const std::exception& err) {
-    std::cerr << "cfgengine-run: internal error: " << err.what() << "\n";
+    std::cerr << "cfgengine-run: internal error: " << first_line(err.what()) << "\n";
     return 1;
   }
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cfgengine {
@@ -20,7 +21,15 @@ std::string png_bytes(const std::vector<uint8_t>& pixels, int width, int height,
 // UserError naming the path when it cannot.
 void write_atomic(const std::string& path, const std::string& bytes);
 
-// Fails early (UserError) when `path` cannot be created: a missing folder or a folder.
+// Fails early (UserError) when `path` cannot be created: a missing folder, a folder, or
+// something that exists and is not a regular file (a FIFO, a device).
 void check_writable(const std::string& path);
+
+// UserError unless no two of `files` ({flag, path}; empty paths skipped) are one file, compared
+// by identity (device and inode; the resolved path for files not yet written), not by name.
+void check_distinct(const std::vector<std::pair<std::string, std::string>>& files);
+
+// The folder part of `path` ("." for a bare name).
+std::string parent_of(const std::string& path);
 
 }  // namespace cfgengine

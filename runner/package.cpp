@@ -13,6 +13,7 @@ constexpr const char* kFormat = "cfgengine-export";   // export/metadata.py FORM
 constexpr int kVersion = 2;                           // export/metadata.py VERSION
 constexpr const char* kProgram = "denoiser";          // export/metadata.py PROGRAM: rows in = out
 constexpr const char* kDeviceKey = "AOTI_DEVICE_KEY";  // written by AOTInductor itself
+constexpr double kLogsnrLimit = 80.0;  // cfgengine/schedule.py LOGSNR_LIMIT: sigmoid(±λ) normal
 
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
@@ -56,8 +57,10 @@ LogsnrRange range_of(const json::Value& meta, const std::string& path) {
   if (range == nullptr) return {};
   if (range->kind != json::Value::kArray || range->items.size() != 2 ||
       range->items[0].kind != json::Value::kNumber || range->items[1].kind != json::Value::kNumber ||
-      !(range->items[0].number < range->items[1].number)) {
-    throw UserError(path + ": cfgengine metadata 'logsnr_range' is not two numbers lo < hi");
+      !(range->items[0].number < range->items[1].number) ||
+      range->items[0].number < -kLogsnrLimit || range->items[1].number > kLogsnrLimit) {
+    throw UserError(path + ": cfgengine metadata 'logsnr_range' is not two numbers "
+                    "-80 <= lo < hi <= 80");
   }
   return {range->items[0].number, range->items[1].number};
 }
@@ -100,22 +103,40 @@ json::Value parse_meta(const std::unordered_map<std::string, std::string>& store
   return meta;
 }
 
-std::unordered_map<std::string, std::string> stored_metadata(const std::string& path) {
+std::unordered_map<std::string, std::string> stored_metadata(const std::string& file,
+                                                             const std::string& path) {
   struct stat info {};
-  if (stat(path.c_str(), &info) != 0 || !S_ISREG(info.st_mode)) {
+  if (stat(file.c_str(), &info) != 0 || !S_ISREG(info.st_mode)) {
     throw UserError(path + ": no such model file");
   }
   try {
-    return torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
+    return torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(file, "model");
   } catch (const std::exception& err) {
     throw UserError(path + ": not a loadable AOTInductor package (" + first_line(err.what()) + ")");
   }
 }
 
+// The compiled label table (constant "class_embed.weight", as export/metadata.py LABEL_TABLE)
+// must have num_classes + 1 rows, else a class id would act as the null label.
+void check_label_table(torch::inductor::AOTIModelPackageLoader& model, const ModelInfo& info,
+                       const std::string& path) {
+  const std::string table = "class_embed.weight";
+  for (const auto& [name, tensor] : model.get_runner()->extract_constants_map(false)) {
+    const bool is_table = name.size() >= table.size() &&
+                          name.compare(name.size() - table.size(), table.size(), table) == 0;
+    if (is_table && tensor.dim() >= 1 && tensor.size(0) != info.num_classes + 1) {
+      throw UserError(path + ": metadata does not fit the compiled package: num_classes " +
+                      std::to_string(info.num_classes) + ", but its label table has " +
+                      std::to_string(tensor.size(0)) +
+                      " rows (num_classes + 1 null label); re-export the model");
+    }
+  }
+}
+
 }  // namespace
 
-ModelInfo read_model_info(const std::string& path) {
-  const auto stored = stored_metadata(path);
+ModelInfo read_model_info(const std::string& file, const std::string& path) {
+  const auto stored = stored_metadata(file, path);
   const json::Value meta = parse_meta(stored, path);
   ModelInfo info;
   info.num_classes = integer(meta, "num_classes", path);
@@ -129,16 +150,20 @@ ModelInfo read_model_info(const std::string& path) {
   return info;
 }
 
-std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_model(const std::string& path,
-                                                                    const std::string& device) {
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_model(const std::string& file,
+                                                                    const ModelInfo& info,
+                                                                    const std::string& path) {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> model;
   try {
-    const c10::DeviceIndex index = device == "cuda" ? 0 : -1;
-    return std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1,
-                                                                     index);
+    const c10::DeviceIndex index = info.device == "cuda" ? 0 : -1;
+    model = std::make_unique<torch::inductor::AOTIModelPackageLoader>(file, "model", false, 1,
+                                                                      index);
   } catch (const std::exception& err) {
-    throw UserError(path + ": cannot load the compiled model on " + device + " (" +
+    throw UserError(path + ": cannot load the compiled model on " + info.device + " (" +
                     first_line(err.what()) + ")");
   }
+  check_label_table(*model, info, path);
+  return model;
 }
 
 }  // namespace cfgengine

@@ -24,12 +24,15 @@ struct ModelInfo {
   std::string device;                 // "cpu" or "cuda": what the package was compiled for
 };
 
-// Reads and checks the metadata without loading the model; UserError when `path` is missing,
-// not an AOTInductor package, or not one cfgengine exported (format/version).
-ModelInfo read_model_info(const std::string& path);
+// Reads and checks the metadata of the package `file` without loading the model; UserError,
+// naming `path` (what the user gave), when it is missing, not an AOTInductor package, or not
+// one cfgengine exported (format/version).
+ModelInfo read_model_info(const std::string& file, const std::string& path);
 
-// Loads the compiled model for `device` ("cpu" or "cuda"); UserError when it cannot be loaded.
-std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_model(const std::string& path,
-                                                                    const std::string& device);
+// Loads the compiled model of `file` for info.device ("cpu" or "cuda"); UserError naming `path`
+// when it cannot be loaded or its label table does not have info.num_classes + 1 rows.
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_model(const std::string& file,
+                                                                    const ModelInfo& info,
+                                                                    const std::string& path);
 
 }  // namespace cfgengine

@@ -60,6 +60,18 @@ def recorder():
     return CallRecorder
 
 
+@pytest.fixture(scope="module")
+def private_onnx_cache(tmp_path_factory):
+    """Graphs go to a private cache folder (never the user's ~/.cache), sessions to an empty
+    in-memory cache, for the module that asks."""
+    from cfgengine.backends import onnxruntime as ort_backend
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CFGENGINE_CACHE_DIR", str(tmp_path_factory.mktemp("cfgengine-cache")))
+        patch.setattr(ort_backend, "_SESSIONS", ort_backend.OrderedDict())
+        yield
+
+
 # Session export fixtures: one randomly initialised tiny UNet (fixed seed), traced once, exported
 # once per format (the export and runner tests share them: compiling is the expensive part).
 

@@ -210,3 +210,30 @@ def test_cli_first_id_regenerates_a_row(tmp_path, capsys):
     with np.load(big) as a, np.load(one) as b:
         assert a["labels"][k] == b["labels"][0] == 2
         np.testing.assert_allclose(b["arr_0"][0], a["arr_0"][k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 24 item 21: the budget comes before any allocation; λ ranges a schedule can represent.
+
+def test_huge_per_class_is_refused_before_the_labels_are_allocated(capsys, monkeypatch):
+    """--per-class 1e9 built a 64 GB label tensor (and a traceback) before the budget check."""
+    def allocate(*args, **kwargs):
+        pytest.fail("rows allocated before the memory budget check")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", allocate)
+    _fails(capsys, ["sample", "--ckpt", "gmm", "--steps", "2", "--classes", "0",
+                    "--per-class", str(10**9)], "1000000000 samples", "lower --per-class")
+
+
+@pytest.mark.parametrize("bad", ["-2000,20", "-20,90", "-81,0"])
+def test_logsnr_range_beyond_float_schedules_is_one_line(capsys, tmp_path, gmm, bad):
+    """-2000,20 overflowed math.exp: a traceback from the CLI and from the API."""
+    _fails(capsys, GMM + [f"--logsnr-range={bad}", "--out", str(tmp_path / "x.png")],
+           "is outside [-80, 80]", "float32")
+    lo, hi = map(float, bad.split(","))
+    with pytest.raises(ValueError, match=r"outside \[-80, 80\]"):
+        cfgengine.sample(gmm, torch.tensor([0]), steps=2, logsnr_range=(lo, hi))
+    with pytest.raises(ValueError, match=r"outside \[-80, 80\]"):
+        cfgengine.sample(gmm, torch.tensor([0]), logsnr=torch.linspace(lo, hi, 3,
+                                                                       dtype=torch.float64))
+    assert not (tmp_path / "x.png").exists()

@@ -30,14 +30,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 # An independent float64 Algorithm 2 / DDIM, written from docs/design.md §1 (not from the table).
 
 def reference_sample(model, labels, w, *, steps, sampler="ancestral", v=0.3, eta=0.0, clip=None,
-                     seed=0):
-    """x̂ of the last step; ε̃ from two float64 forwards (cond, null), noise keyed (seed, i, k)."""
+                     seed=0, lam=None, z0=None):
+    """x̂ of the last step; ε̃ from two float64 forwards (cond, null), noise keyed (seed, i, k);
+    `lam` a float64 grid of `steps` points (default: the cosine grid), `z0` the start state."""
     n = labels.shape[0]
     ids = torch.arange(n)
     shape = tuple(model.sample_shape)
     w = torch.as_tensor(w, dtype=torch.float64).expand(n).reshape((-1,) + (1,) * len(shape))
-    lam = logsnr_grid(steps)  # float64
-    z = rng.randn_like_rows(seed, ids, 0, shape).double()
+    lam = logsnr_grid(steps) if lam is None else lam  # float64
+    z = (rng.randn_like_rows(seed, ids, 0, shape) if z0 is None else z0).double()
     null = torch.full_like(labels, model.num_classes)
     x_prev = None
     for t in range(steps):
@@ -511,3 +512,4 @@ def test_check_step_args_accepts_valid_shapes():
     check_step_args(eps2, z, 0.3, TABLE, torch.tensor(2), noise=CounterNoise(3),
                     out=torch.empty_like(eps2), impl="torch")
     check_step_args(eps2[:B], z, w, TABLE, torch.arange(B), impl="auto")
+

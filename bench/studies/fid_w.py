@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default: the study's)")
     args = parser.parse_args(argv)
     with _thread_limits(args.threads):
-        return _main(args)
+        try:
+            return _main(args)
+        except ValueError as err:  # e.g. the digits data without scikit-learn: name the extra
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
 
 
 def _thread_limits(threads: int):

@@ -37,6 +37,8 @@ import torch
 
 from cfgengine.bench.studies.nfe_report import find_cell, markdown, plot
 from cfgengine.metrics import Interval, compare
+from cfgengine.model import info as model_info
+from cfgengine.schedule import LOGSNR_RANGE
 
 SAMPLER_SETTINGS = {"ancestral": {"v": 0.3}, "ddim": {"eta": 0.0}, "dpmpp_2m": {}}
 GRID_NAMES = ("cosine", "cosine-authors", "uniform", "karras")
@@ -141,12 +143,12 @@ def arms(study: NfeStudyConfig) -> list[Arm]:
     return unique
 
 
-def evaluations(arm: Arm, logsnr_range=(-20.0, 20.0)) -> tuple[int, int]:
+def evaluations(arm: Arm, logsnr_range=LOGSNR_RANGE) -> tuple[int, int]:
     """(network calls, rows forwarded) per sample: a guided step is one doubled forward (2 rows);
     a step outside the rule's interval forwards one row."""
     from cfgengine.schedule import logsnr_grid
 
-    interval = getattr(guidance_rule(arm.rule), "interval", None)
+    interval = guidance_rule(arm.rule).interval
     if interval is None:
         return arm.steps, 2 * arm.steps
     grid = logsnr_grid(arm.steps, *logsnr_range, grid=arm.grid)
@@ -222,7 +224,7 @@ def run_arm(model, arm: Arm, study: NfeStudyConfig, scorer: Scorer) -> list[dict
     seconds = time.perf_counter() - start
     config = replace(scorer.eval_config, w=arm.w)
     rows = score(images, labels, w, scorer, config)
-    nfe, forwarded = evaluations(arm, getattr(model, "logsnr_range", (-20.0, 20.0)))
+    nfe, forwarded = evaluations(arm, model_info(model).logsnr_range)
     base = dict(dataclasses.asdict(arm), nfe=nfe, rows=forwarded,
                 seconds=seconds / len(arm.w))
     return [dict(base, **row) for row in rows]

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from cfgengine import cpu
 from cfgengine.guidance import doubled_batch, null_labels
 from cfgengine.model import ModelInfo, info
 from cfgengine.precision import PRECISIONS, autocast_dtype
@@ -36,12 +37,19 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
             raise ValueError(f"this model is an exported {facts.backend} file; it runs only on "
                              f"backend {facts.backend}")
         return facts.backend
-    # the CUDA graph's static buffers and the cached ONNX graph take w and prompt rows not yet
-    plain = not facts.guidance_embedded and facts.conditioning == "class"
-    if name in ("cudagraph", "onnxruntime") and not plain:
-        kind = "guidance-distilled" if facts.guidance_embedded else "prompt-conditioned"
-        raise ValueError(f"backend {name} does not run {kind} models yet; use backend torch or "
-                         "compile")
+    if device.type == "cpu":
+        cpu.check_precision(precision)  # refuses int8 / warns bf16 where the CPU cannot
+    if facts.conditioning != "class":  # the CUDA graph's buffers and exported graphs take labels
+        _check_prompt_backend(name, precision)
+    if precision == "int8":
+        from cfgengine.backends import quantized
+
+        return quantized.check_backend(name, module, device)
+    if name == "cudagraph" and facts.guidance_embedded:
+        raise ValueError("backend cudagraph does not run guidance-distilled models yet; use "
+                         "backend torch or compile")
+    # the captured and cached graphs take neither w nor prompt rows yet
+    plain = facts.conditioning == "class" and not facts.guidance_embedded
     if name == "auto":
         if device.type == "cuda":
             return "cudagraph" if module and plain else "torch"
@@ -56,6 +64,16 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
     if name == "cudagraph" and not module:
         raise ValueError("backend cudagraph needs a torch nn.Module model")
     return name
+
+
+def _check_prompt_backend(name: str, precision: str) -> None:
+    """ValueError for the backends and precisions that do not run prompt-conditioned models."""
+    if name in ("cudagraph", "onnxruntime"):
+        raise ValueError(f"backend {name} does not run prompt-conditioned models yet; use "
+                         "backend torch or compile")
+    if precision == "int8":
+        raise ValueError("precision int8 does not run prompt-conditioned models yet; use fp32, "
+                         "bf16 or fp16")
 
 
 def _onnxruntime_pays(precision: str) -> bool:
@@ -140,9 +158,10 @@ class Prepared:
 
 
 def prepare(model, *, device=None, backend: str | None = None, precision: str | None = None,
-            facts: ModelInfo | None = None) -> Prepared:
+            facts: ModelInfo | None = None, sample=None) -> Prepared:
     """`model` ready to sample on `device` with `backend` at `precision` (each checked, one-line
-    ValueError otherwise); the model is moved there (in place for nn.Modules, like `.to`)."""
+    ValueError otherwise); the model is moved there (in place for nn.Modules, like `.to`).
+    `sample` (cfgengine.sample, passed by the layer above) calibrates int8 graphs."""
     facts = facts or info(model)
     module = isinstance(model, torch.nn.Module)
     device = check_device(device, model)
@@ -151,7 +170,14 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     model = move_model(model, device)
     runs_own_precision = facts.exported or name == "onnxruntime"
     dtype = None if runs_own_precision else autocast_dtype(precision)
-    if name == "onnxruntime":
+    if name == "onnxruntime" and precision == "int8":
+        from cfgengine.backends.quantized import Int8Denoiser
+
+        if sample is None:
+            raise ValueError("precision int8 calibrates on the model's own sampling: prepare "
+                             "it through cfgengine.Sampler")
+        net = Int8Denoiser(model, device, sample)
+    elif name == "onnxruntime":
         net = onnxruntime_denoiser()(model, precision, device, backend in (None, "auto"))
     elif name == "compile":
         net = torch.compile(model)

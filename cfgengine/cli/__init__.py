@@ -8,11 +8,11 @@ import sys
 import warnings
 
 from cfgengine import distributed
-from cfgengine.cli import (bench, classifier_accuracy, eval, export, sample, serve, train,
-                           train_classifier)
+from cfgengine.cli import (bench, classifier_accuracy, distill, eval, export, sample, serve,
+                           train, train_classifier)
 from cfgengine.cli.args import Parser, UserError
 
-COMMANDS = (sample, train, train_classifier, classifier_accuracy, export, bench, eval, serve)
+COMMANDS = (sample, train, distill, train_classifier, classifier_accuracy, export, bench, eval, serve)
 
 
 DESCRIPTION = """\

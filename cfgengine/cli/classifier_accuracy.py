@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from cfgengine.cli.args import UserError, add_model_flag, guidance_weights
 from cfgengine.cli.budget import plan_batch
+from cfgengine.model import info as model_info
 from cfgengine.registry import load
 
 
@@ -25,16 +26,17 @@ def run(args) -> int:
     from cfgengine import classifier
 
     model = load(args.ckpt, trust_code=args.trust_code)
-    if not getattr(model, "dataset", None):
+    facts = model_info(model)
+    if not facts.dataset:
         raise UserError(f"{args.ckpt}: not a model trained by cfgengine on a known dataset")
     if args.n < 1 or args.steps < 2:
         raise UserError(f"--n must be ≥ 1 and --steps ≥ 2, got {args.n} and {args.steps}")
-    rows = args.n * model.num_classes  # one sampling pass per w, all classes at once
-    plan_batch(rows, tuple(model.sample_shape), args.steps, None, n_flag="--n")
+    rows = args.n * facts.num_classes  # one sampling pass per w, all classes at once
+    plan_batch(rows, facts.sample_shape, args.steps, None, n_flag="--n")
     judge = classifier.load_classifier(model.dataset)
     rows = classifier.guidance_report(model, judge, args.w, steps=args.steps, per_class=args.n,
                                       seed=args.seed)
-    print(f"{args.ckpt}: {args.n} samples/class x {model.num_classes} classes, T={args.steps}; "
+    print(f"{args.ckpt}: {args.n} samples/class x {facts.num_classes} classes, T={args.steps}; "
           f"classifier held-out accuracy {judge.heldout_accuracy:.4f}")
     print("     w  accuracy  95% lower bound  diversity (vs real)")
     for row in rows:

@@ -25,8 +25,9 @@ def add(sub) -> None:
     p.add_argument("--format", required=True, choices=("onnx", "aoti", "tensorrt"),
                    help="onnx (ONNX Runtime), aoti (AOTInductor .pt2) or tensorrt (EXPERIMENTAL: "
                         "not yet run on hardware; needs TensorRT and a CUDA GPU)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="weight precision; normalisations stay fp32 (default: fp32)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                   help="weight precision; normalisations stay fp32; int8 (onnx): calibrated "
+                        "on the model's own sampling trajectories (default: fp32)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="largest batch B the artifact accepts (it computes 2B rows; default: 64)")
     p.add_argument("--device", default=None,
@@ -52,6 +53,8 @@ def run(args) -> int:
     from cfgengine import export
 
     out = output_path(args)
+    if args.format != "onnx":  # code formats are recorded: a damaged trust file fails first
+        trust.trusted_hashes()
     options = {"precision": args.precision, "max_batch": args.max_batch, "source": args.model}
     if args.device is not None:
         if args.format == "onnx":
@@ -60,6 +63,10 @@ def run(args) -> int:
         check_device(args.device, None)  # cuda on a CPU-only torch: one line, before tracing
         options["device"] = args.device
     start = time.perf_counter()
+    if args.precision == "int8":  # calibrated on the model's own sampling trajectories
+        from cfgengine.sampler import sample
+
+        options["sample"] = sample
     path = export.export(load(args.model), out, format=args.format, **options)
     if args.format == "tensorrt":
         trust.record(path)  # a plan is code: trust what this machine built (aoti records itself)

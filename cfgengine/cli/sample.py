@@ -14,7 +14,7 @@ from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_w
 from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
 from cfgengine.guidance import APG, CFG, RULE_NAMES, DynamicThreshold, ZeroStar
-from cfgengine.model import ModelInfo
+from cfgengine.model import ModelInfo, info as model_info
 from cfgengine.registry import BUILTINS, load
 from cfgengine.precision import PRECISIONS
 from cfgengine.backends import BACKENDS
@@ -46,8 +46,11 @@ def add(sub) -> None:
     p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
                    help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
                         "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η ∈ [0, 1]: 0 = deterministic, 1 = the ancestral step with v = 0 "
-                        "(default: 0)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="η ∈ [0, 1] of DDIM (0 = deterministic, 1 = the ancestral step with v = 0) "
+                        "and of the ancestral/SDE samplers (their noise share) (default: the "
+                        "sampler's: 0 for ddim, 1 for euler_ancestral, dpmpp_2s_ancestral, "
+                        "dpmpp_2m_sde, dpmpp_3m_sde)")
     add_grid_flags(p)
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
@@ -77,9 +80,51 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default fp32, or an exported file's own); the step "
                         "is always fp32")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="image-to-image: start every row from this image (PNG/JPEG, resized to "
+                        "the model's size) or from an .npy/.npz array [*S] or [rows, *S] in "
+                        "[-1, 1]; needs --strength")
+    p.add_argument("--strength", type=float, default=None,
+                   help="image-to-image strength s ∈ (0, 1]: the run starts at step T − ⌊s·T⌋ "
+                        "(diffusers' convention; 1 = from noise)")
     p.add_argument("--out", default="samples.png", help="the figure (PNG; default: samples.png)")
     p.add_argument("--npz", default=None, help="also write arr_0 (uint8 NHWC) + labels")
     p.set_defaults(run=run)
+
+
+def read_init(path: str | None, shape: tuple[int, ...], rows: int) -> torch.Tensor | None:
+    """The --init images as float [rows, *S] in [-1, 1]: an image file (resized, its channels
+    converted) or an array of one image or one per row."""
+    if path is None:
+        return None
+    try:
+        if path.endswith((".npy", ".npz")):
+            data = np.load(path, allow_pickle=False)
+            array = data[data.files[0]] if path.endswith(".npz") else data
+            x = torch.as_tensor(np.asarray(array, dtype=np.float32))
+        else:
+            x = _image_file(path, shape)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--init {path}: cannot read it ({err})") from None
+    if tuple(x.shape) == tuple(shape):
+        x = x.expand(rows, *shape)
+    if tuple(x.shape) != (rows, *shape):
+        raise UserError(f"--init {path}: shape {tuple(x.shape)}; the model samples "
+                        f"{tuple(shape)} (one image, or {rows} of them)")
+    return x.contiguous()
+
+
+def _image_file(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An image file as float [C, H, W] in [-1, 1] at the model's size and channel count."""
+    from PIL import Image
+
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"the model samples {tuple(shape)}, not images; give an .npy array")
+    channels, height, width = shape
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
+        array = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
 def add_grid_flags(p) -> None:
@@ -154,24 +199,64 @@ def guidance_rule(args):
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 
 
-def sample_labels(facts: ModelInfo, classes: list[int] | None, n: int | None) -> torch.Tensor:
-    """One block of n rows per class, in class order."""
+def sample_classes(facts: ModelInfo, classes: list[int] | None,
+                   n: int | None) -> tuple[list[int], int]:
+    """(class ids, samples per class), checked; nothing allocated (the memory budget is next)."""
     classes = list(range(facts.num_classes)) if classes is None else classes
     if not classes:
         raise UserError("--classes: give at least one class id")
     bad = [k for k in classes if not 0 <= k < facts.num_classes]
     if bad:
         raise UserError(f"--classes: class {bad[0]} is outside [0, {facts.num_classes})")
-    return per_class(classes, n, facts)
+    return classes, per_class(n, facts)
 
 
-def per_class(classes: list[int], n: int | None, facts: ModelInfo) -> torch.Tensor:
-    """n rows of each entry of `classes` (default n: 400 points or 4 images)."""
+def per_class(n: int | None, facts: ModelInfo) -> int:
+    """Samples per class or prompt (default: 400 points or 4 images)."""
     if n is None:
         n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
-    return torch.tensor(classes).repeat_interleave(n)
+    return n
+
+
+def figure_rows(args, facts: ModelInfo) -> tuple[list[int], list[str], int]:
+    """(the figure's rows: class ids, or prompt indices; the names of ids; samples per row),
+    checked; nothing allocated."""
+    if facts.conditioning != "text":
+        if args.prompt or args.negative_prompt:
+            raise UserError(f"--prompt: {args.ckpt} is a class-conditional model; choose classes "
+                            "with --classes")
+        classes, n = sample_classes(facts, args.classes, args.n)
+        return classes, list(facts.class_names) or [f"class {k}" for k in
+                                                    range(facts.num_classes)], n
+    prompts, _ = prompt_flags(args)
+    names = [p if len(p) <= 24 else p[:23] + "…" for p in prompts]  # the figure's row labels
+    return list(range(len(prompts))), names, per_class(args.n, facts)
+
+
+def prompt_flags(args) -> tuple[list[str], list[str]]:
+    """(the --prompt values, a --negative-prompt for each), checked."""
+    if args.classes is not None:
+        raise UserError(f"--classes: {args.ckpt} is conditioned on prompts; give --prompt")
+    prompts, negatives = args.prompt or [], args.negative_prompt or [""]
+    if not prompts:
+        raise UserError(f"{args.ckpt} is conditioned on prompts: give at least one --prompt")
+    if len(negatives) not in (1, len(prompts)):
+        raise UserError(f"--negative-prompt: give one for all prompts or one per --prompt "
+                        f"({len(prompts)}), got {len(negatives)}")
+    return prompts, negatives * len(prompts) if len(negatives) == 1 else negatives
+
+
+def conditions(args, facts: ModelInfo, labels: torch.Tensor) -> dict:
+    """What the Sampler is given for every panel's rows (`labels`: the figure's row of each
+    sample): class labels, or prompts and negative prompts."""
+    rows = labels.repeat(len(args.w))
+    if facts.conditioning != "text":
+        return {"labels": rows}
+    prompts, negatives = prompt_flags(args)
+    return {"labels": None, "prompts": [prompts[k] for k in rows.tolist()],
+            "negative_prompts": [negatives[k] for k in rows.tolist()]}
 
 
 def check_output_flags(args) -> None:
@@ -190,45 +275,22 @@ def sample_ids(first_id: int, rows: int) -> torch.Tensor:
     return torch.arange(rows, dtype=torch.int64) + first_id
 
 
-def conditions(args, facts: ModelInfo) -> tuple[torch.Tensor, list[str], dict]:
-    """(the figure's row index of every sample, the rows' names, what the Sampler is given for
-    every panel's rows: class labels, or prompts and negative prompts)."""
-    panels = len(args.w)
-    if facts.conditioning != "text":
-        if args.prompt or args.negative_prompt:
-            raise UserError(f"--prompt: {args.ckpt} is a class-conditional model; choose classes "
-                            "with --classes")
-        labels = sample_labels(facts, args.classes, args.n)
-        names = list(facts.class_names) or [f"class {k}" for k in range(facts.num_classes)]
-        return labels, names, {"labels": labels.repeat(panels)}
-    if args.classes is not None:
-        raise UserError(f"--classes: {args.ckpt} is conditioned on prompts; give --prompt")
-    prompts, negatives = args.prompt or [], args.negative_prompt or [""]
-    if not prompts:
-        raise UserError(f"{args.ckpt} is conditioned on prompts: give at least one --prompt")
-    if len(negatives) not in (1, len(prompts)):
-        raise UserError(f"--negative-prompt: give one for all prompts or one per --prompt "
-                        f"({len(prompts)}), got {len(negatives)}")
-    labels = per_class(list(range(len(prompts))), args.n, facts)
-    negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-    rows = labels.tolist() * panels
-    names = [p if len(p) <= 24 else p[:23] + "…" for p in prompts]  # the figure's row labels
-    return labels, names, {"labels": None, "prompts": [prompts[k] for k in rows],
-                             "negative_prompts": [negatives[k] for k in rows]}
-
-
 @distributed.command  # under torchrun: each rank samples its shard of ids, rank 0 writes
 def run(args) -> int:
     check_output_flags(args)
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code)
+    facts = model_info(model)
+    blocks, names, n = figure_rows(args, facts)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
-    labels, names, cond = conditions(args, engine.info)
-    rows = len(labels) * len(args.w)
+    rows = len(blocks) * n * len(args.w)
+    batch = plan_batch(rows, facts.sample_shape, args.steps, args.batch, engine.device,
+                       n_flag="--per-class/--n")  # before anything of `rows` size is allocated
+    labels = torch.tensor(blocks).repeat_interleave(n)  # one block of n rows per class or prompt
+    cond = conditions(args, facts, labels)
     ids = sample_ids(args.first_id, rows)
-    batch = plan_batch(rows, engine.info.sample_shape, args.steps, args.batch, engine.device)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
     x = distributed.sample_rows(engine, cond.pop("labels"), w, **cond, steps=args.steps,
@@ -236,6 +298,8 @@ def run(args) -> int:
                                 logsnr_range=args.logsnr_range, guidance=rule,
                                 clip="auto" if args.threshold is None else args.threshold,
                                 seed=args.seed, sample_ids=ids, batch_size=batch,
+                                init=read_init(args.init, facts.sample_shape, rows),
+                                strength=args.strength,
                                 progress=sys.stderr.isatty() and distributed.is_main())
     seconds = time.perf_counter() - start
     if x is None:

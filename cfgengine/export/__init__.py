@@ -32,7 +32,13 @@ def format_module(fmt: str) -> ModuleType:
 def export(model: torch.nn.Module, path: str | Path, *, format: str, **options) -> Path:
     """Export `model` (the plain denoiser; its backend makes the doubled batch) to `path` in
     `format`; `options` go to that format's export
-    (precision, max_batch, source, and device for aoti / tensorrt)."""
+    (precision, max_batch, source, and device for aoti / tensorrt). ONNX at int8 is the fp32
+    graph statically quantized (export/quantize.py)."""
+    if format == "onnx" and options.get("precision") == "int8":
+        from cfgengine.export import quantize
+
+        options.pop("precision")
+        return quantize.export_int8(model, path, **options)
     return format_module(format).export(model, path, **options)
 
 

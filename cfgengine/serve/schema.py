@@ -62,7 +62,8 @@ class SampleRequest(BaseModel):
     steps: Any = 256
     sampler: str = "ancestral"
     v: Any = 0.3
-    eta: Any = 0.0
+    eta: Any = Field(None, description="η; null: the sampler's (0 for ddim, 1 for the ancestral "
+                                       "and SDE samplers)")
     grid: str = "cosine"
     seed: Any = 0
     guidance: GuidanceSpec | None = None
@@ -88,7 +89,7 @@ class SampleRequest(BaseModel):
     @field_validator("w", "v", "eta", "deadline_s", mode="before")
     @classmethod
     def _numbers(cls, value, info):
-        if value is None and info.field_name == "deadline_s":
+        if value is None and info.field_name in ("deadline_s", "eta"):
             return value
         values = value if isinstance(value, list) and info.field_name == "w" else [value]
         if not values or any(not is_number(x) for x in values):
@@ -122,7 +123,7 @@ class Combo:
     steps: int
     sampler: str
     v: float
-    eta: float
+    eta: float | None
     grid: str
 
 
@@ -240,7 +241,8 @@ def _check_combo(body: SampleRequest, limits: Limits) -> Combo:
         check_sampler_args(body.steps, body.sampler, body.v, body.eta)
     except ValueError as err:
         raise RequestError(422, str(err)) from None
-    return Combo(body.steps, body.sampler, float(body.v), float(body.eta), body.grid)
+    eta = None if body.eta is None else float(body.eta)
+    return Combo(body.steps, body.sampler, float(body.v), eta, body.grid)
 
 
 def _check_rule(spec: GuidanceSpec | None):

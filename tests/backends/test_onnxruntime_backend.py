@@ -18,14 +18,7 @@ W = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.3])
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """Every test of this file exports into one private cache folder and starts from an empty
-    in-memory cache, so nothing here depends on (or writes into) the user's ~/.cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CFGENGINE_CACHE_DIR", str(tmp_path_factory.mktemp("cfgengine-cache")))
-        patch.setattr(ort_backend, "_SESSIONS", ort_backend.OrderedDict())
-        yield
+pytestmark = pytest.mark.usefixtures("private_onnx_cache")  # never the user's ~/.cache
 
 
 @pytest.fixture

@@ -141,24 +141,34 @@ def test_redigested_onnx_metadata_is_still_checked_against_the_graph(onnx_path, 
         onnx_export.load(path)
 
 
-def test_edited_aoti_num_classes_is_one_line(aoti_path, tmp_path, capsys):
-    """num_classes 10 in a package compiled for fewer classes: a 74-line C++ traceback before."""
+def edit_aoti_num_classes(aoti_path, edited, num_classes: int):
+    """A copy of the package whose cfgengine metadata says `num_classes`."""
     import re
 
-    edited = tmp_path / "edited.pt2"
     with zipfile.ZipFile(aoti_path) as src, zipfile.ZipFile(edited, "w") as dst:
         hits = 0
         for name in src.namelist():
             data = src.read(name)
             if b"cfgengine-export" in data:
-                data, n = re.subn(rb'(num_classes\\*": )\d+', rb"\g<1>10", data)
+                data, n = re.subn(rb'(num_classes\\*": )\d+', rb"\g<1>%d" % num_classes, data)
                 hits += n
             dst.writestr(name, data)
     assert hits
+    return edited
+
+
+@pytest.mark.parametrize("num_classes", [10, 4])
+def test_edited_aoti_num_classes_is_one_line(aoti_path, tmp_path, capsys, num_classes):
+    """num_classes 10 in a package compiled for fewer classes: a 74-line C++ traceback before;
+    num_classes 4 (the graph has 8 + null) sampled label 4 as "null", exit 0 (issue 24 item 7)."""
+    edited = edit_aoti_num_classes(aoti_path, tmp_path / "edited.pt2", num_classes)
     code = cli.main(["sample", "--ckpt", str(edited), "--trust-code", "--steps", "2", "--n",
                      "1", "--out", str(tmp_path / "x.png")])
     assert code == 2
-    assert "metadata does not fit the compiled package" in _one_error_line(capsys)
+    err = _one_error_line(capsys)
+    assert "metadata does not fit the compiled package" in err
+    assert f"num_classes {num_classes}, but its label table has 9 rows" in err
+    assert not (tmp_path / "x.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,3 +119,18 @@ def test_engine_matches_torch(tiny_unet, traced, tmp_path, rel_err):
     assert rel_err(GuidedDenoiser(backend)(*inputs), ref) <= 1e-3  # TF32 tactics
     with pytest.raises(ValueError, match="batch 9 is outside"):
         backend(*example_inputs(traced.meta, 9, "cuda"))
+
+
+def test_untrusted_plan_is_refused_before_tensorrt_sees_it(traced, tmp_path, monkeypatch):
+    """A plan is code (issue 24 item 1): its bytes, read once, must be trusted before TensorRT
+    deserializes them; `export.load` of a plan had no trust check at all."""
+    from cfgengine import trust
+
+    header = {"meta": traced.meta.to_json(), "tensorrt": "10.9.0", "compute_capability": "8.9"}
+    path = trt_export.write_plan(tmp_path / "m.plan", header, b"engine")
+    monkeypatch.setattr(trt_export, "_tensorrt", lambda: pytest.fail("TensorRT reached"))
+    with pytest.raises(ValueError, match="refusing to load: a TensorRT plan is code"):
+        export.load(path)
+    trust.record(path)
+    with pytest.raises(pytest.fail.Exception, match="TensorRT reached"):
+        export.load(path)
