@@ -67,13 +67,14 @@ def tiny_unet() -> torch.nn.Module:
         cross_attention_dim=16, attention_head_dim=4).eval()
 
 
-def build_folder(folder, prediction_type: str = "epsilon"):
-    """A StableDiffusionPipeline folder of tiny random nets, saved by the pipeline itself."""
+def build_folder(folder, **schedule):
+    """A StableDiffusionPipeline folder of tiny random nets, saved by the pipeline itself;
+    `schedule`: DDIMScheduler settings over trailing spacing ending at ᾱ = 1."""
     tokenizer = tiny_tokenizer(folder.parent / f"{folder.name}-vocab")
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
-        steps_offset=1, prediction_type=prediction_type)
+        beta_end=0.012, clip_sample=False, **{"set_alpha_to_one": True, "steps_offset": 1,
+                                              "timestep_spacing": "trailing", **schedule})
     pipe = diffusers.StableDiffusionPipeline(
         vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer), tokenizer.eos_token_id),
         tokenizer=tokenizer, unet=tiny_unet(), scheduler=scheduler, safety_checker=None,
@@ -154,13 +155,18 @@ def test_prompts_sample_what_the_pipeline_samples(sd_model, pipe, negatives):
     assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
 
 
-def test_v_prediction_folder_samples_what_its_pipeline_samples(tmp_path):
-    folder = build_folder(tmp_path / "sd-v", prediction_type="v_prediction")
+@pytest.mark.parametrize("schedule", [
+    dict(prediction_type="v_prediction"),
+    # Stable Diffusion's own scheduler settings, sampled on the model's default grid
+    dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)])
+def test_folder_samples_what_its_pipeline_samples(tmp_path, schedule):
+    folder = build_folder(tmp_path / "sd", **schedule)
     model = cfgengine.load(folder)
-    v_pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
-    v_pipe.set_progress_bar_config(disable=True)
-    ref = pipeline_latents(v_pipe, PROMPTS[:2], NEGATIVES[:2], 1.5, latents(model, 2, seed=4))
-    out = engine_latents(model, v_pipe, PROMPTS[:2], NEGATIVES[:2], 1.5, seed=4)
+    own = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    own.set_progress_bar_config(disable=True)
+    ref = pipeline_latents(own, PROMPTS[:2], NEGATIVES[:2], 1.5, latents(model, 2, seed=4))
+    out = cfgengine.sample(model, prompts=PROMPTS[:2], negative_prompts=NEGATIVES[:2], w=1.5,
+                           steps=STEPS, sampler="ddim", eta=0.0, seed=4)
     assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
 
 

@@ -48,9 +48,10 @@ class TextDenoiser(adapters.ScheduledNet):
 
     def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, encoder: PromptEncoder, *,
                  sample_shape: tuple[int, ...], prediction_type: str = "epsilon",
-                 decoder: adapters.LatentDecoder | None = None):
+                 decoder: adapters.LatentDecoder | None = None,
+                 schedule: adapters.TimestepSchedule = adapters.TimestepSchedule()):
         super().__init__(net, alphas_cumprod, sample_shape=sample_shape,
-                         prediction_type=prediction_type, decoder=decoder)
+                         prediction_type=prediction_type, decoder=decoder, schedule=schedule)
         self.encoder = encoder
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor,
@@ -67,11 +68,10 @@ class TextDenoiser(adapters.ScheduledNet):
 
     @property
     def info(self) -> ModelInfo:
-        """The model's facts (cfgengine.model): prompts in, its own grid, λ range and decoder."""
+        """The model's facts (cfgengine.model): prompts in, its schedule facts."""
         return ModelInfo(name=type(self.net).__name__, num_classes=0,
-                         sample_shape=self.sample_shape, logsnr_range=self.logsnr_range,
-                         grid=self.logsnr_grid, decode=self.decode, conditioning="text",
-                         encode=self.encode)
+                         sample_shape=self.sample_shape, conditioning="text",
+                         encode=self.encode, **self.schedule_facts())
 
 
 def is_text_folder(path: Path) -> bool:
@@ -80,10 +80,11 @@ def is_text_folder(path: Path) -> bool:
         and bool(adapters._read_json(path / "model_index.json").get("text_encoder"))
 
 
-def load_folder(folder: str | Path) -> TextDenoiser:
+def load_folder(folder: str | Path, *, schedule: str = "consistent") -> TextDenoiser:
     """A StableDiffusionPipeline-format folder (unet: UNet2DConditionModel, text_encoder:
     CLIPTextModel, tokenizer: CLIPTokenizer, scheduler, optional vae: AutoencoderKL) → a
-    TextDenoiser; ValueError in one line for a folder cfgengine cannot read."""
+    TextDenoiser on the scheduler's own timesteps (`schedule`: adapters.TimestepSchedule);
+    ValueError in one line for a folder cfgengine cannot read."""
     folder = Path(folder)
     index = adapters._read_json(folder / "model_index.json")
     missing = [name for name in TEXT_COMPONENTS if not index.get(name)]
@@ -106,7 +107,8 @@ def load_folder(folder: str | Path) -> TextDenoiser:
                         PromptEncoder(_tokenizer(folder, index), text_encoder),
                         sample_shape=adapters.sample_shape(net),
                         prediction_type=config.get("prediction_type") or "epsilon",
-                        decoder=None if vae is None else adapters.LatentDecoder(vae))
+                        decoder=None if vae is None else adapters.LatentDecoder(vae),
+                        schedule=adapters.TimestepSchedule.from_config(config, schedule))
 
 
 def _tokenizer(folder: Path, index: dict):
