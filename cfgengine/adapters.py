@@ -151,14 +151,14 @@ class LatentDecoder:
         return torch.cat(parts).float().clamp(-1.0, 1.0)
 
 
-class DiffusersDenoiser(nn.Module):
-    """A diffusers class-conditional net + its training schedule as a Denoiser (DESIGN §3):
-    (z[N, *S], λ[N], labels[N]) → ε[N, *S]; label K = num_classes is the null label."""
+class ScheduledNet(nn.Module):
+    """What every diffusers net driven on λ shares: the training schedule ᾱ_j (λ → the net's
+    fractional timestep), its prediction converted to ε, the model's own grid, the λ range and an
+    optional VAE decoder. Subclasses add the conditioning and `forward`."""
 
-    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, *, class_embeddings: int,
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, *,
                  sample_shape: tuple[int, ...], prediction_type: str = "epsilon",
-                 clip: float | None = None, null_label: int | None = None,
-                 decoder: LatentDecoder | None = None, class_names: tuple[str, ...] = (),
+                 clip: float | None = None, decoder: LatentDecoder | None = None,
                  schedule: TimestepSchedule = TimestepSchedule()):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -167,8 +167,6 @@ class DiffusersDenoiser(nn.Module):
         self.net = net.eval().requires_grad_(False)
         logsnr = logsnr_of_alphas_cumprod(alphas_cumprod)  # (J,) float64
         self.timestep_map = TimestepMap(logsnr)
-        self.register_buffer("label_map", label_map(class_embeddings, null_label))
-        self.num_classes = class_embeddings - 1
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.prediction_type = prediction_type
         self.clip = clip
@@ -176,15 +174,7 @@ class DiffusersDenoiser(nn.Module):
         self.num_train_timesteps = int(logsnr.numel())
         self._logsnr_table64 = logsnr
         self.decoder = decoder
-        self.class_names = tuple(class_names) if len(class_names) == self.num_classes else ()
         self.schedule = schedule
-
-    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        t = self.timestep_map(logsnr)  # (N,) fractional timesteps
-        x = z.to(self.net.dtype)  # a net cast to fp16 for export takes fp16 input
-        out = self.net(x, timestep=t, class_labels=self.label_map[labels], return_dict=False)[0]
-        prediction = out[:, : self.sample_shape[0]]  # learned variance: the first C channels
-        return self.eps_from_prediction(prediction.float(), z.float(), logsnr).to(z.dtype)
 
     def eps_from_prediction(self, prediction: torch.Tensor, z: torch.Tensor,
                             logsnr: torch.Tensor) -> torch.Tensor:
@@ -204,24 +194,51 @@ class DiffusersDenoiser(nn.Module):
         """float64 λ [T] each step of the own grid steps to, as the pipeline's DDIM does."""
         return self.schedule.steps_to(self._logsnr_table64, steps)
 
-    @property
-    def info(self) -> ModelInfo:
-        """The model's facts (cfgengine.model): its own grid and final λ (and, schedule
-        "pipeline", its own step pairs), λ range and decoder."""
-        exact = self.schedule.schedule == "pipeline"
-        return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
-                         sample_shape=self.sample_shape, clip=self.clip,
-                         logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
-                         final_logsnr=self.schedule.final_logsnr(self._logsnr_table64),
-                         steps_to=self.steps_to if exact else None,
-                         decode=self.decode, class_names=self.class_names,
-                         config=dict(prediction_type=self.prediction_type, net={
-                             k: v for k, v in self.net.config.items()
-                             if not k.startswith("_")}))  # not _name_or_path: where it lay
-
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [−1, 1] from samples x: through the VAE for latent models, else x itself."""
         return x if self.decoder is None else self.decoder(x)
+
+    def schedule_facts(self) -> dict:
+        """The ModelInfo fields of the schedule: the own grid and final λ (and, schedule
+        "pipeline", the own step pairs), the λ range and the decoder."""
+        exact = self.schedule.schedule == "pipeline"
+        return dict(logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
+                    final_logsnr=self.schedule.final_logsnr(self._logsnr_table64),
+                    steps_to=self.steps_to if exact else None, decode=self.decode)
+
+
+class DiffusersDenoiser(ScheduledNet):
+    """A diffusers class-conditional net + its training schedule as a Denoiser (DESIGN §3):
+    (z[N, *S], λ[N], labels[N]) → ε[N, *S]; label K = num_classes is the null label."""
+
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, *, class_embeddings: int,
+                 sample_shape: tuple[int, ...], prediction_type: str = "epsilon",
+                 clip: float | None = None, null_label: int | None = None,
+                 decoder: LatentDecoder | None = None, class_names: tuple[str, ...] = (),
+                 schedule: TimestepSchedule = TimestepSchedule()):
+        super().__init__(net, alphas_cumprod, sample_shape=sample_shape,
+                         prediction_type=prediction_type, clip=clip, decoder=decoder,
+                         schedule=schedule)
+        self.register_buffer("label_map", label_map(class_embeddings, null_label))
+        self.num_classes = class_embeddings - 1
+        self.class_names = tuple(class_names) if len(class_names) == self.num_classes else ()
+
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = self.timestep_map(logsnr)  # (N,) fractional timesteps
+        x = z.to(self.net.dtype)  # a net cast to fp16 for export takes fp16 input
+        out = self.net(x, timestep=t, class_labels=self.label_map[labels], return_dict=False)[0]
+        prediction = out[:, : self.sample_shape[0]]  # learned variance: the first C channels
+        return self.eps_from_prediction(prediction.float(), z.float(), logsnr).to(z.dtype)
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model's facts (cfgengine.model): its classes and schedule facts."""
+        return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
+                         sample_shape=self.sample_shape, clip=self.clip,
+                         class_names=self.class_names, **self.schedule_facts(),
+                         config=dict(prediction_type=self.prediction_type, net={
+                             k: v for k, v in self.net.config.items()
+                             if not k.startswith("_")}))  # not _name_or_path: where it lay
 
 
 def label_map(class_embeddings: int, null_label: int | None) -> torch.Tensor:
@@ -385,6 +402,24 @@ def _model_classes() -> dict:
 
 
 def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.Module:
+    # accelerate only makes loading leaner; without it diffusers warns unless told not to use it
+    lean = importlib.util.find_spec("accelerate") is not None
+    cls = component_class(folder, index, name, classes)
+    try:
+        with _quiet_diffusers():  # its "newly initialized" warnings: ours says it in one line
+            net, loading = cls.from_pretrained(folder / name, low_cpu_mem_usage=lean,
+                                               output_loading_info=True)
+    except RuntimeError as err:  # torch's load_state_dict: "size mismatch for KEY: …" lines
+        _check_loading(folder / name, {"mismatched_keys": re.findall(
+            r"size mismatch for ([\w.]+)", str(err))})
+        raise
+    _check_loading(folder / name, loading)
+    return net.eval()
+
+
+def component_class(folder: Path, index: dict, name: str, classes: dict) -> type:
+    """The class model_index.json names for component `name`, one of `classes` ({name: class});
+    ValueError in one line for another class or a missing folder."""
     entry = index[name]
     class_name = entry[-1] if isinstance(entry, list) else str(entry)
     if class_name not in classes:
@@ -392,18 +427,7 @@ def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.M
                          f"{' or '.join(classes)} there")
     if not (folder / name).is_dir():
         raise ValueError(f"{folder}: model_index.json names {name}, but there is no {name}/")
-    # accelerate only makes loading leaner; without it diffusers warns unless told not to use it
-    lean = importlib.util.find_spec("accelerate") is not None
-    try:
-        with _quiet_diffusers():  # its "newly initialized" warnings: ours says it in one line
-            net, loading = classes[class_name].from_pretrained(
-                folder / name, low_cpu_mem_usage=lean, output_loading_info=True)
-    except RuntimeError as err:  # torch's load_state_dict: "size mismatch for KEY: …" lines
-        _check_loading(folder / name, {"mismatched_keys": re.findall(
-            r"size mismatch for ([\w.]+)", str(err))})
-        raise
-    _check_loading(folder / name, loading)
-    return net.eval()
+    return classes[class_name]
 
 
 def _check_loading(component: Path, loading: dict) -> None:

@@ -336,24 +336,30 @@ def _same_everywhere(values: torch.Tensor) -> bool:
 # Sampling over ranks
 
 
-def sample_shard(engine, labels: torch.Tensor, w: torch.Tensor, **options) -> torch.Tensor:
-    """`engine.sample` (a Sampler) on this rank's shard of the rows of `labels` and `w`, with
-    their global sample ids (`sample_ids` of all rows, default 0..N−1): x̂ [shard rows, *S] on the
-    CPU (empty when the shard is)."""
-    rows = shard(len(labels))
+PER_ROW = ("prompts", "negative_prompts", "init")  # sampler options with one entry per row
+
+
+def sample_shard(engine, labels: torch.Tensor | None, w: torch.Tensor, **options) -> torch.Tensor:
+    """`engine.sample` (a Sampler) on this rank's shard of the rows of `w` (and of `labels`, or of
+    the per-row `prompts` / `negative_prompts`), with their global sample ids (`sample_ids` of all
+    rows, default 0..N−1): x̂ [shard rows, *S] on the CPU (empty when the shard is)."""
+    rows = shard(len(w))
     if rows.stop == rows.start:
         return torch.empty((0, *(options.get("shape") or engine.info.sample_shape)))
     all_ids = options.pop("sample_ids", None)
     ids = torch.arange(rows.start, rows.stop) if all_ids is None else all_ids[rows]
-    if options.get("init") is not None:  # image-to-image: this shard's start images
-        options["init"] = options["init"][rows]
-    return engine.sample(labels[rows], w=w[rows], sample_ids=ids, **options).cpu()
+    for name in PER_ROW:
+        if options.get(name) is not None:
+            options[name] = options[name][rows]
+    labels = None if labels is None else labels[rows]
+    return engine.sample(labels, w=w[rows], sample_ids=ids, **options).cpu()
 
 
-def sample_rows(engine, labels: torch.Tensor, w: torch.Tensor, **options) -> torch.Tensor | None:
+def sample_rows(engine, labels: torch.Tensor | None, w: torch.Tensor,
+                **options) -> torch.Tensor | None:
     """All rows sampled across the ranks (`sample_shard` each), gathered in id order on rank 0
     (None elsewhere): what one process's `engine.sample(labels, w=w, …)` gives."""
-    return gather_rows(sample_shard(engine, labels, w, **options), len(labels))
+    return gather_rows(sample_shard(engine, labels, w, **options), len(w))
 
 
 # ---------------------------------------------------------------------------------------------

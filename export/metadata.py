@@ -152,7 +152,9 @@ def check_exportable(model, source: str | None = None) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
                          "(e.g. a UNet checkpoint) can be exported")
-    info(model)  # ValueError naming what a denoiser lacks
+    if info(model).conditioning != "class":  # info: ValueError naming what a denoiser lacks
+        raise ValueError(f"{name} is conditioned on prompts; exports take class labels only "
+                         "(sample it with backend torch or compile)")
 
 
 def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str | None,

@@ -4,6 +4,7 @@ sample, w per row, a row counts once against --max-rows), each equal to offline 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -65,6 +66,7 @@ class Distilled:
 
     def __call__(self, z, logsnr, labels, w):
         self.calls.append((z.shape[0], w.clone()))
+        time.sleep(0.002)  # a step takes time, so the staggered second request joins the first
         null = torch.full_like(labels, self.num_classes)
         return guided_eps(self.model(z, logsnr, labels), self.model(z, logsnr, null), w)
 

@@ -56,9 +56,15 @@ def add(sub) -> None:
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
                    help="class ids (default: all)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt, for a model conditioned on prompts (a Stable Diffusion "
+                        "folder); repeat for more: one figure row per prompt")
+    p.add_argument("--negative-prompt", action="append", default=None,
+                   help="the null branch of guidance instead of the empty prompt: once for "
+                        "every --prompt, or once per --prompt in their order")
     p.add_argument("--per-class", "--n", dest="n", type=int, default=None,
-                   help="samples per class (--n is an old spelling that torchrun's own parser "
-                        "rejects as ambiguous)")
+                   help="samples per class or prompt (--n is an old spelling that torchrun's own "
+                        "parser rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed: sample i depends only on (seed, i, its class, w, settings) "
@@ -212,11 +218,55 @@ def sample_classes(facts: ModelInfo, classes: list[int] | None,
     bad = [k for k in classes if not 0 <= k < facts.num_classes]
     if bad:
         raise UserError(f"--classes: class {bad[0]} is outside [0, {facts.num_classes})")
+    return classes, per_class(n, facts)
+
+
+def per_class(n: int | None, facts: ModelInfo) -> int:
+    """Samples per class or prompt (default: 400 points or 4 images)."""
     if n is None:
         n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
-    return classes, n
+    return n
+
+
+def figure_rows(args, facts: ModelInfo) -> tuple[list[int], list[str], int]:
+    """(the figure's rows: class ids, or prompt indices; the names of ids; samples per row),
+    checked; nothing allocated."""
+    if facts.conditioning != "text":
+        if args.prompt or args.negative_prompt:
+            raise UserError(f"--prompt: {args.ckpt} is a class-conditional model; choose classes "
+                            "with --classes")
+        classes, n = sample_classes(facts, args.classes, args.n)
+        return classes, list(facts.class_names) or [f"class {k}" for k in
+                                                    range(facts.num_classes)], n
+    prompts, _ = prompt_flags(args)
+    names = [p if len(p) <= 24 else p[:23] + "…" for p in prompts]  # the figure's row labels
+    return list(range(len(prompts))), names, per_class(args.n, facts)
+
+
+def prompt_flags(args) -> tuple[list[str], list[str]]:
+    """(the --prompt values, a --negative-prompt for each), checked."""
+    if args.classes is not None:
+        raise UserError(f"--classes: {args.ckpt} is conditioned on prompts; give --prompt")
+    prompts, negatives = args.prompt or [], args.negative_prompt or [""]
+    if not prompts:
+        raise UserError(f"{args.ckpt} is conditioned on prompts: give at least one --prompt")
+    if len(negatives) not in (1, len(prompts)):
+        raise UserError(f"--negative-prompt: give one for all prompts or one per --prompt "
+                        f"({len(prompts)}), got {len(negatives)}")
+    return prompts, negatives * len(prompts) if len(negatives) == 1 else negatives
+
+
+def conditions(args, facts: ModelInfo, labels: torch.Tensor) -> dict:
+    """What the Sampler is given for every panel's rows (`labels`: the figure's row of each
+    sample): class labels, or prompts and negative prompts."""
+    rows = labels.repeat(len(args.w))
+    if facts.conditioning != "text":
+        return {"labels": rows}
+    prompts, negatives = prompt_flags(args)
+    return {"labels": None, "prompts": [prompts[k] for k in rows.tolist()],
+            "negative_prompts": [negatives[k] for k in rows.tolist()]}
 
 
 def check_output_flags(args) -> None:
@@ -243,17 +293,18 @@ def run(args) -> int:
     model = load(args.ckpt, trust_code=args.trust_code, schedule=args.schedule)
     distributed.agree_on("the model", lambda: provenance.derivation(model))  # under torchrun
     facts = model_info(model)
-    classes, n = sample_classes(facts, args.classes, args.n)
+    blocks, names, n = figure_rows(args, facts)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
-    rows = len(classes) * n * len(args.w)
+    rows = len(blocks) * n * len(args.w)
     batch = plan_batch(rows, facts.sample_shape, args.steps, args.batch, engine.device,
                        n_flag="--per-class/--n")  # before anything of `rows` size is allocated
-    labels = torch.tensor(classes).repeat_interleave(n)  # one block of n rows per class
+    labels = torch.tensor(blocks).repeat_interleave(n)  # one block of n rows per class or prompt
+    cond = conditions(args, facts, labels)
     ids = sample_ids(args.first_id, rows)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
-    x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
+    x = distributed.sample_rows(engine, cond.pop("labels"), w, **cond, steps=args.steps,
                                 sampler=args.sampler, v=args.v, eta=args.eta, grid=args.grid,
                                 logsnr_range=args.logsnr_range, guidance=rule,
                                 clip="auto" if args.threshold is None else args.threshold,
@@ -265,7 +316,7 @@ def run(args) -> int:
     if x is None:
         return 0  # not rank 0: it writes
     decode = engine.info.decode  # latent models: the PNG and --npz hold images
-    write_outputs(args, engine.info, (decode(x) if decode else x).cpu(), labels)
+    write_outputs(args, names, (decode(x) if decode else x).cpu(), labels)
     runtime = engine.model.runtime  # what ran: auto may have run eager torch
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
           f"samples/s, backend {runtime}, device {engine.device}, precision {engine.precision}"
@@ -273,9 +324,8 @@ def run(args) -> int:
     return 0
 
 
-def write_outputs(args, facts: ModelInfo, x: torch.Tensor, labels: torch.Tensor) -> None:
-    """The PNG grid and the optional npz, both or neither."""
-    names = facts.class_names or [f"class {k}" for k in range(facts.num_classes)]
+def write_outputs(args, names: list[str], x: torch.Tensor, labels: torch.Tensor) -> None:
+    """The PNG grid (a row per class or prompt, named) and the optional npz, both or neither."""
     chunks = x.split(len(labels))
     with atomic_paths(args.out, args.npz) as (png, npz):  # both appear, or neither
         if npz is not None:

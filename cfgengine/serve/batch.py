@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from cfgengine import rng
+from cfgengine.conditioning import cat_rows, encode_rows
 from cfgengine.guidance import doubled_batch, null_labels
 from cfgengine.kernels import RowState, guided_step
 from cfgengine.backends import check_rows, prepare
@@ -43,14 +44,15 @@ class Engine:
         self.info, self.device, self.backend = prepared.info, prepared.device, prepared.backend
         self.num_classes, self.sample_shape = self.info.num_classes, self.info.sample_shape
 
-    def eps(self, z, logsnr, labels, null_rows, w):
+    def eps(self, z, logsnr, labels, null_rows, w, null=None):
         """(ε_c [B], ε_u [B]) from ONE network call on B + G rows (G = len(null_rows)); rows not
-        guided get ε_u = ε_c, so their guided ε̃ is ε_c exactly. A guidance-embedded net answers
-        ε̃_w for every row from B rows, given `w` (0 where a row is not guided)."""
+        guided get ε_u = ε_c, so their guided ε̃ is ε_c exactly. `null`: every row's null branch
+        (prompt models: its encoded negative prompt), else the null label. A guidance-embedded
+        net answers ε̃_w for every row from B rows, given `w` (0 where a row is not guided)."""
         if self.info.guidance_embedded:
             eps = check_rows(self.model.net(z, logsnr, labels, w), z.shape[0], self.info.name)
             return eps, eps
-        null = null_labels(null_rows, self.info.null_label)
+        null = null_labels(null_rows, self.info.null_label) if null is None else null[null_rows]
         batch = doubled_batch(z, logsnr, labels, null, rows=null_rows)
         eps = check_rows(self.model.net(*batch), batch[0].shape[0], self.info.name)
         eps_c = eps[: z.shape[0]]
@@ -126,6 +128,8 @@ class Member:
     t: int = 0
     z: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)  # per-row state the step keeps (x̂_prev, APG m)
+    cond: object = None  # its rows' conditions on the device: class ids or prompt rows
+    null: object = None  # prompt models: its rows' null branches (negative prompts)
 
     def guided_now(self) -> bool:
         """Whether this request's w applies at its current step (its plan: the interval)."""
@@ -170,15 +174,22 @@ class RunningBatch:
 
     @property
     def rows(self) -> int:
-        return sum(len(m.job.labels) for m in self.members)
+        return sum(m.job.rows for m in self.members)
 
     def admit(self, job: Job) -> Member:
-        """A member for `job` at t = 0 with z_0 ~ N(0, I) keyed (seed, sample id, 0)."""
-        ids = torch.arange(len(job.labels), device=self.engine.device)
+        """A member for `job` at t = 0 with z_0 ~ N(0, I) keyed (seed, sample id, 0); a prompt
+        job's prompts are encoded here, once."""
+        device = self.engine.device
+        ids = torch.arange(job.rows, device=device)
         z = rng.randn_like_rows(job.seed, ids, 0, self.engine.sample_shape)
         tables = self.bank.get(job.combo, job.rule)
+        if job.prompts is None:
+            cond, null = job.labels.to(device), None
+        else:
+            cond, null = (encode_rows(self.engine.info, texts, device) for texts in job.prompts)
         return Member(job, tables, z=z, extra={name: torch.zeros_like(z)
-                                               for name in tables.plan.state})
+                                               for name in tables.plan.state},
+                      cond=cond, null=null)
 
     def compose(self, members: list[Member]) -> None:
         """Lay out `members` (rows grouped by seed and rule, so each group is one slice) and
@@ -191,13 +202,14 @@ class RunningBatch:
         self.table, self.logsnr, offsets = self.bank.concat([(j.combo, j.rule) for j in jobs])
         self.z = torch.cat([m.z for m in self.members])
         self.z_next = torch.empty_like(self.z)
-        self.labels = torch.cat([j.labels for j in jobs]).to(device)
+        self.labels = cat_rows([m.cond for m in self.members])
+        self.null = None if self.members[0].null is None else \
+            cat_rows([m.null for m in self.members])
         self.w = torch.cat([j.w for j in jobs]).to(device)
-        self.sample_ids = torch.cat([torch.arange(len(j.labels)) for j in jobs]).to(device)
-        self.t = torch.cat([torch.full((len(j.labels),), m.t) for j, m in
+        self.sample_ids = torch.cat([torch.arange(j.rows) for j in jobs]).to(device)
+        self.t = torch.cat([torch.full((j.rows,), m.t) for j, m in
                             zip(jobs, self.members)]).to(device)
-        offset = torch.cat([torch.full((len(j.labels),), offsets[(j.combo, j.rule)])
-                            for j in jobs])
+        offset = torch.cat([torch.full((j.rows,), offsets[(j.combo, j.rule)]) for j in jobs])
         self.index = self.t + offset.to(device)  # row → row of the concatenated table
         names = set().union(*(m.extra for m in self.members))
         self.extra = {name: torch.cat([m.extra.get(name, torch.zeros_like(m.z))
@@ -208,7 +220,7 @@ class RunningBatch:
         """Give each current member its own copy of its rows before the layout changes."""
         start = 0
         for m in self.members:
-            stop = start + len(m.job.labels)
+            stop = start + m.job.rows
             m.z = self.z[start:stop].clone()
             m.extra = {name: t[start:stop].clone() for name, t in self.extra.items()}
             start = stop
@@ -217,7 +229,7 @@ class RunningBatch:
         """One network call on B + G rows, one fused step per run; returns finished members."""
         runs, null_rows, w = self._runs()
         logsnr = self.logsnr.index_select(0, self.index)
-        eps_c, eps_u = self.engine.eps(self.z, logsnr, self.labels, null_rows, w)
+        eps_c, eps_u = self.engine.eps(self.z, logsnr, self.labels, null_rows, w, self.null)
         for run in runs:
             self._step_run(run, eps_c, eps_u, w)
         self.z, self.z_next = self.z_next, self.z
@@ -259,7 +271,7 @@ class RunningBatch:
         runs, null_rows, start = [], [], 0
         guided_rows = torch.zeros(self.rows, dtype=torch.bool)
         for m, (guided, doubled, noisy) in zip(self.members, state):
-            stop = start + len(m.job.labels)
+            stop = start + m.job.rows
             guided_rows[start:stop] = guided
             if doubled:  # null rows only for the rows with w ≠ 0
                 null_rows.extend(start + i for i in m.job.guided_rows)
@@ -278,6 +290,6 @@ class RunningBatch:
         start = 0
         for m in self.members:
             if m is member:
-                return self.z[start:start + len(m.job.labels)]
-            start += len(m.job.labels)
+                return self.z[start:start + m.job.rows]
+            start += m.job.rows
         raise KeyError("not a member of the running batch")
