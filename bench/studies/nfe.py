@@ -122,6 +122,13 @@ STUDIES: dict[str, NfeStudyConfig] = {
                "(the reference: ancestral at T = 256), 120 samples per cell; the cells of "
                "ancestral, ddim and dpmpp_2m are the round-2 shapes run's (identical settings), "
                "no rules, no convention part",)),
+    "digits-samplers": NfeStudyConfig(
+        data="digits", model="train", n=300, steps=(8, 16, 32, 256), max_steps_per_arm=32,
+        grids=("cosine",), rules=(), convention_steps=(), out="bench/results/nfe-study/samplers",
+        reuse="bench/results/nfe-study/digits/results.json",
+        notes=("every sampler on digits, cosine grid, NFE budgets 8/16/32 (the reference: "
+               "ancestral at T = 256); the cells of ancestral, ddim and dpmpp_2m are the round-2 "
+               "digits run's (identical settings), no rules, no convention part",)),
     "quick": NfeStudyConfig(data="digits", model="tiny-random", n=24, steps=(4, 8),
                             samplers=("ancestral", "heun", "dpmpp_2m"), grids=("cosine", "karras"),
                             w_samplers=(1.0,), w_rules=(2.0,), rules=("cfg", "interval-low"),
