@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +34,66 @@ def logsnr_of_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return torch.log(abar) - torch.log1p(-abar)
 
 
-def trailing_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
-    """Diffusers' "trailing" spacing: round(arange(N, 0, −N/T)) − 1, int64 [T], decreasing."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps \
-            <= num_train_timesteps:
-        raise ValueError(f"steps must be an integer in [2, {num_train_timesteps}] (the model's "
-                         f"trained timesteps), got {steps!r}")
-    ratio = num_train_timesteps / steps
-    timesteps = np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
-    return torch.from_numpy(timesteps)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SCHEDULES = ("consistent", "pipeline")
+
+
+@dataclass(frozen=True)
+class TimestepSchedule:
+    """How a folder's scheduler walks its N trained timesteps in T steps (its scheduler_config):
+    `spacing` and `steps_offset` place the timesteps t_i; the last step lands on ᾱ = 1 (x̂) when
+    `set_alpha_to_one`, else on ᾱ of timestep 0. `schedule` "consistent" (the default) steps each
+    state to the next t_{i+1}, where the net then sees it; "pipeline" reproduces diffusers' DDIM
+    pairs exactly: it steps to t_i − ⌊N/T⌋, which differs from t_{i+1} with trailing or linspace
+    spacing when T does not divide N, yet evaluates the next step at t_{i+1} (docs/models.md)."""
+
+    spacing: str = "trailing"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    schedule: str = "consistent"
+
+    def __post_init__(self):
+        if self.spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, "
+                             f"got {self.spacing!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got "
+                             f"{self.schedule!r}")
+
+    @classmethod
+    def from_config(cls, config: dict, schedule: str = "consistent") -> "TimestepSchedule":
+        return cls(str(config.get("timestep_spacing") or "leading"),
+                   int(config.get("steps_offset") or 0),
+                   bool(config.get("set_alpha_to_one", True)), schedule)
+
+    def timesteps(self, num_train_timesteps: int, steps: int) -> torch.Tensor:
+        """int64 [T], decreasing: the t_i diffusers' DDIMScheduler.set_timesteps gives."""
+        n = num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= n:
+            raise ValueError(f"steps must be an integer in [2, {n}] (the model's trained "
+                             f"timesteps), got {steps!r}")
+        if self.spacing == "linspace":
+            timesteps = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+        elif self.spacing == "leading":
+            timesteps = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.int64)
+            timesteps = timesteps + self.steps_offset
+        else:
+            timesteps = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+        if timesteps.max() >= n or np.any(timesteps[1:] >= timesteps[:-1]):
+            raise ValueError(f"{self.spacing} spacing with steps_offset {self.steps_offset} "
+                             f"gives no {steps} distinct trained timesteps out of {n}")
+        return torch.from_numpy(timesteps.copy())
+
+    def final_logsnr(self, logsnr_table: torch.Tensor) -> float:
+        """Where the last step lands: +∞ (ᾱ = 1, x̂) or λ of timestep 0."""
+        return math.inf if self.set_alpha_to_one else float(logsnr_table[0])
+
+    def steps_to(self, logsnr_table: torch.Tensor, steps: int) -> torch.Tensor:
+        """float64 [T]: the λ DDIM steps each t_i to, t_i − ⌊N/T⌋ (the final λ below 0)."""
+        n = logsnr_table.numel()
+        previous = self.timesteps(n, steps) - n // steps
+        final = logsnr_table.new_tensor(self.final_logsnr(logsnr_table))
+        return torch.where(previous >= 0, logsnr_table[previous.clamp_min(0)], final)
 
 
 class TimestepMap(nn.Module):
@@ -101,7 +154,8 @@ class DiffusersDenoiser(nn.Module):
     def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, *, class_embeddings: int,
                  sample_shape: tuple[int, ...], prediction_type: str = "epsilon",
                  clip: float | None = None, null_label: int | None = None,
-                 decoder: LatentDecoder | None = None, class_names: tuple[str, ...] = ()):
+                 decoder: LatentDecoder | None = None, class_names: tuple[str, ...] = (),
+                 schedule: TimestepSchedule = TimestepSchedule()):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
@@ -119,6 +173,7 @@ class DiffusersDenoiser(nn.Module):
         self._logsnr_table64 = logsnr
         self.decoder = decoder
         self.class_names = tuple(class_names) if len(class_names) == self.num_classes else ()
+        self.schedule = schedule
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         t = self.timestep_map(logsnr)  # (N,) fractional timesteps
@@ -138,15 +193,23 @@ class DiffusersDenoiser(nn.Module):
         return (z - alpha * prediction) / sigma
 
     def logsnr_grid(self, steps: int) -> torch.Tensor:
-        """float64 λ [T] of the model's own timesteps at "trailing" spacing, increasing in λ."""
-        return self._logsnr_table64[trailing_timesteps(self.num_train_timesteps, steps)]
+        """float64 λ [T] of the scheduler's own timesteps (its spacing), increasing in λ."""
+        return self._logsnr_table64[self.schedule.timesteps(self.num_train_timesteps, steps)]
+
+    def steps_to(self, steps: int) -> torch.Tensor:
+        """float64 λ [T] each step of the own grid steps to, as the pipeline's DDIM does."""
+        return self.schedule.steps_to(self._logsnr_table64, steps)
 
     @property
     def info(self) -> ModelInfo:
-        """The model's facts (cfgengine.model): its own grid, λ range and decoder."""
+        """The model's facts (cfgengine.model): its own grid and final λ (and, schedule
+        "pipeline", its own step pairs), λ range and decoder."""
+        exact = self.schedule.schedule == "pipeline"
         return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
                          sample_shape=self.sample_shape, clip=self.clip,
                          logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
+                         final_logsnr=self.schedule.final_logsnr(self._logsnr_table64),
+                         steps_to=self.steps_to if exact else None,
                          decode=self.decode, class_names=self.class_names)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,18 +282,21 @@ def sample_shape(net) -> tuple[int, int, int]:
 
 
 def from_diffusers(model: nn.Module, scheduler, vae: nn.Module | None = None, *,
-                   null_label: int | None = None,
-                   class_names: tuple[str, ...] = ()) -> DiffusersDenoiser:
+                   null_label: int | None = None, class_names: tuple[str, ...] = (),
+                   schedule: str = "consistent") -> DiffusersDenoiser:
     """A diffusers UNet2DModel / DiTTransformer2DModel, its scheduler (the training schedule
-    ᾱ, prediction_type, clip_sample) and an optional AutoencoderKL → a cfgengine Denoiser."""
+    ᾱ, prediction_type, clip_sample, and how it walks its timesteps: `TimestepSchedule`) and an
+    optional AutoencoderKL → a cfgengine Denoiser."""
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: cfgengine needs a "
                          "DDPM-family scheduler (the model's training schedule)")
-    return _adapt(model, alphas_cumprod, dict(scheduler.config), vae, null_label, class_names)
+    return _adapt(model, alphas_cumprod, dict(scheduler.config), vae, null_label, class_names,
+                  schedule)
 
 
-def _adapt(net, alphas_cumprod, config: dict, vae, null_label, class_names) -> DiffusersDenoiser:
+def _adapt(net, alphas_cumprod, config: dict, vae, null_label, class_names,
+           schedule: str = "consistent") -> DiffusersDenoiser:
     kind = _net_kind(net)
     clip = None
     if vae is None and config.get("clip_sample", False):  # latents are never clipped
@@ -240,16 +306,18 @@ def _adapt(net, alphas_cumprod, config: dict, vae, null_label, class_names) -> D
                              sample_shape=sample_shape(net),
                              prediction_type=config.get("prediction_type") or "epsilon",
                              clip=clip, null_label=null_label, decoder=decoder,
-                             class_names=class_names)
+                             class_names=class_names,
+                             schedule=TimestepSchedule.from_config(config, schedule))
 
 
 def is_pipeline_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file()
 
 
-def load_folder(folder: str | Path) -> DiffusersDenoiser:
+def load_folder(folder: str | Path, *, schedule: str = "consistent") -> DiffusersDenoiser:
     """A diffusers pipeline folder (model_index.json; unet/ or transformer/, scheduler/, optional
-    vae/) → a DiffusersDenoiser; ValueError in one line for a folder cfgengine cannot read."""
+    vae/) → a DiffusersDenoiser on the scheduler's own timesteps (`schedule`: TimestepSchedule);
+    ValueError in one line for a folder cfgengine cannot read."""
     folder = Path(folder)
     if not is_pipeline_folder(folder):
         raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
@@ -260,7 +328,7 @@ def load_folder(folder: str | Path) -> DiffusersDenoiser:
         vae = _load_component(folder, index, "vae", {"AutoencoderKL": _diffusers().AutoencoderKL})
     config = _scheduler_config(folder, index)
     return _adapt(net, training_alphas_cumprod(config), config, vae, None,
-                  _class_names(index))
+                  _class_names(index), schedule)
 
 
 def _read_json(path: Path) -> dict:

@@ -5,7 +5,9 @@ each row its own λ and condition. For a class model `cond` is an int64 tensor o
 id `num_classes` is the null label ∅ (paper §3: one network serves ε(z, c) and ε(z, ∅)); for a text
 model it is a `TextCondition` (its null rows: the encoded negative prompt, "" by default). A
 guidance-distilled net (`guidance_embedded`) also takes w: `net(z, logsnr, cond, w[N]) -> ε̃_w`,
-one row per guided row.
+one row per guided row. At λ = −∞ (α = 0, pure noise: a flow model's first step) ε = z carries no
+x̂, so there a net answers its data prediction in ε's slot as z − x̂ (cfgengine.families.flow;
+cfgengine.schedule.prediction_alpha_sigma reads it back).
 
 What the engine needs to know besides the call — classes, sample shape, clip bound, λ range, the
 model's own grid, names — is a `ModelInfo`, made once where a model is loaded (`info(model)`) and
@@ -60,7 +62,9 @@ class TextCondition:
 class ModelInfo:
     """A model's facts. `num_classes` K: class ids 0..K−1, K the null label. `grid(steps)` is the
     model's own float64 λ grid (e.g. a diffusers scheduler's timesteps), used when the caller keeps
-    the default grid; `final_logsnr` is where its last step lands (+∞: at x̂). `backend` and
+    the default grid; `final_logsnr` is where its last step lands (+∞: at x̂); `steps_to(steps)`,
+when set, is the float64 λ each step of the own grid steps to (a pipeline's exact pairs, which
+may differ from the next grid point; cfgengine.tables.step_plan's targets). `backend` and
     `precision` are set for exported files, which run only on their own runtime and precision."""
 
     name: str
@@ -70,6 +74,7 @@ class ModelInfo:
     logsnr_range: tuple[float, float] = LOGSNR_RANGE
     grid: Callable[[int], torch.Tensor] | None = None
     final_logsnr: float = math.inf
+    steps_to: Callable[[int], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     class_names: tuple[str, ...] = ()
     dataset: str = ""  # the dataset a cfgengine model was trained on (its eval's feature space)

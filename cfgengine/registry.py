@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from cfgengine import adapters, toy
+from cfgengine import adapters, hub, toy
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
                                   read_safetensors, require_keys)
 from cfgengine.unet import UNet
@@ -47,22 +47,25 @@ LOADERS: dict[str, Callable[[Path], Any]] = {
 }
 
 
-def load(model: str | Path, *, trust_code: bool = False):
-    """A built-in name (`default`, `default-distilled`, `gmm`), a model file or a diffusers pipeline
-    folder → what `cfgengine.sample` runs: a UNet in eval mode with EMA weights for .pt /
-    .safetensors, a backend for exported .onnx / .pt2 / .plan, a DiffusersDenoiser for a folder with
-    model_index.json.
+def load(model: str | Path, *, trust_code: bool = False, schedule: str = "consistent"):
+    """A built-in name (`default`, `default-distilled`, `gmm`), a model file, a diffusers pipeline
+    folder or a Hugging Face hub id (`org/name`, cfgengine/hub.py) → what `cfgengine.sample` runs:
+    a UNet in eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx /
+    .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json (`schedule`:
+    "consistent" or "pipeline", adapters.TimestepSchedule).
     `.pt2` and `.plan` files are code: they load only if trusted (`cfgengine.trust`) or with
     `trust_code=True`."""
     name = str(model)
     if name in BUILTINS:
         return BUILTINS[name]()
     path = Path(name)
+    if not path.exists() and hub.is_hub_id(name):
+        path = hub.snapshot(name)
     if not path.exists():
         raise FileNotFoundError(f"{name}: no such file, and not a built-in model "
                                 f"({', '.join(BUILTINS)})")
     if adapters.is_pipeline_folder(path):
-        return adapters.load_folder(path)
+        return adapters.load_folder(path, schedule=schedule)
     if path.is_dir():
         raise ValueError(f"{name}: a folder, but not a diffusers pipeline (no model_index.json)")
     if path.suffix not in LOADERS:

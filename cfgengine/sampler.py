@@ -35,6 +35,7 @@ class Call:
     shape: tuple[int, ...]
     options: tuple[tuple[str, object], ...] = ()  # the sampler's own options, sorted
     start: int = 0  # the grid step an image-to-image run starts at
+    targets: tuple[float, ...] | None = None  # the model's own steps_to on its own grid
 
     @property
     def steps(self) -> int:
@@ -165,15 +166,18 @@ class Sampler:
         return self._graphs[key]
 
     def plan(self, call: Call) -> StepPlan:
-        """The step plan of a call, built once per (sampler, v, η, grid, rule, start): an
-        image-to-image run's plan is built on the grid from its first step on."""
-        key = (call.sampler, call.v, call.eta, call.options, call.logsnr, call.rule, call.start)
+        """The step plan of a call, built once per (sampler, v, η, grid, rule, start, targets):
+        an image-to-image run's plan is built on the grid from its first step on."""
+        key = (call.sampler, call.v, call.eta, call.options, call.logsnr, call.rule, call.start,
+               call.targets)
         if key not in self._plans:
+            targets = None if call.targets is None \
+                else torch.tensor(call.targets[call.start:], dtype=torch.float64)
             self._plans[key] = step_plan(torch.tensor(call.logsnr[call.start:],
                                                       dtype=torch.float64),
                                          call.sampler, v=call.v, eta=call.eta,
                                          options=dict(call.options), rule=call.rule,
-                                         final_logsnr=self.info.final_logsnr)
+                                         final_logsnr=self.info.final_logsnr, targets=targets)
         return self._plans[key]
 
     def _call(self, steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip, seed,
@@ -190,7 +194,7 @@ class Sampler:
         rule = _check_rule(guidance, self.info.guidance_embedded)
         return Call(sampler, float(v), None if eta is None else float(eta), tuple(lam.tolist()),
                     rule, self._check_clip(clip), seed, shape,
-                    tuple(sorted((options or {}).items())))
+                    tuple(sorted((options or {}).items())), targets=self._targets(steps, lam))
 
     def _grid(self, steps, grid, logsnr_range, logsnr) -> torch.Tensor:
         """The float64 λ grid: `logsnr` verbatim, else the model's own grid for `steps` when
@@ -205,6 +209,13 @@ class Sampler:
             logsnr = self.info.grid(steps)
         return grid_logsnr(steps, grid=grid, logsnr_range=logsnr_range or self.info.logsnr_range,
                            logsnr=logsnr)
+
+    def _targets(self, steps, lam: torch.Tensor) -> tuple[float, ...] | None:
+        """The model's own step targets (ModelInfo.steps_to) when the run is on its own grid."""
+        if self.info.steps_to is None or self.info.grid is None or steps != lam.numel() \
+                or not torch.equal(lam, self.info.grid(steps).double()):
+            return None
+        return tuple(self.info.steps_to(steps).double().tolist())
 
     def _check_clip(self, clip):
         """`clip` resolved: "auto" → the model's bound; None, a positive number or a

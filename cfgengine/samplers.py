@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from cfgengine.schedule import alpha_sigma
+from cfgengine.schedule import alpha_sigma, prediction_alpha_sigma
 
 ALPHA, SIGMA, C_Z, C_X, NOISE, C_P, C_P2, C_P3 = range(8)
 COLUMNS = 8  # (α, σ, c_z, c_x, s, c_p, c_p2, c_p3)
@@ -335,41 +335,42 @@ def compile_rows(updates: list[Update], final_logsnr: float = math.inf) -> Rows:
 # The paper's ancestral sampler, DDIM and DPM-Solver++(2M): VP coefficients on the grid.
 
 
-def ancestral_coefficients(logsnr: torch.Tensor, v: float = 0.3):
-    """Algorithm 2 between consecutive grid points: μ = r·(α'/α)·z + (1 − r)·α'·x̂,
-    var = ((1 − r)·σ'²)^(1−v) · ((1 − r)·σ²)^v, r = e^(λ − λ'). Returns (c_z, c_x, s) for t < T−1."""
-    lam, lam_next = logsnr[:-1], logsnr[1:]
+def ancestral_coefficients(lam: torch.Tensor, lam_next: torch.Tensor, v: float = 0.3):
+    """Algorithm 2 from each λ to its λ': μ = r·(α'/α)·z + (1 − r)·α'·x̂,
+    var = ((1 − r)·σ'²)^(1−v) · ((1 − r)·σ²)^v, r = e^(λ − λ'); r/α → 0 as λ → −∞ (α = 0).
+    Returns (c_z, c_x, s)."""
     alpha, sigma = alpha_sigma(lam)
     alpha_next, sigma_next = alpha_sigma(lam_next)
     r = torch.exp(lam - lam_next)
     one_minus_r = -torch.expm1(lam - lam_next)
-    c_z = r * alpha_next / alpha
+    c_z = torch.where(alpha > 0, r * alpha_next / alpha, 0.0)
     c_x = one_minus_r * alpha_next
     var = (one_minus_r * sigma_next**2) ** (1 - v) * (one_minus_r * sigma**2) ** v
     return c_z, c_x, var.sqrt()
 
 
-def ddim_coefficients(logsnr: torch.Tensor, eta: float = 0.0):
-    """DDIM: s = η·(σ'/σ)·√(1 − α²/α'²), c_z = √(σ'² − s²)/σ, c_x = α' − α·c_z (ε re-derived from
-    the clipped x̂). Returns (c_z, c_x, s) for t < T−1. η = 1 is k-diffusion's
-    `sample_euler_ancestral` with eta = 1 on the same noise (tests/samplers/test_kdiffusion.py)."""
-    alpha, sigma = alpha_sigma(logsnr[:-1])
-    alpha_next, sigma_next = alpha_sigma(logsnr[1:])
+def ddim_coefficients(lam: torch.Tensor, lam_next: torch.Tensor, eta: float = 0.0):
+    """DDIM from each λ to its λ': s = η·(σ'/σ)·√(1 − α²/α'²), c_z = √(σ'² − s²)/σ,
+    c_x = α' − α·c_z (ε re-derived from the clipped x̂). Returns (c_z, c_x, s). η = 1 is
+    k-diffusion's `sample_euler_ancestral` with eta = 1 on the same noise
+    (tests/samplers/test_kdiffusion.py)."""
+    alpha, sigma = alpha_sigma(lam)
+    alpha_next, sigma_next = alpha_sigma(lam_next)
     s = eta * (sigma_next / sigma) * torch.sqrt(1 - alpha**2 / alpha_next**2)
     c_z = torch.sqrt(sigma_next**2 - s**2) / sigma
     c_x = alpha_next - alpha * c_z
     return c_z, c_x, s
 
 
-def dpmpp_2m_coefficients(logsnr: torch.Tensor):
+def dpmpp_2m_coefficients(lam: torch.Tensor, lam_next: torch.Tensor):
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2; k-diffusion's `sample_dpmpp_2m` with t = λ/2):
     h_t = (λ_{t+1} − λ_t)/2, z' = (σ'/σ)·z + α'·(1 − e^(−h))·D, D = (1 + 1/(2r))·x̂ − x̂_prev/(2r),
-    r = h_{t−1}/h_t; first order (D = x̂, i.e. DDIM η = 0) on the first step and on the step into
-    the last grid point, whose long last interval would otherwise overshoot. Returns
-    (c_z, c_x, s, c_p) for t < T−1."""
-    sigma = alpha_sigma(logsnr[:-1])[1]
-    alpha_next, sigma_next = alpha_sigma(logsnr[1:])
-    h = (logsnr[1:] - logsnr[:-1]) / 2  # (T−1,)
+    r = h_{t−1}/h_t with h of each row's own (λ, λ') pair; first order (D = x̂, i.e. DDIM η = 0)
+    on the first step and on the last, whose long interval would otherwise overshoot (a first step
+    from λ = −∞ has h = ∞, so the next is first order too). Returns (c_z, c_x, s, c_p)."""
+    sigma = alpha_sigma(lam)[1]
+    alpha_next, sigma_next = alpha_sigma(lam_next)
+    h = (lam_next - lam) / 2
     gain = alpha_next * -torch.expm1(-h)  # α'·(1 − e^(−h))
     half_inv_r = torch.zeros_like(h)  # 1/(2r); 0 keeps the first-order steps
     half_inv_r[1:-1] = h[1:-1] / (2 * h[:-2])
@@ -379,15 +380,18 @@ def dpmpp_2m_coefficients(logsnr: torch.Tensor):
 
 def grid_rows(coefficients) -> Callable[..., Rows]:
     """Rows of a sampler given by VP coefficients on the grid (the paper's ancestral sampler,
-    DDIM, DPM-Solver++(2M): cfgengine.tables): `coefficients(λ, **options)` gives
-    (c_z, c_x, s[, c_p]) for each interval of λ, here the grid extended by a finite final λ;
-    with final λ = +∞ the last row is z' = x̂."""
-    def rows(logsnr: torch.Tensor, final_logsnr: float, **options) -> Rows:
-        finite = math.isfinite(final_logsnr)
-        lam = torch.cat([logsnr, logsnr.new_tensor([final_logsnr])]) if finite else logsnr
-        columns = coefficients(lam, **options)
+    DDIM, DPM-Solver++(2M): cfgengine.tables): `coefficients(λ, λ', **options)` gives
+    (c_z, c_x, s[, c_p]) for each row's step from λ to λ' — the next grid point, from the last
+    row the final λ, or each row's own `targets` (a pipeline's exact pairs); a last target of +∞
+    makes the last row z' = x̂."""
+    def rows(logsnr: torch.Tensor, final_logsnr: float, targets: torch.Tensor | None = None,
+             **options) -> Rows:
+        if targets is None:
+            targets = torch.cat([logsnr[1:], logsnr.new_tensor([final_logsnr])])
+        finite = logsnr.numel() - int(bool(torch.isposinf(targets[-1])))
+        columns = coefficients(logsnr[:finite], targets[:finite], **options)
         table = torch.zeros(logsnr.numel(), C_P + 1, dtype=torch.float64)
-        table[:, ALPHA], table[:, SIGMA] = alpha_sigma(logsnr)
+        table[:, ALPHA], table[:, SIGMA] = prediction_alpha_sigma(logsnr)  # (1, 1) at λ = −∞
         table[-1, C_X] = 1.0  # z' = x̂, unless a finite final λ's step overwrites it
         for column, values in zip((C_Z, C_X, NOISE, C_P), columns):
             table[: values.numel(), column] = values
@@ -429,7 +433,11 @@ class SamplerSpec:
 
 def _sigma_space(builder) -> Callable[..., Rows]:
     """A builder's Rows on the grid extended by its final λ."""
-    def rows(logsnr: torch.Tensor, final_logsnr: float, **options) -> Rows:
+    def rows(logsnr: torch.Tensor, final_logsnr: float, targets: torch.Tensor | None = None,
+             **options) -> Rows:
+        if targets is not None:
+            raise ValueError("a pipeline's own step pairs run with the ancestral, ddim or "
+                             "dpmpp_2m samplers only")
         return compile_rows(builder(logsnr.tolist() + [final_logsnr], **options), final_logsnr)
     return rows
 
@@ -471,8 +479,8 @@ def sampler_options(name: str, **options) -> dict[str, object]:
 
 
 def sampler_rows(name: str, logsnr: torch.Tensor, *, final_logsnr: float = math.inf,
-                 **options) -> Rows:
+                 targets: torch.Tensor | None = None, **options) -> Rows:
     """The Rows of sampler `name` on the increasing float64 grid `logsnr` (≥ 2 points), its last
-    row stepping to `final_logsnr` (+∞: σ = 0, z' = x̂)."""
+    row stepping to `final_logsnr` (+∞: σ = 0, z' = x̂), or each row to its own `targets`."""
     settings = sampler_options(name, **options)
-    return SAMPLERS[name].rows(logsnr.to(torch.float64), final_logsnr, **settings)
+    return SAMPLERS[name].rows(logsnr.to(torch.float64), final_logsnr, targets, **settings)

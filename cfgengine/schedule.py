@@ -30,6 +30,14 @@ def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
+def prediction_alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (α, σ) that read x̂ = (z − σ·ε)/α from a net's answer at λ: alpha_sigma(λ), except
+    (1, 1) at λ = −∞, where α = 0 and the net answers z − x̂ (cfgengine.model)."""
+    alpha, sigma = alpha_sigma(logsnr)
+    pure_noise = torch.isneginf(logsnr)
+    return torch.where(pure_noise, 1.0, alpha), torch.where(pure_noise, 1.0, sigma)
+
+
 def logsnr_grid(steps: int, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX, *,
                 grid: str = "cosine", dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The increasing grid λ_0 < … < λ_{T−1} of `grid` on (logsnr_min, logsnr_max), computed in
@@ -90,16 +98,19 @@ def check_logsnr_limit(lo: float, hi: float, what: str) -> None:
 
 def check_logsnr(logsnr) -> torch.Tensor:
     """A user-given grid as a float64 CPU tensor; ValueError unless it is a 1-D floating tensor
-    of ≥ 2 finite, strictly increasing λ values."""
+    of ≥ 2 finite, strictly increasing λ values — except that λ_0 may be −∞ (α = 0: pure noise,
+    where a flow model starts; the net answers its data prediction there, cfgengine.model)."""
     if not isinstance(logsnr, torch.Tensor) or not logsnr.is_floating_point() \
             or logsnr.dim() != 1:
         raise ValueError("logsnr must be a 1-D floating-point tensor of increasing λ values")
     lam = logsnr.detach().to("cpu", torch.float64)
     if lam.numel() < 2:
         raise ValueError(f"logsnr must hold at least 2 values, got {lam.numel()}")
-    if not bool(torch.isfinite(lam).all()):
-        raise ValueError("logsnr must be finite")
-    check_logsnr_limit(lam.min().item(), lam.max().item(), "logsnr")
+    first = float(lam[0])
+    if not bool(torch.isfinite(lam[1:]).all()) or math.isnan(first) or first == math.inf:
+        raise ValueError("logsnr must be finite (only logsnr[0] may be -inf)")
+    finite = lam[1:] if first == -math.inf else lam
+    check_logsnr_limit(finite.min().item(), finite.max().item(), "logsnr")
     drops = (lam[1:] <= lam[:-1]).nonzero()
     if drops.numel():
         i = int(drops[0, 0])

@@ -3,7 +3,9 @@
 Every row is x̂ = rule(z, ε), z' = c_z·z + c_x·x̂ + c_p·x̂_prev (+ c_p2·x̂₂ + c_p3·x̂₃) + s·n
 (docs/design.md). A table is float32 [R, 6] (up to [R, 8] for samplers keeping older x̂) with rows
 (α, σ, c_z, c_x, s, c_p, …), one row per network evaluation; with the final λ at +∞ the last row is
-(α, σ, 0, 1, 0, 0) so that z' = x̂. The samplers themselves are cfgengine/samplers.py's registry;
+(α, σ, 0, 1, 0, 0) so that z' = x̂. A pipeline-exact schedule gives each row its own target λ
+(`step_plan(..., targets=)`, ModelInfo.steps_to). At λ_0 = −∞ (α = 0, a flow model's start) a
+row's (α, σ) are (1, 1): the net answers z − x̂ there (cfgengine.model). The samplers themselves are cfgengine/samplers.py's registry;
 coefficients are computed in float64 from a float64 grid and rounded once.
 """
 from __future__ import annotations
@@ -39,17 +41,39 @@ def grid_logsnr(steps: int | None, *, grid: str = "cosine",
 
 
 SAMPLERS = tuple(SAMPLER_SPECS)
+PURE_NOISE_SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")  # VP steps that may start at α = 0
 
 
 def sampler_plan_rows(logsnr: torch.Tensor, sampler: str, v: float | None, eta: float | None,
-                      options: dict | None, final_logsnr: float) -> Rows:
+                      options: dict | None, final_logsnr: float,
+                      targets: torch.Tensor | None = None) -> Rows:
     """The sampler's Rows, given the loops' common settings v and η (each passed on only to a
-    sampler that takes it; None: the sampler's default) and its own `options`."""
+    sampler that takes it; None: the sampler's default), its own `options` and optionally each
+    row's own target λ (`step_targets`). ValueError when the sampler cannot start at the grid's
+    λ_0 = −∞."""
     check_sampler_args(logsnr.numel(), sampler, v, eta)
+    logsnr = logsnr.double()
+    if bool(torch.isneginf(logsnr[0])) and sampler not in PURE_NOISE_SAMPLERS:
+        raise ValueError(f"sampler {sampler} cannot start at λ = -inf (α = 0, a flow model's "
+                         f"first step); use {', '.join(PURE_NOISE_SAMPLERS)}, or a finite grid")
     known = SAMPLER_SPECS[sampler].options
     given = {name: value for name, value in (("v", v), ("eta", eta)) if name in known}
-    return sampler_rows(sampler, logsnr.double(), final_logsnr=final_logsnr,
+    return sampler_rows(sampler, logsnr, final_logsnr=final_logsnr,
+                        targets=None if targets is None else step_targets(logsnr, targets),
                         **{**given, **(options or {})})
+
+
+def step_targets(logsnr: torch.Tensor, targets) -> torch.Tensor:
+    """Each row's own target λ as float64 [T], checked: finite (the last may be +∞, z' = x̂) and
+    not below the λ the row starts at."""
+    targets = torch.as_tensor(targets, dtype=torch.float64).reshape(-1)
+    if targets.numel() != logsnr.numel():
+        raise ValueError(f"targets holds {targets.numel()} values for {logsnr.numel()} steps")
+    if not bool(torch.isfinite(targets[:-1]).all()) or bool(torch.isnan(targets[-1])) \
+            or not bool((targets >= logsnr).all()):
+        raise ValueError("each step's target λ must be finite (the last may be +inf) and not "
+                         "below the λ the step starts at")
+    return targets
 
 
 def table_from_logsnr(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
@@ -108,12 +132,13 @@ class StepPlan:
 
 def step_plan(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
               eta: float | None = None, options: dict | None = None, rule=None,
-              final_logsnr: float = math.inf) -> StepPlan:
+              final_logsnr: float = math.inf, targets: torch.Tensor | None = None) -> StepPlan:
     """The StepPlan of `sampler` (with `options`, cfgengine.samplers) on the float64 grid `logsnr`
     under guidance `rule` (a CFG, ZeroStar or APG config; None = CFG()): the rule's interval
     decides which rows are doubled (by the λ each row's net sees), its per-row state (APG's
-    momentum) joins the sampler's x̂ history."""
-    rows = sampler_plan_rows(logsnr, sampler, v, eta, options, final_logsnr)
+    momentum) joins the sampler's x̂ history. Each row steps to the next grid point and the last
+    to `final_logsnr`, unless `targets` gives each row's own (ModelInfo.steps_to)."""
+    rows = sampler_plan_rows(logsnr, sampler, v, eta, options, final_logsnr, targets)
     rule = CFG() if rule is None else rule
     interval = rule.interval
     doubled = tuple(interval is None or interval[0] <= x <= interval[1]

@@ -39,9 +39,44 @@ class _Float32Norm(nn.Module):
         return self.norm(x.float()).to(x.dtype)
 
 
+class BatchFreeUpsample(nn.Module):
+    """diffusers' Upsample2D without its branch on the batch size (`.contiguous()` from 64 rows, a
+    no-op on values) that torch.export cannot trace over a batch range across 64 rows: the same
+    norm, nearest ×2 (or to `output_size`) and conv, on the same weights."""
+
+    def __init__(self, up: nn.Module):
+        super().__init__()
+        self.up = up
+
+    def forward(self, hidden_states, output_size=None, *args, **kwargs):
+        up = self.up
+        if up.norm is not None:
+            hidden_states = up.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if up.use_conv_transpose:
+            return up.conv(hidden_states)
+        if up.interpolate:
+            hidden_states = nn.functional.interpolate(
+                hidden_states.contiguous(), scale_factor=2.0 if output_size is None else None,
+                size=output_size, mode="nearest")
+        if not up.use_conv:
+            return hidden_states
+        return (up.conv if up.name == "conv" else up.Conv2d_0)(hidden_states)
+
+
+def batch_free(net: nn.Module) -> nn.Module:
+    """`net` (in place) with every diffusers Upsample2D wrapped as a BatchFreeUpsample, for export
+    over any batch range; other nets are returned as they are."""
+    for parent in list(net.modules()):
+        for name, child in parent.named_children():
+            if type(child).__name__ == "Upsample2D" and type(child).__module__.startswith(
+                    "diffusers."):
+                setattr(parent, name, BatchFreeUpsample(child))
+    return net
+
+
 def cast_for_export(model: nn.Module, precision: str) -> nn.Module:
     """A copy of `model` with weights in `precision`, normalisation layers kept in fp32."""
-    net = copy.deepcopy(model).eval().requires_grad_(False)
+    net = batch_free(copy.deepcopy(model).eval().requires_grad_(False))
     if precision == "fp32":
         return net.float()
     net = net.to(PRECISIONS[precision])

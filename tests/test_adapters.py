@@ -50,7 +50,7 @@ def tiny_vae() -> torch.nn.Module:
 def unet_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffusers") / "unet-pipe"
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=True,
-                                        clip_sample_range=1.0)
+                                        clip_sample_range=1.0, timestep_spacing="trailing")
     diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler).save_pretrained(folder)
     return folder
 
@@ -59,7 +59,8 @@ def unet_folder(tmp_path_factory):
 def dit_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffusers") / "dit-pipe"
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                        beta_start=0.00085, beta_end=0.012, clip_sample=False)
+                                        beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                        timestep_spacing="trailing")
     diffusers.DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(),
                           scheduler=scheduler).save_pretrained(folder)
     return folder

@@ -40,7 +40,8 @@ def guidance_weights(flag: str = "--w") -> Callable[[str], list[float]]:
     return comma_list(float, flag, finite=True)
 
 
-def add_model_flag(parser, help_text: str = "model file or built-in name") -> None:
+def add_model_flag(parser, help_text: str = "model file, diffusers folder, Hugging Face hub id "
+                                            "(org/name) or built-in name") -> None:
     parser.add_argument("--ckpt", default=DEFAULT_MODEL,
                         help=f"{help_text} (default: {DEFAULT_MODEL})")
     add_trust_flag(parser)

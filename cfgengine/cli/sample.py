@@ -10,6 +10,7 @@ import torch
 
 from cfgengine import distributed
 from cfgengine.atomic import atomic_paths, check_distinct, check_writable
+from cfgengine.adapters import SCHEDULES
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
 from cfgengine.cli.budget import plan_batch
 from cfgengine.figures import save_panels, to_uint8_images
@@ -130,6 +131,10 @@ def add_grid_flags(p) -> None:
     p.add_argument("--logsnr-range", type=number_pair("--logsnr-range", finite=True),
                    default=None, metavar="LO,HI",
                    help="λ range of the grid (default: the model's, else -20,20)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="consistent",
+                   help="a diffusers folder's own timesteps: consistent (each state stepped to "
+                        "the next timestep, default) or pipeline (diffusers DDIM's exact pairs, "
+                        "docs/models.md)")
 
 
 def add_guidance_flags(p) -> None:
@@ -232,7 +237,7 @@ def run(args) -> int:
     check_output_flags(args)
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
-    model = load(args.ckpt, trust_code=args.trust_code)
+    model = load(args.ckpt, trust_code=args.trust_code, schedule=args.schedule)
     facts = model_info(model)
     classes, n = sample_classes(facts, args.classes, args.n)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,

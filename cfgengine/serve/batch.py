@@ -86,8 +86,10 @@ class TableBank:
 
     def _build(self, combo: Combo, rule) -> Tables:
         facts = self.engine.info
+        own = combo.grid == "cosine" and facts.grid is not None and facts.steps_to is not None
         plan = step_plan(combo_logsnr(combo, facts), combo.sampler, v=combo.v, eta=combo.eta,
-                         rule=rule, final_logsnr=facts.final_logsnr)
+                         rule=rule, final_logsnr=facts.final_logsnr,
+                         targets=facts.steps_to(combo.steps) if own else None)
         table, logsnr = plan.on(self.engine.device)
         return Tables(plan, table, logsnr, [not quiet for quiet in plan.quiet])
 
