@@ -3,6 +3,7 @@ sampler × grid, the guidance rules at large w, and the paper's step-count conve
 
     python -m cfgengine.bench.studies.nfe all --estimate   # predicted cost on this machine
     python -m cfgengine.bench.studies.nfe all              # digits and shapes, results + plots
+    python -m cfgengine.bench.studies.nfe shapes-samplers  # every sampler (digits-samplers too)
 
 Three parts, each a set of sampling arms scored with `cfgengine eval`'s metrics (classifier
 features, class-stratified bootstrap intervals; a difference is called only when intervals are
