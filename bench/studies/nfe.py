@@ -114,28 +114,30 @@ STUDIES: dict[str, NfeStudyConfig] = {
                                     "a digits row): 120 samples per cell, part A at w = 1 only "
                                     "and T ≤ 32 (the reference at 256), rules at w = 1 and 4 "
                                     "with T = 32, the convention at T = 16 only",)),
-    # round 3: the new samplers on shapes; the old samplers' cells come from the round-2 run
-    "shapes-samplers": NfeStudyConfig(
-        data="shapes", model="default", n=120, steps=(8, 16, 32, 256), max_steps_per_arm=32,
-        grids=("cosine", "karras"), w_samplers=(1.0,), rules=(), convention_steps=(),
-        out="bench/results/nfe-study/samplers", reuse="bench/results/nfe-study/shapes/results.json",
-        notes=("every sampler on shapes at w = 1, cosine and karras grids, NFE budgets 8/16/32 "
-               "(the reference: ancestral at T = 256), 120 samples per cell; the cells of "
-               "ancestral, ddim and dpmpp_2m are the round-2 shapes run's (identical settings), "
-               "no rules, no convention part",)),
-    "digits-samplers": NfeStudyConfig(
-        data="digits", model="train", n=300, steps=(8, 16, 32, 256), max_steps_per_arm=32,
-        grids=("cosine",), rules=(), convention_steps=(), out="bench/results/nfe-study/samplers",
-        reuse="bench/results/nfe-study/digits/results.json",
-        notes=("every sampler on digits, cosine grid, NFE budgets 8/16/32 (the reference: "
-               "ancestral at T = 256); the cells of ancestral, ddim and dpmpp_2m are the round-2 "
-               "digits run's (identical settings), no rules, no convention part",)),
     "quick": NfeStudyConfig(data="digits", model="tiny-random", n=24, steps=(4, 8),
                             samplers=("ancestral", "heun", "dpmpp_2m"), grids=("cosine", "karras"),
                             w_samplers=(1.0,), w_rules=(2.0,), rules=("cfg", "interval-low"),
                             rule_steps=4, convention_steps=(4,), reference_steps=8, rounds=20,
                             out="nfe-study-quick"),
 }
+
+
+
+def every_sampler(round2: NfeStudyConfig, grids: tuple[str, ...]) -> NfeStudyConfig:
+    """Round 3: part A for every sampler at budgets 8/16/32 (the reference at T = 256), with the
+    round-2 study's model, samples and w, so that its cells of the old samplers are reused."""
+    return replace(round2, steps=(8, 16, 32, 256), max_steps_per_arm=32, grids=grids, rules=(),
+                   convention_steps=(), samplers=tuple(SAMPLER_SETTINGS),
+                   out="bench/results/nfe-study/samplers",
+                   reuse=f"{round2.out}/{round2.data}/results.json",
+                   notes=(f"every sampler, {' and '.join(grids)} grid(s), NFE budgets 8/16/32 "
+                          "(the reference: ancestral at T = 256); the cells of ancestral, ddim "
+                          f"and dpmpp_2m are the round-2 {round2.data} run's (identical "
+                          "settings); no rules, no convention part",))
+
+
+STUDIES["shapes-samplers"] = every_sampler(STUDIES["shapes"], ("cosine", "karras"))
+STUDIES["digits-samplers"] = every_sampler(STUDIES["digits"], ("cosine",))
 
 
 def guidance_rule(name: str):
