@@ -42,8 +42,10 @@ def add(sub) -> None:
     p.add_argument("--sampler", "--solver", dest="sampler", choices=SAMPLERS, default="ancestral",
                    help="the sampling algorithm (--solver is an old spelling). For the paper's "
                         "quality at the least cost use --sampler dpmpp_2m --steps 16: it matched "
-                        "the 256-step ancestral FID at w >= 1 in our study (docs/studies.md); at small w "
-                        "(0.3) keep ancestral")
+                        "the 256-step ancestral FID at w >= 1 in our study, and no other sampler "
+                        "matched with fewer evaluations (docs/studies.md); at small w (0.3) keep ancestral. On the "
+                        "cosine grid avoid heun and dpmpp_3m_sde (they diverge over the default "
+                        "λ range); dpmpp_2m_sde needs --steps 32 and unipc 16, at w >= 1")
     p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
                    help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
                         "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
