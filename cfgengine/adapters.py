@@ -9,11 +9,9 @@ maps cfgengine's null label K = num_classes to the model's null class embedding.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from cfgengine.folder_config import PREDICTION_TYPES, check_config
+from cfgengine.logs import quiet_logger
 from cfgengine.model import ModelInfo
 from cfgengine.schedule import alpha_sigma
 
@@ -406,7 +405,7 @@ def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.M
     lean = importlib.util.find_spec("accelerate") is not None
     cls = component_class(folder, index, name, classes)
     try:
-        with _quiet_diffusers():  # its "newly initialized" warnings: ours says it in one line
+        with quiet_logger("diffusers"):  # its "newly initialized" warnings: ours says it in one line
             net, loading = cls.from_pretrained(folder / name, low_cpu_mem_usage=lean,
                                                output_loading_info=True)
     except RuntimeError as err:  # torch's load_state_dict: "size mismatch for KEY: …" lines
@@ -446,17 +445,6 @@ def _check_loading(component: Path, loading: dict) -> None:
 def _keys(keys: list) -> str:
     names = [str(k[0] if isinstance(k, tuple) else k) for k in keys]
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-@contextlib.contextmanager
-def _quiet_diffusers():
-    logger = logging.getLogger("diffusers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _scheduler_config(folder: Path, index: dict) -> dict:

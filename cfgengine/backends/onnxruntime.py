@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import logging
 import os
 import stat
 import sys
@@ -39,6 +38,7 @@ from typing import Callable
 import torch
 
 from cfgengine import provenance
+from cfgengine.logs import quiet_logger
 from cfgengine.model import info
 
 MAX_BATCH = 4096  # guided rows per call the cached graph accepts (2·MAX_BATCH network rows)
@@ -275,15 +275,9 @@ def sweep_temp_files(folder: Path, older_than_s: float = STALE_TEMP_S) -> None:
 def _quiet_exporter():
     """The exporters' deprecation notes and missing-torchvision lines are not the user's business:
     under `auto` the one line that matters is ours."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    with quiet_logger("torch.onnx"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 class OnnxRuntimeDenoiser:
