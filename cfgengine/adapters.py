@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cfgengine.folder_config import PREDICTION_TYPES, check_config
+from cfgengine.logs import quiet_logger
 from cfgengine.model import ModelInfo
 from cfgengine.schedule import alpha_sigma
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MODEL_COMPONENTS = ("unet", "transformer")  # where a pipeline folder keeps its denoising net
 MIN_ALPHAS_CUMPROD = 2.0**-24  # zero terminal SNR (ᾱ = 0, λ = −∞) is floored, as diffusers does
 
@@ -147,14 +150,14 @@ class LatentDecoder:
         return torch.cat(parts).float().clamp(-1.0, 1.0)
 
 
-class DiffusersDenoiser(nn.Module):
-    """A diffusers class-conditional net + its training schedule as a Denoiser (DESIGN §3):
-    (z[N, *S], λ[N], labels[N]) → ε[N, *S]; label K = num_classes is the null label."""
+class ScheduledNet(nn.Module):
+    """What every diffusers net driven on λ shares: the training schedule ᾱ_j (λ → the net's
+    fractional timestep), its prediction converted to ε, the model's own grid, the λ range and an
+    optional VAE decoder. Subclasses add the conditioning and `forward`."""
 
-    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, *, class_embeddings: int,
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, *,
                  sample_shape: tuple[int, ...], prediction_type: str = "epsilon",
-                 clip: float | None = None, null_label: int | None = None,
-                 decoder: LatentDecoder | None = None, class_names: tuple[str, ...] = (),
+                 clip: float | None = None, decoder: LatentDecoder | None = None,
                  schedule: TimestepSchedule = TimestepSchedule()):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -163,8 +166,6 @@ class DiffusersDenoiser(nn.Module):
         self.net = net.eval().requires_grad_(False)
         logsnr = logsnr_of_alphas_cumprod(alphas_cumprod)  # (J,) float64
         self.timestep_map = TimestepMap(logsnr)
-        self.register_buffer("label_map", label_map(class_embeddings, null_label))
-        self.num_classes = class_embeddings - 1
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.prediction_type = prediction_type
         self.clip = clip
@@ -172,15 +173,7 @@ class DiffusersDenoiser(nn.Module):
         self.num_train_timesteps = int(logsnr.numel())
         self._logsnr_table64 = logsnr
         self.decoder = decoder
-        self.class_names = tuple(class_names) if len(class_names) == self.num_classes else ()
         self.schedule = schedule
-
-    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        t = self.timestep_map(logsnr)  # (N,) fractional timesteps
-        x = z.to(self.net.dtype)  # a net cast to fp16 for export takes fp16 input
-        out = self.net(x, timestep=t, class_labels=self.label_map[labels], return_dict=False)[0]
-        prediction = out[:, : self.sample_shape[0]]  # learned variance: the first C channels
-        return self.eps_from_prediction(prediction.float(), z.float(), logsnr).to(z.dtype)
 
     def eps_from_prediction(self, prediction: torch.Tensor, z: torch.Tensor,
                             logsnr: torch.Tensor) -> torch.Tensor:
@@ -200,21 +193,51 @@ class DiffusersDenoiser(nn.Module):
         """float64 λ [T] each step of the own grid steps to, as the pipeline's DDIM does."""
         return self.schedule.steps_to(self._logsnr_table64, steps)
 
-    @property
-    def info(self) -> ModelInfo:
-        """The model's facts (cfgengine.model): its own grid and final λ (and, schedule
-        "pipeline", its own step pairs), λ range and decoder."""
-        exact = self.schedule.schedule == "pipeline"
-        return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
-                         sample_shape=self.sample_shape, clip=self.clip,
-                         logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
-                         final_logsnr=self.schedule.final_logsnr(self._logsnr_table64),
-                         steps_to=self.steps_to if exact else None,
-                         decode=self.decode, class_names=self.class_names)
-
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [−1, 1] from samples x: through the VAE for latent models, else x itself."""
         return x if self.decoder is None else self.decoder(x)
+
+    def schedule_facts(self) -> dict:
+        """The ModelInfo fields of the schedule: the own grid and final λ (and, schedule
+        "pipeline", the own step pairs), the λ range and the decoder."""
+        exact = self.schedule.schedule == "pipeline"
+        return dict(logsnr_range=self.logsnr_range, grid=self.logsnr_grid,
+                    final_logsnr=self.schedule.final_logsnr(self._logsnr_table64),
+                    steps_to=self.steps_to if exact else None, decode=self.decode)
+
+
+class DiffusersDenoiser(ScheduledNet):
+    """A diffusers class-conditional net + its training schedule as a Denoiser (DESIGN §3):
+    (z[N, *S], λ[N], labels[N]) → ε[N, *S]; label K = num_classes is the null label."""
+
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor, *, class_embeddings: int,
+                 sample_shape: tuple[int, ...], prediction_type: str = "epsilon",
+                 clip: float | None = None, null_label: int | None = None,
+                 decoder: LatentDecoder | None = None, class_names: tuple[str, ...] = (),
+                 schedule: TimestepSchedule = TimestepSchedule()):
+        super().__init__(net, alphas_cumprod, sample_shape=sample_shape,
+                         prediction_type=prediction_type, clip=clip, decoder=decoder,
+                         schedule=schedule)
+        self.register_buffer("label_map", label_map(class_embeddings, null_label))
+        self.num_classes = class_embeddings - 1
+        self.class_names = tuple(class_names) if len(class_names) == self.num_classes else ()
+
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = self.timestep_map(logsnr)  # (N,) fractional timesteps
+        x = z.to(self.net.dtype)  # a net cast to fp16 for export takes fp16 input
+        out = self.net(x, timestep=t, class_labels=self.label_map[labels], return_dict=False)[0]
+        prediction = out[:, : self.sample_shape[0]]  # learned variance: the first C channels
+        return self.eps_from_prediction(prediction.float(), z.float(), logsnr).to(z.dtype)
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model's facts (cfgengine.model): its classes and schedule facts."""
+        return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
+                         sample_shape=self.sample_shape, clip=self.clip,
+                         class_names=self.class_names, **self.schedule_facts(),
+                         config=dict(prediction_type=self.prediction_type, net={
+                             k: v for k, v in self.net.config.items()
+                             if not k.startswith("_")}))  # not _name_or_path: where it lay
 
 
 def label_map(class_embeddings: int, null_label: int | None) -> torch.Tensor:
@@ -291,8 +314,9 @@ def from_diffusers(model: nn.Module, scheduler, vae: nn.Module | None = None, *,
     if alphas_cumprod is None:
         raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: cfgengine needs a "
                          "DDPM-family scheduler (the model's training schedule)")
-    return _adapt(model, alphas_cumprod, dict(scheduler.config), vae, null_label, class_names,
-                  schedule)
+    config = dict(scheduler.config)
+    check_config(f"{type(scheduler).__name__} config", config)
+    return _adapt(model, alphas_cumprod, config, vae, null_label, class_names, schedule)
 
 
 def _adapt(net, alphas_cumprod, config: dict, vae, null_label, class_names,
@@ -317,18 +341,38 @@ def is_pipeline_folder(path: Path) -> bool:
 def load_folder(folder: str | Path, *, schedule: str = "consistent") -> DiffusersDenoiser:
     """A diffusers pipeline folder (model_index.json; unet/ or transformer/, scheduler/, optional
     vae/) → a DiffusersDenoiser on the scheduler's own timesteps (`schedule`: TimestepSchedule);
-    ValueError in one line for a folder cfgengine cannot read."""
+    ValueError in one line for a folder cfgengine cannot read: the config fields it builds from
+    are checked first (cfgengine.folder_config), the weights must fill the net exactly, and any
+    other failure while building names the folder."""
     folder = Path(folder)
     if not is_pipeline_folder(folder):
         raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     index = _read_json(folder / "model_index.json")
-    net = _load_component(folder, index, _model_component(folder, index), _model_classes())
-    vae = None
-    if index.get("vae") and (folder / "vae").is_dir():
-        vae = _load_component(folder, index, "vae", {"AutoencoderKL": _diffusers().AutoencoderKL})
+    name = _model_component(folder, index)
     config = _scheduler_config(folder, index)
-    return _adapt(net, training_alphas_cumprod(config), config, vae, None,
-                  _class_names(index), schedule)
+    vae = bool(index.get("vae")) and (folder / "vae").is_dir()
+    for component in (name, "vae") if vae else (name,):
+        _component_config(folder, component)
+    try:
+        net = _load_component(folder, index, name, _model_classes())
+        if vae:
+            vae = _load_component(folder, index, "vae",
+                                  {"AutoencoderKL": _diffusers().AutoencoderKL})
+        return _adapt(net, training_alphas_cumprod(config), config, vae or None, None,
+                      _class_names(index), schedule)
+    except ValueError as err:
+        raise ValueError(err if str(folder) in str(err) else f"{folder}: {err}") from None
+    except Exception as err:  # diffusers' and torch's own errors while building: one line
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{folder}: cannot build the model ({type(err).__name__}: "
+                         f"{first})") from None
+
+
+def _component_config(folder: Path, name: str) -> None:
+    """Check a component's config.json (when it has one: from_pretrained reports its absence)."""
+    path = folder / name / "config.json"
+    if path.is_file():
+        check_config(path, _read_json(path))
 
 
 def _read_json(path: Path) -> dict:
@@ -357,6 +401,24 @@ def _model_classes() -> dict:
 
 
 def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.Module:
+    # accelerate only makes loading leaner; without it diffusers warns unless told not to use it
+    lean = importlib.util.find_spec("accelerate") is not None
+    cls = component_class(folder, index, name, classes)
+    try:
+        with quiet_logger("diffusers"):  # its "newly initialized" warnings: ours says it in one line
+            net, loading = cls.from_pretrained(folder / name, low_cpu_mem_usage=lean,
+                                               output_loading_info=True)
+    except RuntimeError as err:  # torch's load_state_dict: "size mismatch for KEY: …" lines
+        _check_loading(folder / name, {"mismatched_keys": re.findall(
+            r"size mismatch for ([\w.]+)", str(err))})
+        raise
+    _check_loading(folder / name, loading)
+    return net.eval()
+
+
+def component_class(folder: Path, index: dict, name: str, classes: dict) -> type:
+    """The class model_index.json names for component `name`, one of `classes` ({name: class});
+    ValueError in one line for another class or a missing folder."""
     entry = index[name]
     class_name = entry[-1] if isinstance(entry, list) else str(entry)
     if class_name not in classes:
@@ -364,9 +426,25 @@ def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.M
                          f"{' or '.join(classes)} there")
     if not (folder / name).is_dir():
         raise ValueError(f"{folder}: model_index.json names {name}, but there is no {name}/")
-    # accelerate only makes loading leaner; without it diffusers warns unless told not to use it
-    lean = importlib.util.find_spec("accelerate") is not None
-    return classes[class_name].from_pretrained(folder / name, low_cpu_mem_usage=lean).eval()
+    return classes[class_name]
+
+
+def _check_loading(component: Path, loading: dict) -> None:
+    """ValueError naming the weights file and the keys unless the file filled every tensor of
+    the net and nothing else (a missing class table would be left random)."""
+    problems = [(what, loading.get(key) or []) for what, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                 ("mismatched", "mismatched_keys"))]
+    problems = [f"{what} {_keys(keys)}" for what, keys in problems if keys]
+    if problems:
+        weights = next((component / f for f in WEIGHT_FILES if (component / f).is_file()),
+                       component)
+        raise ValueError(f"{weights}: weights do not match the config ({'; '.join(problems)})")
+
+
+def _keys(keys: list) -> str:
+    names = [str(k[0] if isinstance(k, tuple) else k) for k in keys]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _scheduler_config(folder: Path, index: dict) -> dict:
@@ -374,7 +452,9 @@ def _scheduler_config(folder: Path, index: dict) -> dict:
     if not index.get("scheduler") or not path.is_file():
         raise ValueError(f"{folder}: no scheduler/scheduler_config.json; cfgengine needs the "
                          "model's training schedule")
-    return _read_json(path)
+    config = _read_json(path)
+    check_config(path, config)
+    return config
 
 
 def training_alphas_cumprod(config: dict) -> torch.Tensor:

@@ -4,8 +4,9 @@ The net reads a static input buffer z2 [2B, *S] (rows B..2B−1 carry the null l
 step kernel reads ε from the net's output and z from z2[:B], and writes z' straight into both
 halves of z2 (`out` of 2B rows), so the next replay's forward input is ready. The step index and the seed
 are 0-d device tensors the kernel reads, so replays advance through the table and a new seed needs
-no re-capture. Steps outside the guidance interval replay a second graph whose net runs on B
-rows. One loop per (batch, kinds of step, plan).
+no re-capture. Steps on B rows replay another graph whose net runs on B rows (with w inside the
+guidance interval, where CFG(refresh) reuses its stored Δ; with w = 0 outside it). One loop per
+(batch, kinds of step, plan).
 """
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ def capture(fn: Callable[[], object], warmup: int = WARMUP_STEPS) -> torch.cuda.
 
 class CudaGraphLoop:
     """Static buffers + one captured step per kind of step for `batch` rows of `shape` on a CUDA
-    device: `kinds` holds True for the guided step (net on 2B rows) and/or False for the plain
-    one (net on the first B rows, outside the guidance interval or when no row is guided). The
+    device: `kinds` holds the (doubled, guided) pairs of the plan's steps (StepPlan.kinds): the
+    net on 2B rows or on the first B, and the step given w or w = 0 (outside the interval). The
     step plan gives the table, the λ per step and the per-row state."""
 
     def __init__(self, model, plan, *, batch: int, shape: tuple[int, ...],
                  kinds: tuple[bool, ...], rule, clip):
         device = model.device
-        rows = 2 * batch if True in kinds else batch
+        rows = 2 * batch if any(doubled for doubled, _ in kinds) else batch
         self.net, self.batch, self.rule, self.clip = model.net, batch, rule, clip
         self.autocast_dtype = model.autocast_dtype
         self.table, self.logsnr = plan.on(device)
@@ -51,19 +52,20 @@ class CudaGraphLoop:
         null = model.info.null_label
         self.labels2 = torch.full((rows,), null, device=device)  # the null half stays null
         self.w = torch.zeros(batch, device=device)
+        self.w_off = torch.zeros(batch, device=device)  # w outside the interval, always 0
         self.sample_ids = torch.zeros(batch, dtype=torch.int64, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.seed = torch.zeros((), dtype=torch.int64, device=device)
         self.state = RowState.zeros_like(self.z2[:batch], plan.state)
         self.noise = CounterNoise(self.seed, self.sample_ids)
-        self.graphs = {doubled: self._capture(doubled) for doubled in kinds}
+        self.graphs = {kind: self._capture(*kind) for kind in kinds}
 
-    def _capture(self, doubled: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, doubled: bool, guided: bool) -> torch.cuda.CUDAGraph:
         """One kind of step, captured; its warm-up starts at step 0 so it stays on the table."""
         self.step.zero_()
-        return capture(lambda: self._step(doubled))
+        return capture(lambda: self._step(doubled, guided))
 
-    def _step(self, doubled: bool) -> None:
+    def _step(self, doubled: bool, guided: bool) -> None:
         """λ for this step → net on z2 (2B rows, or its first B) → fused step into z2 → step += 1
         (all on the device). z' goes to both halves of z2 whenever it has two, so a guided step
         may follow a plain one."""
@@ -74,14 +76,16 @@ class CudaGraphLoop:
                             enabled=self.autocast_dtype is not None):
             eps2 = self.net(self.z2[:rows], self.logsnr2[:rows], self.labels2[:rows])  # (rows, *S)
         z = self.z2[: self.batch]
-        guided_step(eps2, z, self.w, self.table, self.step, rule=self.rule, clip=self.clip,
+        w = self.w if guided else self.w_off
+        guided_step(eps2, z, w, self.table, self.step, rule=self.rule, clip=self.clip,
                     state=self.state, noise=self.noise, out=self.z2)
         self.step.add_(1)
 
     def sample(self, z0: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
-               sample_ids: torch.Tensor, seed: int, doubled: tuple[bool, ...]) -> torch.Tensor:
+               sample_ids: torch.Tensor, seed: int,
+               kinds: tuple[tuple[bool, bool], ...]) -> torch.Tensor:
         """Load this chunk into the static buffers (state zeroed: capture's warm-up ran steps),
-        replay the guided or the plain graph at each step, return x̂ [B, *S]."""
+        replay each step's kind of graph, return x̂ [B, *S]."""
         self.z2[: self.batch].copy_(z0)
         if self.z2.shape[0] > self.batch:
             self.z2[self.batch:].copy_(z0)
@@ -91,6 +95,6 @@ class CudaGraphLoop:
         self.seed.fill_(seed)
         self.step.zero_()
         self.state.zero_()
-        for guided in doubled:
-            self.graphs[guided].replay()
+        for kind in kinds:
+            self.graphs[kind].replay()
         return self.z2[: self.batch].clone()

@@ -10,6 +10,10 @@ sample/eval split the sample ids 0..N−1 into contiguous shards, one per rank (
 is keyed by i, so a shard is the same numbers a single process draws for those rows); rank 0
 gathers and writes. Only rank 0 writes files and shows progress.
 
+Agreement: every command starts with a vote on a digest of its flags, and `sample` then on the
+model's digest (cfgengine.provenance: weights, config, code); ranks started with different
+`--classes`, `--w`, `--seed` or model files stop with one line before anything is written.
+
 Failure: the ranks run the same sequence of collectives, and every collective here starts with a
 vote (one all-reduce) on whether some rank has failed. A rank whose command raises casts a
 "failed" vote in place of its next collective: the lowest failing rank reports its error (one
@@ -189,6 +193,7 @@ def command(run: Callable) -> Callable:
 
 def _run_voting(run: Callable, args) -> int:
     try:
+        agree_on("the command's flags", vars(args))
         result = run(args)
         agree()  # a rank that failed after the last collective still stops the job
         return result
@@ -299,36 +304,62 @@ def check_identical(tensors, what: str) -> None:
     if _world.size == 1:
         return
     agree()
-    sums = torch.stack([t.detach().double().sum().cpu() for t in tensors])
-    low, high = sums.clone(), sums.clone()
+    if not _same_everywhere(torch.stack([t.detach().double().sum().cpu() for t in tensors])):
+        raise RuntimeError(f"{what} differ between ranks")
+
+
+def agree_on(what: str, record) -> None:
+    """ValueError (one line; every rank raises it, rank 0 reports) unless every rank holds the
+    same `record` (JSON-able data, or a function making it: called under torchrun only),
+    compared by 240 bits of its SHA-256."""
+    if _world.size == 1:
+        return
+    from cfgengine import provenance
+
+    agree()
+    digest = provenance.digest(provenance.plain(record() if callable(record) else record))
+    words = torch.tensor([int(digest[i:i + 15], 16) for i in range(0, 60, 15)], dtype=torch.int64)
+    if not _same_everywhere(words):
+        raise ValueError(f"the ranks disagree on {what}: start every rank with the same command "
+                         "line and model files (nothing was written)")
+
+
+def _same_everywhere(values: torch.Tensor) -> bool:
+    """Whether every rank holds the same `values` (one MIN and one MAX all-reduce)."""
+    low, high = values.clone(), values.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError(f"{what} differ between ranks")
+    return torch.equal(low, high)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling over ranks
 
 
-def sample_shard(engine, labels: torch.Tensor, w: torch.Tensor, **options) -> torch.Tensor:
-    """`engine.sample` (a Sampler) on this rank's shard of the rows of `labels` and `w`, with
-    their global sample ids (`sample_ids` of all rows, default 0..N−1): x̂ [shard rows, *S] on the
-    CPU (empty when the shard is)."""
-    rows = shard(len(labels))
+PER_ROW = ("prompts", "negative_prompts", "init")  # sampler options with one entry per row
+
+
+def sample_shard(engine, labels: torch.Tensor | None, w: torch.Tensor, **options) -> torch.Tensor:
+    """`engine.sample` (a Sampler) on this rank's shard of the rows of `w` (and of `labels`, or of
+    the per-row `prompts` / `negative_prompts`), with their global sample ids (`sample_ids` of all
+    rows, default 0..N−1): x̂ [shard rows, *S] on the CPU (empty when the shard is)."""
+    rows = shard(len(w))
     if rows.stop == rows.start:
         return torch.empty((0, *(options.get("shape") or engine.info.sample_shape)))
     all_ids = options.pop("sample_ids", None)
     ids = torch.arange(rows.start, rows.stop) if all_ids is None else all_ids[rows]
-    if options.get("init") is not None:  # image-to-image: this shard's start images
-        options["init"] = options["init"][rows]
-    return engine.sample(labels[rows], w=w[rows], sample_ids=ids, **options).cpu()
+    for name in PER_ROW:
+        if options.get(name) is not None:
+            options[name] = options[name][rows]
+    labels = None if labels is None else labels[rows]
+    return engine.sample(labels, w=w[rows], sample_ids=ids, **options).cpu()
 
 
-def sample_rows(engine, labels: torch.Tensor, w: torch.Tensor, **options) -> torch.Tensor | None:
+def sample_rows(engine, labels: torch.Tensor | None, w: torch.Tensor,
+                **options) -> torch.Tensor | None:
     """All rows sampled across the ranks (`sample_shard` each), gathered in id order on rank 0
     (None elsewhere): what one process's `engine.sample(labels, w=w, …)` gives."""
-    return gather_rows(sample_shard(engine, labels, w, **options), len(labels))
+    return gather_rows(sample_shard(engine, labels, w, **options), len(w))
 
 
 # ---------------------------------------------------------------------------------------------

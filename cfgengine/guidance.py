@@ -99,14 +99,30 @@ def _check_number(name: str, value, lo: float, hi: float, *, open_lo: bool = Fal
 class CFG:
     """Classifier-free guidance, paper eq. 6: ε̃ = ε_c + w·(ε_c − ε_u); with rescale = φ > 0,
     Lin et al. 2023 §3.4: ε̃ = φ·ε̃·std(ε_c)/std(ε̃) + (1 − φ)·ε̃, std per sample, unbiased
-    (diffusers `rescale_noise_cfg`)."""
+    (diffusers `rescale_noise_cfg`).
+
+    `refresh` = k reuses the guidance direction (cf. Castillo et al. 2023, "Adaptive Guidance"):
+    the null branch runs on every k-th guided step (the 0th, kth, … inside the interval), which
+    stores Δ = ε_c − ε_u per row; the guided steps between run the net on B rows and take
+    ε̃ = ε_c + w·Δ from the stored Δ. k = 1 is plain CFG."""
     rescale: float = 0.0
     interval: Interval = None
-    row_state: ClassVar[tuple[str, ...]] = ()  # per-row buffers the rule keeps between steps
+    refresh: int = 1
 
     def __post_init__(self):
         _check_number("CFG rescale", self.rescale, 0.0, 1.0)
         _check_interval(self)
+        if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) \
+                or self.refresh < 1:
+            raise ValueError(f"CFG refresh must be an integer ≥ 1, got {self.refresh!r}")
+        if self.refresh > 1 and self.rescale != 0.0:
+            raise ValueError("CFG refresh > 1 reuses Δ = ε_c − ε_u and cannot rescale; "
+                             "use one of rescale or refresh")
+
+    @property
+    def row_state(self) -> tuple[str, ...]:
+        """Per-row buffers the rule keeps between steps: the stored Δ when refresh > 1."""
+        return ("delta",) if self.refresh > 1 else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +166,16 @@ class DynamicThreshold:
     def __post_init__(self):
         _check_number("DynamicThreshold p", self.p, 0.0, 1.0, open_lo=True)
         _check_number("DynamicThreshold max_value", self.max_value, 1.0, math.inf, open_hi=True)
+
+
+def check_embedded_rule(rule) -> None:
+    """A guidance-embedded net has no separate branches: plain CFG (with an interval, without
+    rescale or refresh) only; ValueError in one line for any other rule."""
+    if rule is not None and not (isinstance(rule, CFG) and rule.rescale == 0
+                                 and rule.refresh == 1):
+        raise ValueError(f"{rule!r} needs the conditional and null branches apart; this "
+                         "guidance-distilled model only answers ε̃_w (use CFG(), optionally "
+                         "with an interval)")
 
 
 RULE_NAMES = {"cfg": CFG, "zero_star": ZeroStar, "apg": APG}  # CLI and HTTP spellings

@@ -13,11 +13,12 @@ What the engine needs to know besides the call — classes, sample shape, clip b
 model's own grid, names — is a `ModelInfo`, made once where a model is loaded (`info(model)`) and
 passed on; nothing else in the engine asks a model for attributes. A user's own callable needs only
 `num_classes` and `sample_shape` (and optionally `clip`, `class_names`, `dataset`,
-`guidance_embedded`); a
-model that knows more carries a complete `ModelInfo` as its `info` attribute.
+`guidance_embedded`, and `config`: a dataclass or dict of the settings its forward depends on);
+a model that knows more carries a complete `ModelInfo` as its `info` attribute.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
@@ -63,9 +64,12 @@ class ModelInfo:
     """A model's facts. `num_classes` K: class ids 0..K−1, K the null label. `grid(steps)` is the
     model's own float64 λ grid (e.g. a diffusers scheduler's timesteps), used when the caller keeps
     the default grid; `final_logsnr` is where its last step lands (+∞: at x̂); `steps_to(steps)`,
-when set, is the float64 λ each step of the own grid steps to (a pipeline's exact pairs, which
-may differ from the next grid point; cfgengine.tables.step_plan's targets). `backend` and
-    `precision` are set for exported files, which run only on their own runtime and precision."""
+    when set, is the float64 λ each step of the own grid steps to (a pipeline's exact pairs, which
+    may differ from the next grid point; cfgengine.tables.step_plan's targets). `backend` and
+    `precision` are set for exported files, which run only on their own runtime and precision.
+    `config` is what the model's forward depends on besides its tensors and code (JSON-able: a
+    prediction type, a net's config): cached graphs and digests derive from it
+    (cfgengine.provenance), so a model states it here rather than being probed for it."""
 
     name: str
     num_classes: int
@@ -83,6 +87,7 @@ may differ from the next grid point; cfgengine.tables.step_plan's targets). `bac
     encode: Callable[[list[str]], TextCondition] | None = None  # prompts → rows ("text" models)
     backend: str | None = None
     precision: str | None = None
+    config: dict = field(default_factory=dict, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -97,7 +102,7 @@ may differ from the next grid point; cfgengine.tables.step_plan's targets). `bac
 def info(model) -> ModelInfo:
     """The model's `ModelInfo`: its own `info` when it carries one, else built from the minimal
     contract of a user's callable (num_classes, sample_shape; optionally clip, class_names,
-    dataset, guidance_embedded). ValueError naming what is missing."""
+    dataset, guidance_embedded, config). ValueError naming what is missing."""
     own = getattr(model, "info", None)
     if isinstance(own, ModelInfo):
         return own
@@ -112,4 +117,12 @@ def info(model) -> ModelInfo:
                      clip=None if clip is None else float(clip),
                      class_names=tuple(getattr(model, "class_names", ()) or ()),
                      dataset=str(getattr(model, "dataset", "") or ""),
-                     guidance_embedded=bool(getattr(model, "guidance_embedded", False)))
+                     guidance_embedded=bool(getattr(model, "guidance_embedded", False)),
+                     config=_config(getattr(model, "config", None)))
+
+
+def _config(config) -> dict:
+    """A stated config as a dict (a dataclass's fields, a mapping's items); {} for none."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return dict(config) if isinstance(config, dict) else {}

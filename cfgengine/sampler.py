@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from cfgengine import rng
+from cfgengine.conditioning import check_conditioning, prompt_rows
 from cfgengine.cudagraph import CudaGraphLoop
-from cfgengine.guidance import RULES, CFG, DynamicThreshold
+from cfgengine.guidance import RULES, CFG, DynamicThreshold, check_embedded_rule
 from cfgengine.kernels import CounterNoise, RowState, guided_step
 from cfgengine.backends import Prepared, prepare
 from cfgengine.schedule import GRIDS, alpha_sigma, check_logsnr_range
@@ -62,7 +63,8 @@ class Sampler:
         self._plans: dict[tuple, StepPlan] = {}
         self._graphs: dict[tuple, CudaGraphLoop] = {}
 
-    def sample(self, labels: torch.Tensor | None, *, w: float | torch.Tensor = 0.3,
+    def sample(self, labels: torch.Tensor | None = None, *, prompts=None, negative_prompts=None,
+               w: float | torch.Tensor = 0.3,
                steps: int | None = 256, sampler: str = "ancestral", v: float = 0.3,
                eta: float | None = None, grid: str = "cosine", logsnr_range=None,
                logsnr: torch.Tensor | None = None, guidance=None,
@@ -72,8 +74,10 @@ class Sampler:
                progress: bool = False, sampler_options: dict | None = None,
                init: torch.Tensor | None = None, strength: float | None = None,
                callback=None) -> torch.Tensor:
-        """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], labels[i], w[i],
-        settings). `sampler` is one of cfgengine.samplers' (`eta` None: its default, e.g. 0 for
+        """Samples x̂ [N, *S]; sample i depends only on (seed, sample_ids[i], its condition,
+        w[i], settings). A class model takes `labels`; a prompt model (`info.conditioning ==
+        "text"`) takes `prompts` and optional `negative_prompts` (row i's null branch; "" by
+        default). `sampler` is one of cfgengine.samplers' (`eta` None: its default, e.g. 0 for
         DDIM and 1 for Euler ancestral; `sampler_options` its own, e.g. {"order": 3} for UniPC).
         `grid`/`logsnr_range`/`logsnr` choose the λ grid, `guidance` the rule (CFG(),
         ZeroStar(), APG(); default CFG()), `clip` a bound or a DynamicThreshold.
@@ -81,17 +85,27 @@ class Sampler:
         Image-to-image: `init` [N, *S] (data x) and `strength` s in (0, 1] start the run at grid
         step T − ⌊s·T⌋ (diffusers' convention) from z = α·x + σ·ε, ε keyed (seed, id, 0).
         `callback(step, logsnr, z, x_hat)` is called after each grid step (None: no host sync)."""
+        check_conditioning(self.info, labels, prompts, negative_prompts)
         with torch.inference_mode():  # a user's net may still require grad: build no graphs
             call = self._call(steps, sampler, v, eta, grid, logsnr_range, logsnr, guidance, clip,
                               seed, shape, sampler_options)
             call = replace(call, start=_check_strength(strength, init, call.steps))
             extras = Extras(callback, init)
-            return self._sample(call, labels, w, sample_ids, batch_size, n, progress, extras)
+            rows = self._conditions(labels, prompts, negative_prompts, n)
+            return self._sample(call, rows, w, sample_ids, batch_size, progress, extras)
 
-    def _sample(self, call: Call, labels, w, sample_ids, batch_size, n, progress,
+    def _conditions(self, labels, prompts, negative_prompts, n):
+        """(cond, null, N): class ids (null: the null label), or a prompt model's rows and their
+        null branches, encoded once per call; cond None: unconditional (the null branch alone)."""
+        if self.info.conditioning == "text":
+            return prompt_rows(self.info, prompts, negative_prompts, n, self.device)
+        labels, count = self._check_labels(labels, n)
+        return labels, None, count
+
+    def _sample(self, call: Call, rows, w, sample_ids, batch_size, progress,
                 extras: Extras = None) -> torch.Tensor:
         extras = extras or Extras()
-        labels, count = self._check_labels(labels, n)
+        labels, null, count = rows  # labels: class ids or prompt rows (None: unconditional)
         w = self._check_w(w, count)
         init = extras.check_init(count, call.shape, self.device)
         sample_ids = _check_sample_ids(sample_ids, count, self.device)
@@ -104,7 +118,8 @@ class Sampler:
         bar = _progress_bar(progress, len(chunks) * plan.rows)
         finite = FiniteFlag(plan.rows, self.device)  # shared by the chunks, read once below
         parts = [self._sample_chunk(call, plan, _rows(labels, a, b), w[a:b], sample_ids[a:b],
-                                    bar, finite, replace(extras, init=_rows(init, a, b)))
+                                    bar, finite, replace(extras, init=_rows(init, a, b)),
+                                    _rows(null, a, b))
                  for a, b in chunks]
         finite.check(self.info.name, self.precision)
         if bar is not None:
@@ -114,20 +129,23 @@ class Sampler:
         return x_hat
 
     def _sample_chunk(self, call: Call, plan: StepPlan, labels, w, sample_ids, bar,
-                      finite: FiniteFlag | None = None, extras: Extras = None) -> torch.Tensor:
+                      finite: FiniteFlag | None = None, extras: Extras = None,
+                      null=None) -> torch.Tensor:
         """The loop over the plan's rows for one chunk; no host sync inside. The chunk owns its
-        per-row state (the plan names it: x̂_prev, APG momentum), zero before the first step."""
+        per-row state (the plan names it: x̂_prev, APG momentum), zero before the first step.
+        `null`: the rows of the null branch (prompt models), else the null label."""
         extras = extras or Extras()
         batch = sample_ids.shape[0]
-        if labels is None:
-            labels = torch.full((batch,), self.info.null_label, device=self.device)
+        if labels is None:  # unconditional: the null branch alone
+            labels = torch.full((batch,), self.info.null_label, device=self.device) \
+                if null is None else null
         z = rng.randn_like_rows(call.seed, sample_ids, 0, call.shape)  # z_0 ~ N(0, I)
         if extras.init is not None:  # image-to-image: the forward process at the first λ
             alpha, sigma = alpha_sigma(plan.logsnr[:1].to(self.device, torch.float32))
             z = alpha * extras.init + sigma * z
         if self.backend == "cudagraph" and extras.callback is None:
             x_hat = self._graph(call, plan, batch).sample(z, labels, w, sample_ids, call.seed,
-                                                          plan.doubled)
+                                                          plan.kinds())
             _advance(bar, plan.rows)
             return x_hat
         table, lam = plan.on(self.device)
@@ -138,27 +156,30 @@ class Sampler:
             if self.device.type == "cpu" else None
         counter = CounterNoise(call.seed, sample_ids)
         finite = finite or FiniteFlag(plan.rows, self.device)
+        unguided = torch.zeros_like(w)  # w outside the rule's interval
         for t in range(plan.rows):
-            eps2 = self._eps(z, lam[t].expand(batch), labels, w, plan.doubled[t])  # (2B|B, *S)
+            w_t = w if plan.guided[t] else unguided
+            eps2 = self._eps(z, lam[t].expand(batch), labels, w_t, plan.doubled[t], null)
             finite.update(eps2, t)  # before the step: its clip would hide ±inf
             noise = counter if drawn is None else silence if plan.quiet[t] else drawn[t]
-            z = guided_step(eps2, z, w, table, t, rule=call.rule, clip=call.clip, state=state,
+            z = guided_step(eps2, z, w_t, table, t, rule=call.rule, clip=call.clip, state=state,
                             noise=noise)
             extras.after_row(plan, t, call, z, state)
             _advance(bar, 1)
         return z
 
-    def _eps(self, z, logsnr, labels, w, doubled: bool) -> torch.Tensor:
-        """ε for one step: the doubled batch where the plan guides; a guidance-embedded net
-        instead answers ε̃_w in B rows (w = 0 outside the rule's interval)."""
+    def _eps(self, z, logsnr, labels, w, doubled: bool, null=None) -> torch.Tensor:
+        """ε for one step (2B or B rows): the doubled batch where the plan says; a
+        guidance-embedded net instead answers ε̃_w in B rows (`w` is already 0 outside the rule's
+        interval)."""
         if self.info.guidance_embedded:
-            return self.model.eps(z, logsnr, labels, False, w=w if doubled else w * 0)
-        return self.model.eps(z, logsnr, labels, doubled)
+            return self.model.eps(z, logsnr, labels, False, w=w)
+        return self.model.eps(z, logsnr, labels, doubled, null=null)
 
     def _graph(self, call: Call, plan: StepPlan, batch: int) -> CudaGraphLoop:
-        """The captured loop for this chunk size and plan: a 2B-row graph for guided steps and a
-        B-row graph for the others, each captured only when some step needs it."""
-        kinds = tuple(sorted(set(plan.doubled)))
+        """The captured loop for this chunk size and plan: one graph per kind of step the plan
+        has (plan.kinds(): 2B rows, B rows with w, B rows with w = 0)."""
+        kinds = tuple(sorted(set(plan.kinds())))
         key = (batch, kinds, replace(call, seed=0))  # the seed is a device tensor: no re-capture
         if key not in self._graphs:
             self._graphs[key] = CudaGraphLoop(self.model, plan, batch=batch, shape=call.shape,
@@ -363,13 +384,11 @@ def _check_sample_ids(ids: torch.Tensor | None, count: int, device) -> torch.Ten
 def _check_rule(guidance, embedded: bool = False):
     """The guidance rule: None → CFG(); else one of CFG, ZeroStar, APG (frozen dataclasses that
     validate their own parameters). A guidance-embedded net has no separate branches: plain CFG
-    (with an interval) only."""
+    (with an interval, without refresh) only."""
     if guidance is None:
         return CFG()
-    if embedded and not (isinstance(guidance, CFG) and guidance.rescale == 0):
-        raise ValueError(f"{guidance!r} needs the conditional and null branches apart; this "
-                         "guidance-distilled model only answers ε̃_w (use CFG(), optionally "
-                         "with an interval)")
+    if embedded:
+        check_embedded_rule(guidance)
     if not isinstance(guidance, RULES):
         raise ValueError(f"guidance must be CFG(...), ZeroStar(...) or APG(...), got "
                          f"{guidance!r}")
@@ -405,7 +424,8 @@ def sample(model, labels: torch.Tensor | None = None, *,
            device: torch.device | str | None = None, backend: str | None = None,
            precision: str | None = None, **settings) -> torch.Tensor:
     """Guided samples x̂ [N, *S] from a Denoiser or backend (cfgengine.model): a one-shot
-    `Sampler(model, device=, backend=, precision=)`; `settings` are `Sampler.sample`'s (w, steps,
-    sampler, grid, guidance, seed, init/strength, callback, …)."""
+    `Sampler(model, device=, backend=, precision=)`; `settings` are `Sampler.sample`'s (prompts
+    and negative_prompts for a prompt model, w, steps, sampler, grid, guidance, seed,
+    init/strength, callback, …)."""
     engine = Sampler(model, device=device, backend=backend, precision=precision)
     return engine.sample(labels, **settings)

@@ -10,6 +10,7 @@ coefficients are computed in float64 from a float64 grid and rounded once.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -103,7 +104,11 @@ class StepPlan:
     per-row buffers the sampler and the rule keep; `steps` is each row's grid step (a two-stage
     sampler has 2 rows per step). Every loop — the Sampler's,
     the CUDA graph's, the serving batch's and the bench's — runs from a StepPlan; none of them
-    looks at a sampler's name or a table's width."""
+    looks at a sampler's name or a table's width.
+
+    `guided` says where the rule's w applies (its interval); `doubled` is the subset of those rows
+    that run the null branch (all of them, except between CFG(refresh=k)'s refresh steps, where
+    the step reuses the stored Δ). Outside `guided` a loop passes w = 0."""
 
     table: torch.Tensor
     logsnr: torch.Tensor
@@ -111,7 +116,12 @@ class StepPlan:
     quiet: tuple[bool, ...]
     state: tuple[str, ...]
     steps: tuple[int, ...] = ()
+    guided: tuple[bool, ...] = ()
     _on: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.guided:  # a plan built without `guided`: w applies where the net doubles
+            object.__setattr__(self, "guided", self.doubled)
 
     @property
     def rows(self) -> int:
@@ -125,9 +135,14 @@ class StepPlan:
                                 self.logsnr.to(device, torch.float32))
         return self._on[device]
 
+    def kinds(self) -> tuple[tuple[bool, bool], ...]:
+        """(doubled, guided) per row: the kinds of step a captured loop replays."""
+        return tuple(zip(self.doubled, self.guided))
+
     def unguided(self) -> "StepPlan":
         """The same plan with every row on B rows (w = 0 everywhere, or no labels)."""
-        return replace(self, doubled=(False,) * self.rows, _on=self._on)
+        return replace(self, doubled=(False,) * self.rows, guided=(False,) * self.rows,
+                       _on=self._on)
 
 
 def step_plan(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.3,
@@ -135,16 +150,21 @@ def step_plan(logsnr: torch.Tensor, sampler: str = "ancestral", *, v: float = 0.
               final_logsnr: float = math.inf, targets: torch.Tensor | None = None) -> StepPlan:
     """The StepPlan of `sampler` (with `options`, cfgengine.samplers) on the float64 grid `logsnr`
     under guidance `rule` (a CFG, ZeroStar or APG config; None = CFG()): the rule's interval
-    decides which rows are doubled (by the λ each row's net sees), its per-row state (APG's
-    momentum) joins the sampler's x̂ history. Each row steps to the next grid point and the last
-    to `final_logsnr`, unless `targets` gives each row's own (ModelInfo.steps_to)."""
+    decides which rows are guided (by the λ each row's net sees), and of those CFG(refresh=k)
+    doubles every k-th (counted from the first guided row, so the first guided row always stores
+    a fresh Δ); the rule's per-row state (APG's momentum, the stored Δ) joins the sampler's x̂
+    history. Each row steps to the next grid point and the last to `final_logsnr`, unless
+    `targets` gives each row's own (ModelInfo.steps_to)."""
     rows = sampler_plan_rows(logsnr, sampler, v, eta, options, final_logsnr, targets)
     rule = CFG() if rule is None else rule
     interval = rule.interval
-    doubled = tuple(interval is None or interval[0] <= x <= interval[1]
-                    for x in rows.logsnr.tolist())
+    guided = tuple(interval is None or interval[0] <= x <= interval[1]
+                   for x in rows.logsnr.tolist())
+    refresh = rule.refresh if isinstance(rule, CFG) else 1
+    order = itertools.accumulate(guided)  # 1-based position among the guided rows
+    doubled = tuple(g and (k - 1) % refresh == 0 for g, k in zip(guided, order))
     return StepPlan(rows.table, rows.logsnr, doubled, rows.quiet, rows.state + rule.row_state,
-                    rows.steps)
+                    rows.steps, guided)
 
 
 def check_sampler_args(steps: int, sampler: str, v: float | None, eta: float | None,

@@ -102,8 +102,9 @@ def probe(backend: "AotiBackend") -> None:
     batch = meta.min_batch
     z = torch.zeros((batch, *meta.sample_shape), device=backend.device)
     labels = torch.full((batch,), meta.num_classes - 1, device=backend.device)
+    w = (torch.zeros(batch, device=backend.device),) if meta.guidance_embedded else ()
     try:
-        backend(z, torch.zeros(batch, device=backend.device), labels)
+        backend(z, torch.zeros(batch, device=backend.device), labels, *w)
     except ValueError as err:
         raise ValueError(f"{backend.path}: metadata does not fit the compiled package "
                          f"(num_classes {meta.num_classes}, sample shape {meta.sample_shape}): "
@@ -127,5 +128,6 @@ class AotiBackend(Backend):
         super().__init__(meta, path, device)
         self.compiled = compiled
 
-    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.compiled(z, logsnr, labels)  # (rows, *S)
+    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+            *w: torch.Tensor) -> torch.Tensor:
+        return self.compiled(z, logsnr, labels, *w)  # (rows, *S)

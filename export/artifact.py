@@ -1,9 +1,11 @@
 """What the three exported-artifact backends share: the denoiser contract of cfgengine.model (rows
 in, rows out: (z[N], logsnr[N], labels[N]) → ε[N]; the sampler builds the doubled batch of a
 guided step and calls it once on 2B rows), the artifact's `ModelInfo` from its metadata, input
-checking against that metadata, optional-dependency imports."""
+checking against that metadata, optional-dependency imports. A guidance-distilled export also
+takes w[N] (ModelInfo.guidance_embedded) and answers ε̃_w for each row."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -34,21 +36,28 @@ class Backend:
         self.info = ModelInfo(name=str(self.path), num_classes=meta.num_classes,
                               sample_shape=meta.sample_shape, clip=meta.clip,
                               logsnr_range=meta.logsnr_range, class_names=meta.class_names,
-                              backend=self.backend_name, precision=meta.precision)
+                              guidance_embedded=meta.guidance_embedded,
+                              backend=self.backend_name, precision=meta.precision,
+                              config=dataclasses.asdict(meta))  # its digest: the vote's
         self.num_classes, self.sample_shape = meta.num_classes, meta.sample_shape
 
-    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+                 w: torch.Tensor | None = None) -> torch.Tensor:
         """ε [N, *S] for N rows as they are (labels may be the null label; a guided step passes
-        its doubled batch of 2B rows); same dtype as z."""
+        its doubled batch of 2B rows), or ε̃_w for a guidance-embedded export (w [N] given);
+        same dtype as z."""
         self.check_inputs(z, logsnr, labels, 2 * self.meta.max_batch)
-        return self._run(z, logsnr, labels).to(z.dtype)
+        self.check_w(w, z.shape[0])
+        return self._run(z, logsnr, labels, w).to(z.dtype)
 
-    def _run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+             w: torch.Tensor | None = None) -> torch.Tensor:
         """One run on checked rows; the runtime's own (often 70-line C++) errors and a graph that
         does not return one row per input row become one line."""
+        extra = () if w is None else (self._prepare(w, torch.float32),)
         try:
             eps = self.run(self._prepare(z, torch.float32), self._prepare(logsnr, torch.float32),
-                           self._prepare(labels, torch.int64))
+                           self._prepare(labels, torch.int64), *extra)
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ValueError(f"{self.path}: the {self.backend_name} runtime failed on a batch of "
@@ -59,9 +68,23 @@ class Backend:
                              "(the conditional and the null rows of a guided step)")
         return eps
 
-    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """ε for every row of checked, contiguous fp32/int64 inputs on `device`."""
+    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+            *w: torch.Tensor) -> torch.Tensor:
+        """ε for every row of checked, contiguous fp32/int64 inputs on `device` (and fp32 w for a
+        guidance-embedded export)."""
         raise NotImplementedError
+
+    def check_w(self, w: torch.Tensor | None, batch: int) -> None:
+        """ValueError unless w [N] is given exactly when the export takes it."""
+        if not self.meta.guidance_embedded:
+            if w is not None:
+                raise ValueError(f"{self.path}: this export is not guidance-distilled; it takes "
+                                 "no w")
+            return
+        if w is None or tuple(w.shape) != (batch,):
+            got = None if w is None else tuple(w.shape)
+            raise ValueError(f"{self.path}: a guidance-distilled export needs w of shape "
+                             f"[{batch}], got {got}")
 
     def _prepare(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.detach().to(self.device, dtype).contiguous()

@@ -4,7 +4,9 @@ ONNX `metadata_props`, the AOTInductor package metadata, the TensorRT plan heade
 
 Version 2 artifacts hold the plain denoiser (rows in = rows out, batch up to 2·max_batch); the
 loaded backend makes the doubled batch itself and can also run B rows (docs/design.md). Version 1
-files held the doubled-batch graph only and are refused with a "re-export" message."""
+files held the doubled-batch graph only and are refused with a "re-export" message. A
+guidance-distilled model (`guidance_embedded`) is exported with w as a fourth input, one value per
+row; files written before that field existed read as False."""
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +19,7 @@ import torch
 
 from cfgengine.model import info
 from cfgengine.precision import PRECISIONS
+from cfgengine.provenance import weights_sha256  # noqa: F401 — re-exported: the artifact's source hash
 from cfgengine.schedule import LOGSNR_RANGE, check_logsnr_range
 
 FORMAT = "cfgengine-export"
@@ -24,6 +27,7 @@ VERSION = 2
 KEY = "cfgengine"  # the metadata key under which the JSON is stored in every format
 PROGRAM = "denoiser"  # what the graph computes: ε for each row (not the doubled batch)
 DIGEST_KEY = "cfgengine-digest"  # ONNX: `digest(json, graph bytes)` beside the JSON
+OPTIONAL = {"guidance_embedded"}  # fields added within VERSION 2: absent means the default
 
 
 
@@ -41,6 +45,7 @@ class ExportMeta:
     source_sha256: str
     class_names: tuple[str, ...] = ()
     logsnr_range: tuple[float, float] = LOGSNR_RANGE
+    guidance_embedded: bool = False
     program: str = PROGRAM
     format: str = FORMAT
     version: int = VERSION
@@ -67,7 +72,7 @@ def parse(text: str | None, path: str | Path) -> ExportMeta:
 
 def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
     names = {f.name for f in fields(ExportMeta)}
-    if set(stored) != names:
+    if not set(stored) <= names or not names - OPTIONAL <= set(stored):
         raise ValueError(f"{path}: metadata fields {sorted(set(stored) ^ names)} missing or "
                          "unknown")
     try:
@@ -96,6 +101,8 @@ def check_values(meta: ExportMeta, path: str | Path) -> None:
     if meta.clip is not None and (not isinstance(meta.clip, (int, float))
                                   or isinstance(meta.clip, bool) or not 0 < meta.clip < math.inf):
         bad(f"clip {meta.clip!r} is neither null nor a positive number")
+    if not isinstance(meta.guidance_embedded, bool):
+        bad(f"guidance_embedded {meta.guidance_embedded!r} is not true or false")
     if meta.program != PROGRAM:
         bad(f"program {meta.program!r}: this cfgengine runs {PROGRAM!r} graphs")
     if meta.precision not in PRECISIONS:
@@ -145,19 +152,9 @@ def check_exportable(model, source: str | None = None) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
                          "(e.g. a UNet checkpoint) can be exported")
-    info(model)  # ValueError naming what a denoiser lacks
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over the state dict (names, dtypes, shapes, bytes): the same weights hash the same
-    whether they came from a ckpt.pt or a .safetensors file."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        # reshape first: a 0-d tensor (BatchNorm's step counter) cannot be viewed as bytes
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    if info(model).conditioning != "class":  # info: ValueError naming what a denoiser lacks
+        raise ValueError(f"{name} is conditioned on prompts; exports take class labels only "
+                         "(sample it with backend torch or compile)")
 
 
 def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str | None,
@@ -169,4 +166,5 @@ def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str
                       min_batch=min_batch, max_batch=max_batch,
                       source=str(source or type(model).__name__),
                       source_sha256=weights_sha256(model), class_names=facts.class_names,
-                      logsnr_range=check_logsnr_range(facts.logsnr_range))
+                      logsnr_range=check_logsnr_range(facts.logsnr_range),
+                      guidance_embedded=facts.guidance_embedded)

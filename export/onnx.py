@@ -13,7 +13,7 @@ import torch
 
 from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend, require
-from cfgengine.export.program import INPUTS, OUTPUT, Traced, trace
+from cfgengine.export.program import OUTPUT, Traced, input_names, trace
 from cfgengine.atomic import atomic_path
 from cfgengine.threads import intra_op_threads
 
@@ -47,7 +47,8 @@ def to_proto(traced: Traced, opset: int = OPSET):
     onnx = require("onnx", "onnx")
     require("onnxscript", "onnx")  # the dynamo exporter's dependency: fail with the extra's name
     program = torch.onnx.export(traced.program, dynamo=True, opset_version=opset,
-                                input_names=list(INPUTS), output_names=[OUTPUT], verbose=False)
+                                input_names=list(input_names(traced.meta)),
+                                output_names=[OUTPUT], verbose=False)
     return with_metadata(program.model_proto, traced.meta)
 
 
@@ -110,7 +111,7 @@ def check_graph(proto, props: dict, meta: metadata.ExportMeta, path: Path) -> No
         raise ValueError(f"{path}: cfgengine metadata does not match this graph (edited, or "
                          "copied from another export); re-export the model")
     names = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
-    if names != (list(INPUTS), [OUTPUT]):
+    if names != (list(input_names(meta)), [OUTPUT]):
         raise ValueError(f"{path}: graph inputs/outputs {names} are not cfgengine's")
     dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
     if tuple(dims[1:]) != meta.sample_shape:
@@ -180,8 +181,9 @@ class OnnxBackend(Backend):
         self.session = session
         self.providers = session.get_providers()
 
-    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        inputs = dict(zip(INPUTS, (z, logsnr, labels)))
+    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+            *w: torch.Tensor) -> torch.Tensor:
+        inputs = dict(zip(input_names(self.meta), (z, logsnr, labels, *w)))
         if self.device.type == "cuda":
             return self._run_bound(inputs, z.shape[0])
         feeds = {name: t.numpy() for name, t in inputs.items()}  # zero-copy views of CPU tensors

@@ -1,7 +1,8 @@
 """The one traced program every export format is made from: the plain denoiser ε(z, λ, labels),
 rows in = rows out, captured by `torch.export` with a symbolic batch of up to 2·max_batch rows, so
 the loaded artifact runs the doubled batch (cond + null, docs/design.md) and, outside the guidance
-interval or at w = 0, just B rows."""
+interval or at w = 0, just B rows. A guidance-distilled net is traced as ε̃_w(z, λ, labels, w):
+w is a fourth input of one value per row."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +15,7 @@ from cfgengine.export.metadata import ExportMeta, check_exportable, describe
 from cfgengine.precision import PRECISIONS
 
 INPUTS = ("z", "logsnr", "labels")
+W_INPUT = "w"  # the fourth input of a guidance-embedded net
 OUTPUT = "eps"
 EXAMPLE_BATCH = 2  # > 1, so the exporter cannot specialise the batch dimension to a constant
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
@@ -87,14 +89,21 @@ def cast_for_export(model: nn.Module, precision: str) -> nn.Module:
     return net
 
 
+def input_names(meta: ExportMeta) -> tuple[str, ...]:
+    """The graph's inputs: INPUTS, and w for a guidance-embedded net."""
+    return INPUTS + ((W_INPUT,) if meta.guidance_embedded else ())
+
+
 def example_inputs(meta: ExportMeta, batch: int, device: torch.device | str = "cpu",
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random (z, logsnr, labels) of `batch` rows in the backend call shape (fp32, fp32, int64)."""
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random (z, logsnr, labels) of `batch` rows in the backend call shape (fp32, fp32, int64),
+    and w (fp32, in [0, 4]) for a guidance-embedded net."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((batch, *meta.sample_shape), generator=gen)
     logsnr = torch.empty(batch).uniform_(-20.0, 20.0, generator=gen)
     labels = torch.randint(0, meta.num_classes, (batch,), generator=gen)
-    return z.to(device), logsnr.to(device), labels.to(device)
+    w = (torch.rand(batch, generator=gen) * 4.0,) if meta.guidance_embedded else ()
+    return tuple(t.to(device) for t in (z, logsnr, labels, *w))
 
 
 def check_batch_range(min_batch: int, max_batch: int) -> None:
@@ -119,5 +128,5 @@ def trace(model: nn.Module, *, precision: str = "fp32", max_batch: int = 64,
     net = cast_for_export(model, precision).to(device).eval()
     rows = torch.export.Dim("rows", min=1, max=2 * max_batch)
     args = example_inputs(meta, EXAMPLE_BATCH, device)
-    program = torch.export.export(net, args, dynamic_shapes={n: {0: rows} for n in INPUTS})
+    program = torch.export.export(net, args, dynamic_shapes=tuple({0: rows} for _ in args))
     return Traced(program, meta)

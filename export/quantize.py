@@ -10,10 +10,8 @@ quantizer's options and the onnxruntime version.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from cfgengine.export.program import INPUTS
+from cfgengine.logs import quiet_logger
 
 FORMAT = 1  # bump when the quantizer's recipe changes: old int8 graphs are then re-made
 # only the weighted ops: quantizing the norms, SiLU and the λ embedding as well raised the default
@@ -94,9 +93,10 @@ def cache_key(fp32_key: str, settings: Calibration, config=None) -> str:
 
 
 def quantize(model: torch.nn.Module, fp32_path: Path, path: Path, settings: Calibration,
-             sample) -> Path:
+             sample, props: dict[str, str] | None = None) -> Path:
     """Write the int8 QDQ graph of the fp32 graph at `fp32_path` to `path` (atomically), with
-    our metadata (precision int8) and digest; returns the path."""
+    our metadata (precision int8) and digest, and `props` as further metadata entries (the
+    graph cache's key); returns the path."""
     import tempfile
 
     import onnx
@@ -109,7 +109,7 @@ def quantize(model: torch.nn.Module, fp32_path: Path, path: Path, settings: Cali
     meta = onnx_export.read_metadata(Path(fp32_path))
     with tempfile.TemporaryDirectory(prefix="cfgengine-int8-") as tmp:
         raw = Path(tmp) / "int8.onnx"
-        with _quiet_root_logger():  # ORT's quantizer logs a line per norm layer on the root
+        with quiet_logger():  # ORT's quantizer logs a line per norm layer on the root
             q.quantize_static(str(fp32_path), str(raw), reader, quant_format=q.QuantFormat.QDQ,
                               per_channel=True, reduce_range=reduce_range(),
                               activation_type=q.QuantType.QUInt8,
@@ -120,20 +120,12 @@ def quantize(model: torch.nn.Module, fp32_path: Path, path: Path, settings: Cali
     del proto.metadata_props[:]
     int8 = metadata.ExportMeta(**{**asdict(meta), "precision": "int8"})
     proto = onnx_export.with_metadata(proto, int8)
+    for name, value in (props or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = name, value
     with atomic_path(Path(path), ".onnx") as tmp_path:
         onnx.save_model(proto, tmp_path)
     return Path(path)
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 class _Reader:

@@ -24,7 +24,8 @@ import torch
 from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend, require
 from cfgengine.export.onnx import to_proto
-from cfgengine.export.program import INPUTS, OUTPUT, Traced, check_batch_range, trace
+from cfgengine.export.program import (INPUTS, OUTPUT, Traced, check_batch_range, input_names,
+                                      trace)
 from cfgengine import trust
 from cfgengine.atomic import atomic_path
 
@@ -50,11 +51,12 @@ class Profile:
             raise ValueError(f"profile opt batch must be in [{self.min}, {self.max}], "
                              f"got {self.opt!r}")
 
-    def shapes(self, sample_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """(min, opt, max) shape of each engine input, in rows."""
+    def shapes(self, sample_shape: tuple[int, ...], names=INPUTS
+               ) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """(min, opt, max) shape of each engine input `names`, in rows."""
         rows = (self.min, 2 * self.opt, 2 * self.max)
         return {name: tuple((b, *sample_shape) if name == "z" else (b,) for b in rows)
-                for name in INPUTS}
+                for name in names}
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,8 @@ def build_engine(trt, onnx_bytes: bytes, profile: Profile, sample_shape: tuple[i
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     shapes = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile.shapes(sample_shape).items():
+    names = [network.get_input(i).name for i in range(network.num_inputs)]  # w when distilled
+    for name, (low, opt, high) in profile.shapes(sample_shape, names).items():
         shapes.set_shape(name, low, opt, high)
     config.add_optimization_profile(shapes)
     known = timing_path.read_bytes() if timing_path.is_file() else b""
@@ -243,8 +246,9 @@ def load(path: str | Path, *, device: torch.device | str = "cuda",
     if engine is None:
         raise ValueError(f"{path}: TensorRT could not deserialize the engine")
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    if names != {*INPUTS, OUTPUT}:
-        raise ValueError(f"{path}: engine tensors {sorted(names)} are not {[*INPUTS, OUTPUT]}")
+    expected = [*input_names(meta), OUTPUT]
+    if names != set(expected):
+        raise ValueError(f"{path}: engine tensors {sorted(names)} are not {expected}")
     return TensorRTBackend(meta, Path(path), device, engine)
 
 
@@ -258,9 +262,10 @@ class TensorRTBackend(Backend):
         self.engine = engine
         self.context = engine.create_execution_context()
 
-    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+            *w: torch.Tensor) -> torch.Tensor:
         eps = torch.empty((z.shape[0], *self.sample_shape), device=self.device)  # (rows, *S)
-        for name, t in zip(INPUTS, (z, logsnr, labels)):
+        for name, t in zip(input_names(self.meta), (z, logsnr, labels, *w)):
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         self.context.set_tensor_address(OUTPUT, eps.data_ptr())

@@ -200,14 +200,14 @@ def compile_launch(launch: Launch, case: Case, arch: int) -> Report:
 # ---------------------------------------------------------------------------------------------
 
 
-RULES = ("cfg", "rescale", "zero_star", "apg")
+RULES = ("cfg", "rescale", "zero_star", "apg", "refresh")
 
 
 def _rule(name: str):
     from cfgengine.guidance import APG, CFG, ZeroStar
 
     return {"cfg": CFG(), "rescale": CFG(rescale=0.7), "zero_star": ZeroStar(),
-            "apg": APG(eta=0.5, momentum=-0.5, norm_threshold=2.0)}[name]
+            "apg": APG(eta=0.5, momentum=-0.5, norm_threshold=2.0), "refresh": CFG(refresh=2)}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +255,8 @@ def _step_call(o: StepOptions) -> Callable[[], object]:
                          "0d": (torch.tensor(3), torch.tensor(0.7), torch.tensor(5)),
                          "rows": (torch.arange(BATCH) % 7, torch.rand(BATCH), 5)}[o.mode]
         kept = max(o.history, int(o.dpmpp or o.x_hat))  # x̂ of that many earlier steps
-        names = ["momentum"] * (o.rule == "apg") + ["x_hat", "x_hat_2", "x_hat_3"][:kept]
+        names = (["momentum"] * (o.rule == "apg") + ["delta"] * (o.rule == "refresh")
+                 + ["x_hat", "x_hat_2", "x_hat_3"][:kept])
         ids = torch.arange(BATCH) + 2**33 if o.mode == "rows" else None
         return guided_step(
             eps2.to(o.dtype), z, w, table, step, impl="triton", rule=_rule(o.rule),
@@ -292,6 +293,7 @@ def cases(which: str = "all") -> list[Case]:
         plain = [StepOptions(d, g, mode=m, out2=g and m == "0d")
                  for d, g, m in itertools.product(dtypes, (True, False), ("scalar", "0d"))]
         extra = [StepOptions(torch.float32, rule=r) for r in RULES[1:]]
+        extra += [StepOptions(torch.float32, guided=False, rule="refresh")]  # Δ read back
         extra += [StepOptions(torch.float32, clip="dynamic"),
                   StepOptions(torch.float32, guided=True, dpmpp=True, x_hat=True),
                   StepOptions(torch.float32, history=2), StepOptions(torch.float32, history=3)]
@@ -301,6 +303,8 @@ def cases(which: str = "all") -> list[Case]:
         (False, True)) if not (o and not g)]
     rules = [StepOptions(d, mode=m, rule=r, clip=c) for d, r, m, c in itertools.product(
         dtypes, RULES[1:], ("scalar", "0d", "rows"), ("1.0", "dynamic"))]
+    rules += [StepOptions(d, False, mode=m, rule="refresh")
+              for d, m in itertools.product(dtypes, ("scalar", "0d", "rows"))]
     dpmpp = [StepOptions(d, mode=m, dpmpp=True) for d, m in itertools.product(dtypes,
                                                                              ("scalar", "0d"))]
     return [_case(o) for o in plain + rules + dpmpp]

@@ -7,9 +7,11 @@
 
 x̂_k is the x̂ of k steps back (state.x_hat, x_hat_2, x_hat_3); a table of 6 columns has c_p only.
 
-An eps2 of B rows (instead of 2B) means the guidance is off at this step (w = 0 everywhere,
-unconditional sampling, or a step outside the rule's interval): ε̃ = ε_c whatever the rule, and
-APG's momentum is left as it is. Nothing here imports Triton.
+An eps2 of B rows (instead of 2B) means the null branch did not run at this step (w = 0
+everywhere, unconditional sampling, or a step outside the rule's interval): ε̃ = ε_c whatever the
+rule, and APG's momentum is left as it is — except under CFG(refresh=k), which keeps Δ = ε_c − ε_u
+per row (state.delta, stored on the steps with 2B rows) and on B rows takes ε̃ = ε_c + w_i·Δ (the
+caller passes w = 0 outside the interval). Nothing here imports Triton.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ class RowState:
     the x̂ of 1, 2 and 3 steps back (a prefix of them is kept), read where c_p, c_p2, c_p3 ≠ 0;
     after the step the history moves one back (x_hat_3 ← x_hat_2 ← x_hat) and x_hat holds this
     step's x̂ — in place, so one captured step replays at every step and rows at different steps
-    share a call.
+    share a call. `delta`: CFG(refresh=k)'s Δ = ε_c − ε_u, written on steps with 2B rows and read
+    on steps with B rows.
 
     New kinds of state are new fields defaulting to None, so callers that do not keep them are
     untouched; `zeros_like` and `rows` work on every field."""
@@ -51,6 +54,7 @@ class RowState:
     x_hat: torch.Tensor | None = None
     x_hat_2: torch.Tensor | None = None
     x_hat_3: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
 
     @classmethod
     def zeros_like(cls, z: torch.Tensor, names) -> "RowState":
@@ -175,10 +179,21 @@ def check_rule_args(rule, state: RowState | None, clip) -> None:
                          "[B, *S] buffer, zeros at first)")
     if momentum is not None and momentum.dtype != torch.float32:
         raise ValueError(f"state.momentum must be float32, got {momentum.dtype}")
+    delta = None if state is None else state.delta
+    if refreshes(rule) and delta is None:
+        raise ValueError("CFG(refresh > 1) needs state=RowState(delta=...) (an fp32 [B, *S] "
+                         "buffer, zeros at first)")
+    if delta is not None and delta.dtype != torch.float32:
+        raise ValueError(f"state.delta must be float32, got {delta.dtype}")
     if not (clip is None or isinstance(clip, DynamicThreshold)
             or (is_number(clip) and math.isfinite(clip) and clip > 0)):
         raise ValueError(f"clip must be None, a positive number or a DynamicThreshold, "
                          f"got {clip!r}")
+
+
+def refreshes(rule) -> bool:
+    """Whether the rule keeps Δ between steps (CFG with refresh > 1)."""
+    return isinstance(rule, CFG) and rule.refresh > 1
 
 
 def is_number(value) -> bool:

@@ -15,7 +15,7 @@ from cfgengine.kernels import triton_step
 from cfgengine.kernels.contract import (RULE_APG, RULE_PLAIN, THRESHOLD_CLIP, THRESHOLD_NONE,
                                         THRESHOLD_SCALE, CounterNoise, RowState,
                                         check_kernel_operands, check_step_args, first_half,
-                                        is_number, rule_mode)
+                                        is_number, refreshes, rule_mode)
 from cfgengine.kernels.reference import dynamic_threshold_scale
 
 # triton.jit picks the interpreter when it decorates, so this is read once, at import.
@@ -186,8 +186,8 @@ def _launch_step(ops: StepOperands, mode: int, stats: torch.Tensor, split: int,
     triton_step._guided_step_kernel[grid](
         ops.eps2, ops.eps2[batch:] if ops.guided else ops.eps2, ops.z, _or(given, ops.z),
         ops.table, w_ptr, step_ptr, seed_ptr, _or(counter.sample_ids, ops.table), stats,
-        _or(state.momentum, ops.z), *[_or(state.x_hat, ops.z)] * 2, _or(state.x_hat_2, ops.z),
-        _or(state.x_hat_3, ops.z), _or(scale, ops.table),
+        _or(state.momentum, ops.z), _or(state.delta, ops.z), *[_or(state.x_hat, ops.z)] * 2,
+        _or(state.x_hat_2, ops.z), _or(state.x_hat_3, ops.z), _or(scale, ops.table),
         _or(x_tmp, ops.z), out, out[batch:] if out.shape[0] > batch else out,
         batch, numel, ops.table.shape[0], w_value, step_value, seed_value,
         float(ops.clip) if is_number(ops.clip) else 0.0,
@@ -195,7 +195,7 @@ def _launch_step(ops: StepOperands, mode: int, stats: torch.Tensor, split: int,
         float(rule.eta) if isinstance(rule, APG) else 0.0,
         float(rule.norm_threshold) if isinstance(rule, APG) else 0.0,
         GUIDED=ops.guided, RULE=mode, HAS_MOMENTUM=mode == RULE_APG and state.momentum is not None,
-        W_MODE=w_mode, STEP_MODE=step_mode, SEED_MODE=seed_mode,
+        HAS_DELTA=refreshes(rule), W_MODE=w_mode, STEP_MODE=step_mode, SEED_MODE=seed_mode,
         HAS_IDS=counter.sample_ids is not None, HAS_NOISE=given is not None,
         HISTORY=sum(t is not None for t in state.history()), WIDTH=ops.table.shape[1],
         THRESHOLD=_threshold_mode(ops.clip, only_x_hat),

@@ -14,7 +14,7 @@ import torch
 from cfgengine import rng
 from cfgengine.guidance import APG, CFG, DynamicThreshold, ZeroStar, guided_eps
 from cfgengine.kernels.contract import (APG_NORM_FLOOR, ZERO_STAR_EPS, CounterNoise, RowState,
-                                        table_rows)
+                                        refreshes, table_rows)
 
 # ---------------------------------------------------------------------------------------------
 # The torch reference: the definition. Per sample i, sums ⟨a, b⟩ run over all its D elements; std
@@ -50,7 +50,7 @@ def guided_step_reference(eps2, z, w, table, step, *, rule=None, clip=None,
     bshape = (-1,) + (1,) * (z.dim() - 1)
     alpha, sigma, c_z, c_x, s, *c_ps = (c.reshape(bshape)
                                         for c in table_rows(table, step).unbind(1))
-    x_hat = rule_x_hat(eps2, z, w, alpha, sigma, CFG() if rule is None else rule, state.momentum)
+    x_hat = rule_x_hat(eps2, z, w, alpha, sigma, CFG() if rule is None else rule, state)
     x_hat = threshold(x_hat, clip)
     z_next = c_z * z.float() + c_x * x_hat
     for c_p, x_hat_prev in zip(c_ps, state.history()):
@@ -74,22 +74,34 @@ def data_prediction(z: torch.Tensor, eps: torch.Tensor, alpha, sigma) -> torch.T
     return (z - sigma * eps) / alpha
 
 
-def rule_x_hat(eps2, z, w, alpha, sigma, rule, momentum) -> torch.Tensor:
-    """x̂ before thresholding: the rule's ε̃ mapped to x̂, or APG's x̂; D_c when eps2 has B rows."""
+def rule_x_hat(eps2, z, w, alpha, sigma, rule, state: RowState) -> torch.Tensor:
+    """x̂ before thresholding: the rule's ε̃ mapped to x̂, or APG's x̂; on B rows D_c, or under
+    CFG(refresh) the data prediction of ε_c + w·Δ from the stored Δ (state.delta)."""
     batch = z.shape[0]
     z, eps_c = z.float(), eps2[:batch].float()
-    if eps2.shape[0] == batch:
-        return data_prediction(z, eps_c, alpha, sigma)
-    eps_u = eps2[batch:].float()
     w = torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(-1)
+    if eps2.shape[0] == batch:
+        if not refreshes(rule):
+            return data_prediction(z, eps_c, alpha, sigma)
+        return data_prediction(z, reused_eps(eps_c, state.delta, w), alpha, sigma)
+    eps_u = eps2[batch:].float()
     if isinstance(rule, APG):
         return apg_x_hat(z, eps_c, eps_u, w.reshape((-1,) + (1,) * (z.dim() - 1)), alpha, sigma,
-                         rule, momentum)
+                         rule, state.momentum)
     if isinstance(rule, ZeroStar):
         eps = zero_star_eps(eps_c, eps_u, w)
+    elif refreshes(rule):  # a refresh step: store Δ, then eq. 6 from it
+        state.delta.copy_(eps_c - eps_u)
+        eps = reused_eps(eps_c, state.delta, w)
     else:
         eps = rescaled_eps(eps_c, eps_u, w, rule.rescale)
     return data_prediction(z, eps, alpha, sigma)
+
+
+def reused_eps(eps_c, delta, w) -> torch.Tensor:
+    """Eq. 6 from a stored direction: ε_c + w·Δ, Δ = ε_c − ε_u (CFG(refresh), in eq. 6's
+    rounding: on a refresh step it equals plain CFG's ε̃ exactly)."""
+    return eps_c + w.reshape((-1,) + (1,) * (eps_c.dim() - 1)) * delta
 
 
 def _row_sum(x: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,11 @@ torch computes in between):
     z' = c_z·z + c_x·x̂ + c_p·x̂₁ + c_p2·x̂₂ + c_p3·x̂₃ + s·n,  n = noise[i, j], or output j % 4
          of Philox4x32-10 keyed by `seed` at counter (j // 4, step_i + 1, id_i low, id_i high)
          (rng.py)
-  ε̃ = ε_c (x̂ = D_c) when GUIDED is off (eps2 has B rows). Rows whose s is 0 read no noise and
-  draw none; rows whose c_p (c_p2, c_p3) is 0 read no x̂₁ (x̂₂, x̂₃) for z', though a kept
-  history is moved one step back on every row. Traffic: the table in kernels/reference.py.
+  ε̃ = ε_c (x̂ = D_c) when GUIDED is off (eps2 has B rows). HAS_DELTA (CFG(refresh)): a GUIDED
+  step stores Δ = ε_c − ε_u and takes ε̃ = ε_c + w_i·Δ; an unguided one reads the stored Δ for
+  the same ε̃ (the only extra traffic: Δ written, or read, once in fp32). Rows whose s is 0 read
+  no noise and draw none; rows whose c_p (c_p2, c_p3) is 0 read no x̂₁ (x̂₂, x̂₃) for z', though
+  a kept history is moved one step back on every row. Traffic: the table in kernels/reference.py.
 
 Every mode, column and slot the kernels test or index is a named constexpr below.
 """
@@ -157,12 +159,29 @@ def _apg_x_hat(d_c, z, eps_u_ptr, momentum_ptr, offs, mask, alpha, sigma, w, row
 
 
 @triton.jit
-def _rule_x_hat(eps_c_ptr, eps_u_ptr, momentum_ptr, stats_ptr, offs, mask, z, alpha, sigma, w,
-                rows, row_mask, rescale, apg_eta, apg_norm, GUIDED: tl.constexpr,
-                RULE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, SPLIT: tl.constexpr):
-    """x̂ before thresholding: D_c unguided, APG's x̂, or the data prediction of the rule's ε̃."""
+def _refresh_eps(eps_c, eps_u_ptr, delta_ptr, offs, mask, w, GUIDED: tl.constexpr):
+    """CFG(refresh)'s ε̃ = ε_c + w·Δ: Δ = ε_c − ε_u computed and stored on a GUIDED step, else
+    the stored Δ read back."""
+    if GUIDED:
+        delta = eps_c - tl.load(eps_u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(delta_ptr + offs, delta, mask=mask)
+    else:
+        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+    return eps_c + w * delta
+
+
+@triton.jit
+def _rule_x_hat(eps_c_ptr, eps_u_ptr, momentum_ptr, delta_ptr, stats_ptr, offs, mask, z, alpha,
+                sigma, w, rows, row_mask, rescale, apg_eta, apg_norm, GUIDED: tl.constexpr,
+                RULE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_DELTA: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """x̂ before thresholding: D_c unguided, APG's x̂, or the data prediction of the rule's ε̃
+    (CFG(refresh): from the stored or the fresh Δ)."""
     eps_c = tl.load(eps_c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if not GUIDED:
+    if HAS_DELTA:
+        x_hat = (z - sigma * _refresh_eps(eps_c, eps_u_ptr, delta_ptr, offs, mask, w,
+                                          GUIDED)) / alpha
+    elif not GUIDED:
         x_hat = (z - sigma * eps_c) / alpha
     elif RULE == RULE_APG:
         x_hat = _apg_x_hat((z - sigma * eps_c) / alpha, z, eps_u_ptr, momentum_ptr, offs, mask,
@@ -289,14 +308,15 @@ def _z_next(z, x_hat, rows, row_mask, step, pid_d, offs, mask, table_ptr, table_
 
 @triton.jit(do_not_specialize=["step_value", "seed_value"])
 def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr, step_ptr,
-                        seed_ptr, ids_ptr, stats_ptr, momentum_ptr, x_prev_ptr, x_hat_ptr,
-                        x_prev2_ptr, x_prev3_ptr, scale_ptr, x_tmp_ptr, out_ptr, copy_ptr,
-                        batch, numel, table_len, w_value, step_value, seed_value, clip, rescale,
-                        apg_eta, apg_norm,
+                        seed_ptr, ids_ptr, stats_ptr, momentum_ptr, delta_ptr, x_prev_ptr,
+                        x_hat_ptr, x_prev2_ptr, x_prev3_ptr, scale_ptr, x_tmp_ptr, out_ptr,
+                        copy_ptr, batch, numel, table_len, w_value, step_value, seed_value, clip,
+                        rescale, apg_eta, apg_norm,
                         GUIDED: tl.constexpr, RULE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                        W_MODE: tl.constexpr, STEP_MODE: tl.constexpr, SEED_MODE: tl.constexpr,
-                        HAS_IDS: tl.constexpr, HAS_NOISE: tl.constexpr, HISTORY: tl.constexpr,
-                        WIDTH: tl.constexpr, THRESHOLD: tl.constexpr, LOAD_X_HAT: tl.constexpr,
+                        HAS_DELTA: tl.constexpr, W_MODE: tl.constexpr, STEP_MODE: tl.constexpr,
+                        SEED_MODE: tl.constexpr, HAS_IDS: tl.constexpr, HAS_NOISE: tl.constexpr,
+                        HISTORY: tl.constexpr, WIDTH: tl.constexpr, THRESHOLD: tl.constexpr,
+                        LOAD_X_HAT: tl.constexpr,
                         ONLY_X_HAT: tl.constexpr, DOUBLED_OUT: tl.constexpr,
                         SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """The fused step (formula above) over a grid (blocks of D, blocks of rows), rows strided by
@@ -320,9 +340,9 @@ def _guided_step_kernel(eps_c_ptr, eps_u_ptr, z_ptr, noise_ptr, table_ptr, w_ptr
             alpha = _table_column(table_ptr, step, table_len, row_mask, ALPHA, float("nan"), WIDTH)
             sigma = _table_column(table_ptr, step, table_len, row_mask, SIGMA, 0.0, WIDTH)
             w = _per_row(w_ptr, w_value, rows, row_mask, W_MODE, tl.float32)[:, None]
-            x_hat = _rule_x_hat(eps_c_ptr, eps_u_ptr, momentum_ptr, stats_ptr, offs, mask, z,
-                                alpha, sigma, w, rows, row_mask, rescale, apg_eta, apg_norm,
-                                GUIDED, RULE, HAS_MOMENTUM, SPLIT)
+            x_hat = _rule_x_hat(eps_c_ptr, eps_u_ptr, momentum_ptr, delta_ptr, stats_ptr, offs,
+                                mask, z, alpha, sigma, w, rows, row_mask, rescale, apg_eta,
+                                apg_norm, GUIDED, RULE, HAS_MOMENTUM, HAS_DELTA, SPLIT)
         x_hat = _threshold(x_hat, clip, scale_ptr, rows, row_mask, THRESHOLD)
         if ONLY_X_HAT:
             tl.store(x_tmp_ptr + offs, x_hat, mask=mask)

@@ -33,9 +33,15 @@ struct Run {
 };
 
 // eps2 [2B, *S] (conditional rows, then null rows) from ONE run of the net on the doubled
-// batch; at w = 0 just eps_c [B, *S] from B rows, as the Python sampler's unguided path.
+// batch; at w = 0 just eps_c [B, *S] from B rows, as the Python sampler's unguided path. A
+// guidance-distilled net answers eps~_w itself from B rows given w per row (the step then takes
+// it as eps_c).
 at::Tensor eps_of(const Run& run, const at::Tensor& z, const at::Tensor& logsnr,
                   const at::Tensor& labels) {
+  if (run.info.guidance_embedded) {
+    const at::Tensor w = at::full({z.size(0)}, static_cast<float>(run.options.w), logsnr.options());
+    return run.model.run({z, logsnr, labels, w})[0];
+  }
   if (run.options.w == 0.0) return run.model.run({z, logsnr, labels})[0];
   const at::Tensor null = at::full_like(labels, run.info.num_classes);
   return run.model.run({at::cat({z, z}), at::cat({logsnr, logsnr}), at::cat({labels, null})})[0];

@@ -52,6 +52,16 @@ std::vector<int64_t> shape_of(const json::Value& meta, const std::string& path) 
   return shape;
 }
 
+// Metadata 'guidance_embedded': absent (files exported before it existed) means false.
+bool embedded_of(const json::Value& meta, const std::string& path) {
+  const json::Value* embedded = meta.find("guidance_embedded");
+  if (embedded == nullptr) return false;
+  if (embedded->kind != json::Value::kBool) {
+    throw UserError(path + ": cfgengine metadata 'guidance_embedded' is not true or false");
+  }
+  return embedded->boolean;
+}
+
 LogsnrRange range_of(const json::Value& meta, const std::string& path) {
   const json::Value* range = meta.find("logsnr_range");
   if (range == nullptr) return {};
@@ -145,6 +155,7 @@ ModelInfo read_model_info(const std::string& file, const std::string& path) {
   info.logsnr_range = range_of(meta, path);
   info.min_batch = integer(meta, "min_batch", path);
   info.max_batch = integer(meta, "max_batch", path);
+  info.guidance_embedded = embedded_of(meta, path);
   const auto device = stored.find(kDeviceKey);
   info.device = device == stored.end() ? "cpu" : device->second;
   return info;

@@ -1,6 +1,7 @@
 // The AOTInductor package made by `cfgengine export --format aoti`: its cfgengine metadata
 // (export/metadata.py's JSON, stored under the package metadata key "cfgengine", format
-// version 2) and its model, the plain denoiser eps(z, lambda, labels) for 1..2 max_batch rows.
+// version 2) and its model, the plain denoiser eps(z, lambda, labels) for 1..2 max_batch rows,
+// or a guidance-distilled one, eps~_w(z, lambda, labels, w) with w per row.
 #pragma once
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
@@ -21,6 +22,7 @@ struct ModelInfo {
   LogsnrRange logsnr_range;           // metadata logsnr_range, else (-20, 20)
   int64_t min_batch = 1;
   int64_t max_batch = 1;              // guided rows per run: the net takes up to 2 max_batch
+  bool guidance_embedded = false;     // metadata guidance_embedded: the net takes w, B rows
   std::string device;                 // "cpu" or "cuda": what the package was compiled for
 };
 

@@ -299,3 +299,54 @@ def test_model_without_a_schedule_is_refused(unet_model):
         from_diffusers(unet_model.net, object())
     with pytest.raises(ValueError, match="not a class-conditional UNet2DModel"):
         from_diffusers(torch.nn.Linear(2, 2), diffusers.DDIMScheduler())
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders whose config or weights are wrong (issue 24, items 8 and 22): one line naming the file
+
+
+def _drop_class_table(copy, index):
+    from safetensors.torch import load_file, save_file
+
+    path = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(path)
+    weights.pop("class_embedding.weight")
+    save_file(weights, path)
+
+
+def _edit(component: str, file: str, **fields):
+    def edit(copy, index):
+        path = copy / component / file
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return edit
+
+
+BAD_FOLDERS = {  # name: (edit, what the one line must name)
+    "missing-key": (_drop_class_table, ["diffusion_pytorch_model.safetensors",
+                                        "class_embedding.weight"]),
+    "wide": (_edit("unet", "config.json", block_out_channels=[40000, 40000]),
+             ["config.json", "block_out_channels"]),
+    "timesteps": (_edit("scheduler", "scheduler_config.json", num_train_timesteps=300000000),
+                  ["scheduler_config.json", "num_train_timesteps"]),
+    "beta-text": (_edit("scheduler", "scheduler_config.json", beta_start="x"),
+                  ["scheduler_config.json", "beta_start"]),
+    "betas-length": (_edit("scheduler", "scheduler_config.json", trained_betas=[0.1, 0.2]),
+                     ["scheduler_config.json", "trained_betas"]),
+    "size-text": (_edit("unet", "config.json", sample_size="big"),
+                  ["config.json", "sample_size"]),
+    "disagree": (_edit("unet", "config.json", block_out_channels=[16, 32]),
+                 ["unet", "weights do not match the config"]),
+    "bad-groups": (_edit("unet", "config.json", norm_num_groups=3), ["unet-pipe"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FOLDERS))
+def test_wrong_configs_and_weights_fail_in_one_line_naming_the_file(unet_folder, tmp_path,
+                                                                    capsys, name):
+    edit, names = BAD_FOLDERS[name]
+    folder = _rewrite(unet_folder, tmp_path, "unet-pipe", edit)
+    assert main(["sample", "--ckpt", folder, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cfgengine: error: ") and err.count("\n") == 1, err
+    assert all(part in err for part in names), err
+    assert not (tmp_path / "x.png").exists()

@@ -252,3 +252,22 @@ def test_a_failing_rank_fails_the_job_with_one_line_and_no_files(tmp_path):
     assert ours == ["cfgengine: error: sampling produced NaN/inf on this rank (injected)"]
     assert not re.search(r"File \".*/cfgengine/", result.stderr)
     assert list(out.iterdir()) == []
+
+
+def test_ranks_that_disagree_on_flags_or_model_stop_with_one_line_and_no_files(tmp_path):
+    """Rank 1 given other --classes, --w or --seed (one launch, a command each), then the same
+    flags but other weights: each command fails with one line naming what differs, every rank
+    stops, and nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [*SAMPLE, "--out", str(out / "f.png"), "--npz", str(out / "f.npz")]
+    rank1 = [["--classes", "1,2"], ["--w", "0,2"], ["--seed", "4"], []]
+    result = helper([command] * 4, tmp_path, env={
+        "RANK_ARGS": json.dumps({"1": rank1}), "PERTURB_RANK": "1", "KEEP_GOING": "1"})
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("cfgengine")]
+    assert len(ours) == 4, result.stderr[-3000:]
+    assert all("disagree on the command's flags" in line for line in ours[:3]), ours
+    assert "disagree on the model" in ours[3], ours
+    assert not re.search(r"File \".*/cfgengine/", result.stderr)
+    assert list(out.iterdir()) == []

@@ -213,7 +213,7 @@ def test_rows_outside_their_guidance_interval_cost_one_row(monkeypatch):
     counts = []
     for t in range(6):
         member.t = t
-        runs, null_rows = batch._runs()
+        runs, null_rows, _ = batch._runs()
         counts.append(len(null_rows))
         assert [run.guided for run in runs] == [2 <= t <= 3]
     assert counts == [0, 0, 2, 2, 0, 0]

@@ -3,21 +3,26 @@ sampler × grid, the guidance rules at large w, and the paper's step-count conve
 
     python -m cfgengine.bench.studies.nfe all --estimate   # predicted cost on this machine
     python -m cfgengine.bench.studies.nfe all              # digits and shapes, results + plots
+    python -m cfgengine.bench.studies.nfe shapes-samplers  # every sampler (digits-samplers too)
 
 Three parts, each a set of sampling arms scored with `cfgengine eval`'s metrics (classifier
 features, class-stratified bootstrap intervals; a difference is called only when intervals are
 disjoint):
-  A. samplers (ancestral v = 0.3, DDIM η = 0, DPM-Solver++(2M)) × grids (cosine, cosine-authors,
-     uniform, karras) × T, at w ∈ {0.3, 1, 2}; per combination, the fewest NFE whose FID interval
-     overlaps the one of the paper's sampler at T = 256 (ancestral, cosine).
+  A. every sampler of cfgengine/samplers.py (ancestral v = 0.3, DDIM η = 0, the others at their
+     defaults) × grids (cosine, cosine-authors, uniform, karras) × NFE budgets, at w ∈ {0.3, 1, 2};
+     per combination, the fewest NFE whose FID interval overlaps the one of the paper's sampler at
+     T = 256 (ancestral, cosine). A budget of b network evaluations runs the largest T whose step
+     plan has at most b rows (Heun and DPM++ 2S a: 2 per step but the last, so T = (b + 1) // 2).
   B. guidance rules at w ∈ {1, 2, 4}: CFG, CFG(rescale=0.7), ZeroStar, APG settings and CFG limited
      to λ intervals (Kynkäänniemi et al. 2024: guidance in the middle of the noise range improves
      FID at equal w while saving compute).
   C. the last evaluation at λmax (cosine) against the authors' grid (cosine-authors) at
      T ∈ {16, 64, 256}, and the noise v = 1 leaves in the output (from the table, exactly).
-NFE is counted honestly: `nfe` network calls per sample (a guided step is ONE doubled forward) and
-`rows` forwarded per sample (2 per guided step, 1 per step outside a guidance interval — the FLOPs
-in units of one single-row forward).
+NFE is counted from the step plan (cfgengine.tables.step_plan), never from a sampler's name: `nfe`
+network evaluations per sample (the plan's rows; a guided evaluation is ONE doubled forward) and
+`rows` forwarded per sample (2 per doubled evaluation, 1 outside a guidance interval — the FLOPs in
+units of one single-row forward). Cells of a stored results.json with identical settings are
+reused instead of re-sampled (`reuse`); one of them is re-sampled to check that they still match.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -35,12 +41,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfgengine.bench.studies.nfe_report import find_cell, markdown, plot
+from cfgengine.bench.studies.nfe_report import (find_cell, markdown, plot, reused,
+                                                stored_cells)
 from cfgengine.metrics import Interval, compare
 from cfgengine.model import info as model_info
 from cfgengine.schedule import LOGSNR_RANGE
 
-SAMPLER_SETTINGS = {"ancestral": {"v": 0.3}, "ddim": {"eta": 0.0}, "dpmpp_2m": {}}
+# every registered sampler; those not named here run at their defaults (k-diffusion's / diffusers')
+SAMPLER_SETTINGS = {"ancestral": {"v": 0.3}, "ddim": {"eta": 0.0}, "dpmpp_2m": {},
+                    "euler_ancestral": {}, "heun": {}, "dpmpp_2s_ancestral": {},
+                    "dpmpp_2m_sde": {}, "dpmpp_3m_sde": {}, "unipc": {}}
 GRID_NAMES = ("cosine", "cosine-authors", "uniform", "karras")
 KYNKAANNIEMI = (-0.95, 3.32)  # EDM σ ∈ (0.19, 1.61] as λ = −2·ln σ
 
@@ -71,7 +81,7 @@ class NfeStudyConfig:
     data: str
     model: str  # "default", or "train" for a tiny model trained like the first study's
     n: int  # class-balanced samples per (arm, w) cell
-    steps: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    steps: tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # part A: NFE budgets (= T at 1 NFE/step)
     samplers: tuple[str, ...] = tuple(SAMPLER_SETTINGS)
     grids: tuple[str, ...] = GRID_NAMES
     w_samplers: tuple[float, ...] = (0.3, 1.0, 2.0)
@@ -86,6 +96,7 @@ class NfeStudyConfig:
     seed: int = 0
     batch_size: int = 1000
     out: str = "bench/results/nfe-study"
+    reuse: str | None = None  # a results.json whose cells of identical settings are reused
     notes: tuple[str, ...] = field(default=())
 
 
@@ -104,11 +115,29 @@ STUDIES: dict[str, NfeStudyConfig] = {
                                     "and T ≤ 32 (the reference at 256), rules at w = 1 and 4 "
                                     "with T = 32, the convention at T = 16 only",)),
     "quick": NfeStudyConfig(data="digits", model="tiny-random", n=24, steps=(4, 8),
-                            samplers=("ancestral", "dpmpp_2m"), grids=("cosine", "karras"),
+                            samplers=("ancestral", "heun", "dpmpp_2m"), grids=("cosine", "karras"),
                             w_samplers=(1.0,), w_rules=(2.0,), rules=("cfg", "interval-low"),
                             rule_steps=4, convention_steps=(4,), reference_steps=8, rounds=20,
                             out="nfe-study-quick"),
 }
+
+
+
+def every_sampler(round2: NfeStudyConfig, grids: tuple[str, ...]) -> NfeStudyConfig:
+    """Round 3: part A for every sampler at budgets 8/16/32 (the reference at T = 256), with the
+    round-2 study's model, samples and w, so that its cells of the old samplers are reused."""
+    return replace(round2, steps=(8, 16, 32, 256), max_steps_per_arm=32, grids=grids, rules=(),
+                   convention_steps=(), samplers=tuple(SAMPLER_SETTINGS),
+                   out="bench/results/nfe-study/samplers",
+                   reuse=f"{round2.out}/{round2.data}/results.json",
+                   notes=(f"every sampler, {' and '.join(grids)} grid(s), NFE budgets 8/16/32 "
+                          "(the reference: ancestral at T = 256); the cells of ancestral, ddim "
+                          f"and dpmpp_2m are the round-2 {round2.data} run's (identical "
+                          "settings); no rules, no convention part",))
+
+
+STUDIES["shapes-samplers"] = every_sampler(STUDIES["shapes"], ("cosine", "karras"))
+STUDIES["digits-samplers"] = every_sampler(STUDIES["digits"], ("cosine",))
 
 
 def guidance_rule(name: str):
@@ -123,11 +152,28 @@ def guidance_rule(name: str):
     return rules[name]
 
 
+def plan_of(arm: Arm, logsnr_range=LOGSNR_RANGE, final_logsnr: float = math.inf):
+    """The arm's cfgengine.tables.StepPlan: what the Sampler runs for it."""
+    from cfgengine.tables import grid_logsnr, step_plan
+
+    extra = arm.settings()
+    v, eta = extra.pop("v", 0.3), extra.pop("eta", None)
+    return step_plan(grid_logsnr(arm.steps, grid=arm.grid, logsnr_range=logsnr_range),
+                     arm.sampler, v=v, eta=eta, options=extra, rule=guidance_rule(arm.rule),
+                     final_logsnr=final_logsnr)
+
+
+def steps_within(sampler: str, grid: str, budget: int) -> int:
+    """The largest T ≥ 2 whose step plan makes at most `budget` network evaluations."""
+    return next(t for t in range(budget, 1, -1)
+                if plan_of(Arm("A", sampler, grid, t, ())).rows <= budget)
+
+
 def arms(study: NfeStudyConfig) -> list[Arm]:
     """Every arm of the three parts; an arm shared by two parts is sampled once."""
-    a = [Arm("A", s, g, t, study.w_samplers) for s, g, t in
+    a = [Arm("A", s, g, steps_within(s, g, b), study.w_samplers) for s, g, b in
          itertools.product(study.samplers, study.grids, study.steps)
-         if t <= study.max_steps_per_arm or (s, g, t) == ("ancestral", "cosine",
+         if b <= study.max_steps_per_arm or (s, g, b) == ("ancestral", "cosine",
                                                          study.reference_steps)]
     b = [Arm("B", "ancestral", "cosine", study.rule_steps, study.w_rules, rule)
          for rule in study.rules]
@@ -143,17 +189,12 @@ def arms(study: NfeStudyConfig) -> list[Arm]:
     return unique
 
 
-def evaluations(arm: Arm, logsnr_range=LOGSNR_RANGE) -> tuple[int, int]:
-    """(network calls, rows forwarded) per sample: a guided step is one doubled forward (2 rows);
-    a step outside the rule's interval forwards one row."""
-    from cfgengine.schedule import logsnr_grid
-
-    interval = guidance_rule(arm.rule).interval
-    if interval is None:
-        return arm.steps, 2 * arm.steps
-    grid = logsnr_grid(arm.steps, *logsnr_range, grid=arm.grid)
-    guided = int(((grid >= interval[0]) & (grid <= interval[1])).sum())
-    return arm.steps, arm.steps + guided
+def evaluations(arm: Arm, logsnr_range=LOGSNR_RANGE,
+                final_logsnr: float = math.inf) -> tuple[int, int]:
+    """(network evaluations, rows forwarded) per sample, from the arm's step plan: a doubled
+    evaluation forwards 2 rows, one outside the rule's interval 1."""
+    plan = plan_of(arm, logsnr_range, final_logsnr)
+    return plan.rows, plan.rows + sum(plan.doubled)
 
 
 def residual_noise(grid: str, steps: int, v: float) -> tuple[float, float]:
@@ -224,7 +265,8 @@ def run_arm(model, arm: Arm, study: NfeStudyConfig, scorer: Scorer) -> list[dict
     seconds = time.perf_counter() - start
     config = replace(scorer.eval_config, w=arm.w)
     rows = score(images, labels, w, scorer, config)
-    nfe, forwarded = evaluations(arm, model_info(model).logsnr_range)
+    info = model_info(model)
+    nfe, forwarded = evaluations(arm, info.logsnr_range, info.final_logsnr)
     base = dict(dataclasses.asdict(arm), nfe=nfe, rows=forwarded,
                 seconds=seconds / len(arm.w))
     return [dict(base, **row) for row in rows]
@@ -265,11 +307,12 @@ def fewest_nfe(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
                     rule="cfg", v=None)
         arm_cells = sorted((c for c in cells if c["sampler"] == sampler and c["grid"] == grid
                             and c["w"] == w and c["rule"] == "cfg" and c["v"] is None),
-                           key=lambda c: c["steps"])
+                           key=lambda c: c["nfe"])
         match = next((c for c in arm_cells if ref is not None
                       and _interval(c).low <= _interval(ref).high), None)
         out.append(dict(sampler=sampler, grid=grid, w=w,
                         fewest_nfe=None if match is None else match["nfe"],
+                        fewest_rows=None if match is None else match.get("rows"),
                         reference_fid=None if ref is None else ref["fid"]["value"]))
     return out
 
@@ -332,17 +375,34 @@ def convention(cells: list[dict], study: NfeStudyConfig) -> list[dict]:
     return out
 
 
+def check_reuse(model, cells: list[dict], study: NfeStudyConfig, scorer: Scorer) -> dict | None:
+    """Re-sample the cheapest reused arm: its FIDs now against the stored ones (equal when the
+    engine still draws the same samples)."""
+    old = [c for c in cells if c.get("reused")]
+    if not old:
+        return None
+    cheapest = min(old, key=lambda c: c["rows"])
+    arm = Arm(**{f.name: cheapest[f.name] for f in dataclasses.fields(Arm)}
+              | {"w": (cheapest["w"],)})
+    (now,) = run_arm(model, arm, study, scorer)
+    return dict(arm=dataclasses.asdict(arm), stored_fid=cheapest["fid"], resampled_fid=now["fid"])
+
+
 def run_study(study: NfeStudyConfig, log=print) -> dict:
-    """Sample and score every arm, judge, write results.json / results.md / fid_vs_nfe.png."""
+    """Sample and score every arm (or reuse its stored cells), judge, write results.json /
+    results.md / fid_vs_nfe.png."""
     start = time.perf_counter()
     model, ckpt = load_model(study)
     scorer = make_scorer(model, study, ckpt)
-    cells = []
-    for i, arm in enumerate(arms(study)):
-        cells += run_arm(model, arm, study, scorer)
-        log(f"[{i + 1}/{len(arms(study))}] {arm} in {cells[-1]['seconds'] * len(arm.w):.1f} s")
+    cells, stored, plan = [], stored_cells(study), arms(study)
+    for i, arm in enumerate(plan):
+        old = reused(arm, stored)
+        cells += old or run_arm(model, arm, study, scorer)
+        log(f"[{i + 1}/{len(plan)}] {arm} " + ("reused" if old else
+                                               f"in {cells[-1]['seconds'] * len(arm.w):.1f} s"))
     result = dict(study=json.loads(json.dumps(dataclasses.asdict(study))), ckpt=ckpt,
-                  cells=cells, device=f"CPU {platform.machine()}, {os.cpu_count()} cores, "
+                  cells=cells, reuse_check=check_reuse(model, cells, study, scorer),
+                  device=f"CPU {platform.machine()}, {os.cpu_count()} cores, "
                   f"{torch.get_num_threads()} torch thread(s)", seconds=time.perf_counter() - start,
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     return write(judge(result, study), study)
@@ -388,10 +448,11 @@ def estimate(study: NfeStudyConfig) -> float:
         start = time.perf_counter()
         model(z, lam, labels)
     per_row = (time.perf_counter() - start) / batch
-    plan = arms(study)
+    stored = stored_cells(study)
+    plan = [a for a in arms(study) if reused(a, stored) is None]
     rows = sum(evaluations(a)[1] * study.n * len(a.w) for a in plan)
     cells = sum(len(a.w) for a in plan)
-    print(f"{study.data}: {len(plan)} arms, {cells} cells, {rows / 1e6:.1f} M rows at "
+    print(f"{study.data}: {len(plan)} arms to sample, {cells} cells, {rows / 1e6:.1f} M rows at "
           f"{per_row * 1e3:.3f} ms/row")
     return rows * per_row + 4.0 * cells
 

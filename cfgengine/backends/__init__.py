@@ -39,6 +39,8 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
         return facts.backend
     if device.type == "cpu":
         cpu.check_precision(precision)  # refuses int8 / warns bf16 where the CPU cannot
+    if facts.conditioning != "class":  # the CUDA graph's buffers and exported graphs take labels
+        _check_prompt_backend(name, precision)
     if precision == "int8":
         from cfgengine.backends import quantized
 
@@ -46,10 +48,12 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
     if name == "cudagraph" and facts.guidance_embedded:
         raise ValueError("backend cudagraph does not run guidance-distilled models yet; use "
                          "backend torch or compile")
+    # the captured and cached graphs take neither w nor prompt rows yet
+    plain = facts.conditioning == "class" and not facts.guidance_embedded
     if name == "auto":
         if device.type == "cuda":
-            return "cudagraph" if module and not facts.guidance_embedded else "torch"
-        exportable = module and not facts.guidance_embedded  # the cached graph takes no w yet
+            return "cudagraph" if module and plain else "torch"
+        exportable = module and plain
         return "onnxruntime" if exportable and _onnxruntime_pays(precision) else "torch"
     if name == "onnxruntime" and not module:
         raise ValueError("backend onnxruntime exports the model: it needs a torch nn.Module")
@@ -60,6 +64,16 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
     if name == "cudagraph" and not module:
         raise ValueError("backend cudagraph needs a torch nn.Module model")
     return name
+
+
+def _check_prompt_backend(name: str, precision: str) -> None:
+    """ValueError for the backends and precisions that do not run prompt-conditioned models."""
+    if name in ("cudagraph", "onnxruntime"):
+        raise ValueError(f"backend {name} does not run prompt-conditioned models yet; use "
+                         "backend torch or compile")
+    if precision == "int8":
+        raise ValueError("precision int8 does not run prompt-conditioned models yet; use fp32, "
+                         "bf16 or fp16")
 
 
 def _onnxruntime_pays(precision: str) -> bool:

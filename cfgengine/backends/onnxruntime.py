@@ -2,13 +2,17 @@
 `auto` backend and `backend="onnxruntime"`; docs/design.md, "CPU backend").
 
 The plain denoiser is exported once per cache key (the loaded backend runs the conditional and
-null rows as one doubled batch, and B rows where a step is unguided)
-— the weights' SHA-256 (export/metadata.weights_sha256), the model class and its source file, the
-sample shape, precision, batch range, opset and torch/cfgengine versions — to
+null rows as one doubled batch, and B rows where a step is guided) — the digest of everything the
+graph is derived from (cfgengine.provenance: the weights' bytes, the model's class, the source of
+every module class in it, its stated config and plain attributes, its conditioning path; here also
+the sample shape, precision, batch range, opset and versions) — to
 `$CFGENGINE_CACHE_DIR/onnx/KEY.onnx` (default `~/.cache/cfgengine`, or `$XDG_CACHE_HOME/cfgengine`),
-and its ONNX Runtime session is kept in memory per key for the life of the process. A weight file
-that changed, an in-place update of the weights (load_state_dict, an optimizer step) or another
-shape gives another key, so a stale session is never reused.
+and its ONNX Runtime session is kept in memory per key for the life of the process. The key is
+re-derived when a tensor was replaced or changed in place (checked on every call) and when the
+tensors' bytes or the settings changed behind torch's version counters (a CRC-32, checked once
+per sampling call), so a stale session is never reused. A graph read from the cache must record
+this key and these weights, else it is exported again; a cache folder other users can write is
+refused (under `auto`: a private temporary folder, with a warning).
 
 Exporting costs seconds (fp32 goes through the TorchScript tracer: about 5 s for the default model
 on a loaded 2-core CPU; the dynamo exporter of `cfgengine export` takes 10 s or more), so under
@@ -19,20 +23,22 @@ the Sampler keeps running eager torch; under an explicit `onnxruntime` it is a V
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import importlib
-import inspect
-import json
-import logging
 import os
+import stat
 import sys
 import tempfile
+import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from cfgengine import provenance
+from cfgengine.logs import quiet_logger
 from cfgengine.model import info
 
 MAX_BATCH = 4096  # guided rows per call the cached graph accepts (2·MAX_BATCH network rows)
@@ -40,6 +46,8 @@ AUTO_EXPORT_ROW_STEPS = 4096  # ≈ 2.5× the break-even of a 10 s export at ~4 
 AUTO_PRECISIONS = ("fp32",)  # ORT's CPU fp16 convolutions are slower than torch's: auto stays eager
 MEMORY_SESSIONS = 8  # sessions kept per process (least recently used dropped)
 REQUIRED = ("onnxruntime", "onnx", "onnxscript")  # to export (dynamo exporter) and to run
+KEY_PROP = "cfgengine-cache-key"  # ONNX metadata_props entry: the key a cached graph was made for
+STALE_TEMP_S = 6 * 3600  # a cache write's temp file older than this was left by a killed process
 _SESSIONS: OrderedDict[str, object] = OrderedDict()
 
 
@@ -64,105 +72,212 @@ def cache_dir() -> Path:
 
 def cache_key(model: torch.nn.Module, precision: str, sample_shape: tuple[int, ...]) -> str:
     """SHA-256 over everything the exported graph depends on."""
+    return provenance.digest(derivation(model, precision, sample_shape))
+
+
+def derivation(model: torch.nn.Module, precision: str, sample_shape: tuple[int, ...]) -> dict:
+    """The model's derivation (cfgengine.provenance) and how the graph is made from it."""
     from cfgengine.export import metadata, onnx as onnx_export
 
-    cls = type(model)
-    source = inspect.getsourcefile(cls)
-    parts = dict(weights=metadata.weights_sha256(model), cls=f"{cls.__module__}.{cls.__qualname__}",
-                 code=_file_sha256(source), shape=list(sample_shape), precision=precision,
-                 batch=[1, MAX_BATCH], opset=onnx_export.OPSET, torch=torch.__version__,
-                 format=metadata.VERSION)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return dict(provenance.derivation(model), shape=list(sample_shape), precision=precision,
+                batch=[1, MAX_BATCH], opset=onnx_export.OPSET, versions=_versions(),
+                format=metadata.VERSION)
 
 
-def _file_sha256(path: str | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("cfgengine", "torch", *REQUIRED):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
-def session(model: torch.nn.Module, precision: str, device: torch.device, key: str):
-    """The OnnxBackend of `model` for `key`: from memory, else from the disk cache, else exported
-    now (into the cache; a temporary folder when the cache folder is not writable)."""
+def cache_folder(auto: bool) -> Path:
+    """The cache folder when no other user can write it or a folder above it; else ValueError,
+    or under `auto` a private temporary folder for this process (one warning line)."""
+    folder = cache_dir()
+    problem = _unsafe(folder)
+    if problem is None:
+        return folder
+    why = f"{problem}: not used as the ONNX cache (set CFGENGINE_CACHE_DIR to a private folder)"
+    if not auto:
+        raise ValueError(why)
+    _warn_once(f"{why}; using a private temporary folder")
+    return private_folder()
+
+
+def _unsafe(folder: Path) -> str | None:
+    """Why another user could plant or swap graphs in `folder`, or None: it or a folder above
+    it is world-writable without the sticky bit, or it (or its parent) belongs to another user."""
+    folder = folder.resolve()  # a symlinked cache is judged where it points
+    for depth, path in enumerate([folder, *folder.parents]):
+        try:
+            info_ = path.stat()
+        except OSError:
+            continue  # not created yet: we create it, 0700 … umask
+        if info_.st_mode & stat.S_IWOTH and not info_.st_mode & stat.S_ISVTX:
+            return f"{path} is writable by every user"
+        if depth < 2 and info_.st_uid not in (os.geteuid(), 0):
+            return f"{path} belongs to another user (uid {info_.st_uid})"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def private_folder() -> Path:
+    """A 0700 temporary folder kept for this process's graphs."""
+    return Path(tempfile.mkdtemp(prefix="cfgengine-onnx-"))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(line: str) -> None:
+    print(f"cfgengine: warning: {line}", file=sys.stderr)
+
+
+def session(model: torch.nn.Module, precision: str, device: torch.device, key: str,
+            weights: str | None = None, folder: Path | None = None,
+            write: Callable[[Path, str], Path] | None = None):
+    """The OnnxBackend of `model` for `key` (`weights`: its weights' SHA-256): from memory, else
+    from `folder` (default: the cache folder) when the graph there records this key and these
+    weights, else made now by `write(path, key)` (default: exported at `precision`), replacing a
+    corrupt, foreign or stale entry. ValueError naming the file to delete when even a fresh
+    graph cannot be used."""
+    weights = weights or provenance.weights_sha256(model)
+    folder = folder or cache_folder(auto=False)
+    write = write or functools.partial(_export, model, precision)
     if key in _SESSIONS:
         _SESSIONS.move_to_end(key)
         return _SESSIONS[key]
-    from cfgengine.export import onnx as onnx_export
-
-    path = cache_dir() / f"{key}.onnx"
-    if not path.is_file():
-        path = _export(model, precision, path)
-    backend = onnx_export.load(path, device=device)
+    path = folder / f"{key}.onnx"
+    backend, why = _load_cached(path, device, key, weights) if path.is_file() else (None, None)
+    if backend is None:
+        try:
+            path = write(path, key)
+        except Exception as err:
+            if why is None:
+                raise
+            raise ValueError(f"{path}: cached graph unusable ({why}) and exporting again failed "
+                             f"({_first_line(err)}); delete this file") from err
+        backend, why = _load_cached(path, device, key, weights)
+        if backend is None:
+            raise ValueError(f"{path}: the graph just exported is unusable ({why}); delete "
+                             "this file")
     _SESSIONS[key] = backend
     while len(_SESSIONS) > MEMORY_SESSIONS:
         _SESSIONS.popitem(last=False)
     return backend
 
 
-def cached(key: str) -> bool:
-    """Whether `key` has a session in memory or a graph on disk (no export needed)."""
-    return key in _SESSIONS or (cache_dir() / f"{key}.onnx").is_file()
-
-
-def _export(model: torch.nn.Module, precision: str, path: Path) -> Path:
-    """Write the graph of `model` to `path`: fp32 by the TorchScript tracer (a few seconds), else
-    — or if the tracer fails — by `cfgengine export`'s own dynamo path (several times slower)."""
+def _load_cached(path: Path, device: torch.device, key: str, weights: str):
+    """(backend, None) when the graph at `path` loads and records `key` and `weights`; else
+    (None, why): corrupt, foreign (another model's graph under this name) or stale."""
     from cfgengine.export import onnx as onnx_export
+
+    try:
+        backend = onnx_export.load(path, device=device)
+    except ValueError as err:  # unreadable, digest or shape mismatch, ORT refuses it
+        return None, str(err).replace(f"{path}: ", "").strip().splitlines()[0][:200]
+    recorded = backend.session.get_modelmeta().custom_metadata_map.get(KEY_PROP)
+    if recorded != key or backend.meta.source_sha256 != weights:
+        return None, "it records another model's weights or settings"
+    return backend, None
+
+
+def _first_line(err: Exception, limit: int = 200) -> str:
+    text = (str(err).strip().splitlines() or [""])[0][:limit]
+    return f"{type(err).__name__}: {text}"
+
+
+def cached(key: str, folder: Path | None = None) -> bool:
+    """Whether `key` has a session in memory or a graph on disk (no export needed)."""
+    return key in _SESSIONS or ((folder or cache_dir()) / f"{key}.onnx").is_file()
+
+
+def _export(model: torch.nn.Module, precision: str, path: Path, key: str) -> Path:
+    """Write the graph of `model` (recording `key`) to `path`: fp32 by the TorchScript tracer (a
+    few seconds), else — or if the tracer fails — by `cfgengine export`'s own dynamo path
+    (several times slower)."""
+    from cfgengine.export import onnx as onnx_export
+    from cfgengine.export.program import trace
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError:  # read-only home, full disk: keep the graph for this process only
-        path = Path(tempfile.mkdtemp(prefix="cfgengine-onnx-")) / path.name
+        path = private_folder() / path.name
     if precision == "fp32":
         try:
-            return _export_traced(model, path)
+            return _save(_traced_proto(model), path, key)
         except Exception:  # noqa: BLE001 — an exporter's failure of any type: try the other one
             pass
     with _quiet_exporter():
-        return onnx_export.export(model, path, precision=precision, max_batch=MAX_BATCH,
-                                  source=type(model).__name__)
+        proto = onnx_export.to_proto(trace(model, precision=precision, max_batch=MAX_BATCH,
+                                           source=type(model).__name__))
+    return _save(proto, path, key)
 
 
-def _export_traced(model: torch.nn.Module, path: Path) -> Path:
+def _traced_proto(model: torch.nn.Module):
     """The plain denoiser (rows in = rows out, as every export format holds it: the loaded
     backend builds the doubled batch and also runs B rows) through torch.onnx's TorchScript
-    tracer, symbolic batch, our metadata and digest, the full ONNX checker, written atomically."""
+    tracer, symbolic batch, our metadata and digest, after the full ONNX checker."""
     import io
 
     import onnx
 
-    from cfgengine.atomic import atomic_path
     from cfgengine.export import metadata, onnx as onnx_export
-    from cfgengine.export.program import EXAMPLE_BATCH, INPUTS, OUTPUT, cast_for_export, \
-        example_inputs
+    from cfgengine.export.program import EXAMPLE_BATCH, OUTPUT, cast_for_export, \
+        example_inputs, input_names
 
     meta = metadata.describe(model, "fp32", MAX_BATCH, type(model).__name__)
     net = cast_for_export(model, "fp32").cpu().eval()
-    buffer = io.BytesIO()
+    buffer, names = io.BytesIO(), input_names(meta)
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(net, example_inputs(meta, EXAMPLE_BATCH, "cpu"), buffer,
-                          dynamo=False, opset_version=onnx_export.OPSET, input_names=list(INPUTS),
+                          dynamo=False, opset_version=onnx_export.OPSET, input_names=list(names),
                           output_names=[OUTPUT],
-                          dynamic_axes={name: {0: "batch"} for name in (*INPUTS, OUTPUT)})
-    proto = onnx_export.with_metadata(onnx.load_model_from_string(buffer.getvalue()), meta)
+                          dynamic_axes={name: {0: "batch"} for name in (*names, OUTPUT)})
+    return onnx_export.with_metadata(onnx.load_model_from_string(buffer.getvalue()), meta)
+
+
+def _save(proto, path: Path, key: str) -> Path:
+    """`proto`, recording the key it was made for, written atomically to `path` (after sweeping
+    the temp files killed writes left there)."""
+    import onnx
+
+    from cfgengine.atomic import atomic_path
+
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = KEY_PROP, key
+    sweep_temp_files(path.parent)
     with atomic_path(path, ".onnx") as tmp:
         onnx.save_model(proto, tmp)
     return path
+
+
+def sweep_temp_files(folder: Path, older_than_s: float = STALE_TEMP_S) -> None:
+    """Remove the hidden temp files (`.KEY.onnx.*.onnx`, cfgengine.atomic) that writes killed
+    before their rename left in `folder` more than `older_than_s` ago; ours only."""
+    cutoff = time.time() - older_than_s
+    for tmp in folder.glob(".*.onnx.*.onnx"):
+        try:
+            info_ = tmp.lstat()
+            if stat.S_ISREG(info_.st_mode) and info_.st_uid == os.geteuid() \
+                    and info_.st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass  # removed by another process meanwhile
 
 
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporters' deprecation notes and missing-torchvision lines are not the user's business:
     under `auto` the one line that matters is ours."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    with quiet_logger("torch.onnx"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 class OnnxRuntimeDenoiser:
@@ -176,27 +291,45 @@ class OnnxRuntimeDenoiser:
         self.info = info(model)
         self.sample_shape = self.info.sample_shape
         self.runtime = "onnxruntime"  # what ran the last call: onnxruntime or torch
-        self._tensors = list(model.state_dict().values())
-        self._fingerprint, self._key, self._failed = None, None, False
+        self._fingerprint, self._check, self._key, self._weights = None, None, None, None
+        self._failed, self._folder, self._modules = False, None, None
         self._wanted = not auto
 
     def plan(self, rows: int, steps: int) -> None:
-        """Announce a sampling call of `rows` × `steps` forwards: under auto, large enough work
-        (or a session already cached) switches this denoiser to ONNX Runtime."""
+        """Announce a sampling call of `rows` × `steps` forwards: the model's bytes and settings
+        are checked (once per call), and under auto, large enough work (or a session already
+        cached) switches this denoiser to ONNX Runtime."""
+        key = self.key(check_content=True)
         if self.auto and not self._failed:
-            self._wanted = rows * steps >= AUTO_EXPORT_ROW_STEPS or cached(self.key())
+            self._wanted = rows * steps >= AUTO_EXPORT_ROW_STEPS or cached(key, self.folder())
 
     def warm(self) -> None:
         """Export (or load) the session now, whatever the size of the next call."""
         self._wanted = True
+        self.key(check_content=True)
         self._backend(self.sample_shape, 1)
 
-    def key(self) -> str:
-        """The cache key of the weights as they are now (rehashed only after an in-place change)."""
-        fingerprint = [(t.data_ptr(), t._version) for t in self._tensors]
-        if fingerprint != self._fingerprint:
-            self._key = cache_key(self.model, self.precision, self.sample_shape)
+    def folder(self) -> Path:
+        """Where this denoiser's graphs are cached (cache_folder, decided once)."""
+        if self._folder is None:
+            self._folder = cache_folder(self.auto)
+        return self._folder
+
+    def key(self, check_content: bool = False) -> str:
+        """The cache key of the model as it is now, re-derived when a tensor was replaced or
+        changed in place (every call), or — with `check_content` — when the tensors' bytes, the
+        settings or the module tree changed where torch's version counters cannot see
+        (`p.data.mul_`, a submodule swapped)."""
+        fresh = check_content or self._key is None
+        if fresh:
+            self._modules = list(self.model.modules())
+        fingerprint = provenance.fingerprint(self._modules)
+        check = provenance.content_check(self.model) if fresh else self._check
+        if fingerprint != self._fingerprint or check != self._check:
+            parts = derivation(self.model, self.precision, self.sample_shape)
+            self._key, self._weights = provenance.digest(parts), parts["weights"]
             self._fingerprint = fingerprint
+            self._check = check if fresh else provenance.content_check(self.model)
         return self._key
 
     def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor):
@@ -210,13 +343,21 @@ class OnnxRuntimeDenoiser:
                 or batch > 2 * MAX_BATCH:
             return None
         try:
-            return session(self.model, self.precision, self.device, self.key())
+            return self._session()
         except Exception as err:  # the exporters raise many types; all mean "cannot run ORT"
             return self._fall_back(err)
 
+    def _session(self):
+        key = self.key()
+        return session(self.model, self.precision, self.device, key, self._weights,
+                       self.folder(), self._write)
+
+    def _write(self, path: Path, key: str) -> Path:
+        """Make this denoiser's graph at `path`, recording `key` (where it lands: see _export)."""
+        return _export(self.model, self.precision, path, key)
+
     def _fall_back(self, err: Exception) -> None:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        why = f"ONNX Runtime backend unavailable ({type(err).__name__}: {first})"
+        why = f"ONNX Runtime backend unavailable ({_first_line(err, 500)})"
         if not self.auto:
             raise ValueError(why) from err
         self._failed = True

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from cfgengine.export import quantize
-from cfgengine.backends.onnxruntime import MAX_BATCH, OnnxRuntimeDenoiser, available, cache_dir, \
-    cache_key, cached, session
+from cfgengine.backends.onnxruntime import KEY_PROP, OnnxRuntimeDenoiser, available, cache_key, \
+    session
 
 
 def check_backend(name: str, module: bool, device: torch.device) -> str:
@@ -39,31 +39,25 @@ class Int8Denoiser(OnnxRuntimeDenoiser):
         super().__init__(model, "int8", device, auto=False)
         self.calibration, self.sample = calibration, sample  # `sample`: cfgengine.sample
 
-    def key(self) -> str:
-        """The int8 graph's key: the model's own key (rehashed only after its weights change)
-        with the calibration settings and the quantizer's version."""
-        config = getattr(self.model, "config", None)  # ModelInfo's job once model.py lands
-        return quantize.cache_key(super().key(), self.calibration, config)
-
-    def _backend(self, shape: tuple[int, ...], batch: int):
-        if shape == self.sample_shape and batch <= 2 * MAX_BATCH and not self._failed:
-            try:
-                self.graph()
-            except Exception as err:  # exporter, calibration or quantizer: cannot run int8
-                return self._fall_back(err)
-        return super()._backend(shape, batch)
+    def key(self, check_content: bool = False) -> str:
+        """The int8 graph's key: the model's own key (its weights, config and code; see
+        OnnxRuntimeDenoiser.key) with the calibration settings and the quantizer's version."""
+        return quantize.cache_key(super().key(check_content), self.calibration)
 
     def graph(self) -> Path:
         """The cached int8 graph's path, made now (from the cached fp32 graph) when missing."""
-        key = self.key()
-        path = cache_dir() / f"{key}.onnx"
-        if cached(key):
-            return path
+        return self._session().path
+
+    def _write(self, path: Path, key: str) -> Path:
+        """Quantize the model's fp32 graph (cached as any fp32 graph) into `path`, recording
+        `key`."""
         fp32_key = cache_key(self.model, "fp32", self.sample_shape)
-        fp32 = session(self.model, "fp32", torch.device("cpu"), fp32_key).path
+        fp32 = session(self.model, "fp32", torch.device("cpu"), fp32_key, self._weights,
+                       path.parent).path
         try:
-            cache_dir().mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"cannot write the int8 graph to {cache_dir()} ({err.strerror}); "
+            raise ValueError(f"cannot write the int8 graph to {path.parent} ({err.strerror}); "
                              "set CFGENGINE_CACHE_DIR to a writable folder") from None
-        return quantize.quantize(self.model, fp32, path, self.calibration, self.sample)
+        return quantize.quantize(self.model, fp32, path, self.calibration, self.sample,
+                                 props={KEY_PROP: key})

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from cfgengine import distributed
+from cfgengine import distributed, provenance
 from cfgengine.atomic import atomic_paths, check_distinct, check_writable
 from cfgengine.adapters import SCHEDULES
 from cfgengine.cli.args import UserError, add_model_flag, comma_list, guidance_weights
@@ -42,8 +42,10 @@ def add(sub) -> None:
     p.add_argument("--sampler", "--solver", dest="sampler", choices=SAMPLERS, default="ancestral",
                    help="the sampling algorithm (--solver is an old spelling). For the paper's "
                         "quality at the least cost use --sampler dpmpp_2m --steps 16: it matched "
-                        "the 256-step ancestral FID at w >= 1 in our study (docs/studies.md); at small w "
-                        "(0.3) keep ancestral")
+                        "the 256-step ancestral FID at w >= 1 in our study, and no other sampler "
+                        "matched with fewer evaluations (docs/studies.md); at small w (0.3) keep ancestral. On the "
+                        "cosine grid avoid heun and dpmpp_3m_sde (they diverge over the default "
+                        "λ range); dpmpp_2m_sde needs --steps 32 and unipc 16, at w >= 1")
     p.add_argument("--variance", "--v", dest="v", type=float, default=0.3,
                    help="the paper's v, ancestral variance interpolation (0 = DDPM's fixed small, "
                         "1 = fixed large; --v is an old spelling torchrun's parser rejects)")
@@ -56,9 +58,15 @@ def add(sub) -> None:
     add_guidance_flags(p)
     p.add_argument("--classes", type=comma_list(int, "--classes"), default=None,
                    help="class ids (default: all)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt, for a model conditioned on prompts (a Stable Diffusion "
+                        "folder); repeat for more: one figure row per prompt")
+    p.add_argument("--negative-prompt", action="append", default=None,
+                   help="the null branch of guidance instead of the empty prompt: once for "
+                        "every --prompt, or once per --prompt in their order")
     p.add_argument("--per-class", "--n", dest="n", type=int, default=None,
-                   help="samples per class (--n is an old spelling that torchrun's own parser "
-                        "rejects as ambiguous)")
+                   help="samples per class or prompt (--n is an old spelling that torchrun's own "
+                        "parser rejects as ambiguous)")
     p.add_argument("--batch", type=int, default=None, help="rows per forward (default: all)")
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed: sample i depends only on (seed, i, its class, w, settings) "
@@ -141,6 +149,9 @@ def add_guidance_flags(p) -> None:
                         "projected guidance); default cfg")
     p.add_argument("--rescale", type=float, default=None,
                    help="cfg: rescale φ ∈ [0, 1] (Lin et al. 2023; diffusers guidance_rescale)")
+    p.add_argument("--refresh", type=int, default=None, metavar="K",
+                   help="cfg: run the null branch on every K-th guided step only and reuse its "
+                        "Δ = ε_c − ε_u between (B rows instead of 2B; default 1 = every step)")
     p.add_argument("--interval", type=number_pair("--interval"), default=None, metavar="LO,HI",
                    help="guide only on steps with LO ≤ λ ≤ HI (the net runs B rows elsewhere)")
     p.add_argument("--apg-eta", type=float, default=None, help="apg: weight η of Δ∥ (default 0)")
@@ -180,8 +191,9 @@ def threshold(text: str) -> DynamicThreshold:
 
 def guidance_rule(args):
     """The rule the guidance flags describe; a flag of another rule is a user error."""
-    if args.rescale is not None and args.guidance != "cfg":
-        raise UserError(f"--rescale applies to --guidance cfg, not {args.guidance}")
+    for flag in ("rescale", "refresh"):
+        if getattr(args, flag) is not None and args.guidance != "cfg":
+            raise UserError(f"--{flag} applies to --guidance cfg, not {args.guidance}")
     given = {field: getattr(args, flag) for flag, field in APG_FLAGS.items()
              if getattr(args, flag) is not None}
     if given and args.guidance != "apg":
@@ -193,7 +205,8 @@ def guidance_rule(args):
             return APG(**given, interval=args.interval)
         if args.guidance == "zero_star":
             return ZeroStar(interval=args.interval)
-        return CFG(rescale=0.0 if args.rescale is None else args.rescale, interval=args.interval)
+        return CFG(rescale=0.0 if args.rescale is None else args.rescale, interval=args.interval,
+                   refresh=1 if args.refresh is None else args.refresh)
     except ValueError as err:
         raise UserError(f"--guidance {args.guidance}: {err}") from None
 
@@ -207,11 +220,55 @@ def sample_classes(facts: ModelInfo, classes: list[int] | None,
     bad = [k for k in classes if not 0 <= k < facts.num_classes]
     if bad:
         raise UserError(f"--classes: class {bad[0]} is outside [0, {facts.num_classes})")
+    return classes, per_class(n, facts)
+
+
+def per_class(n: int | None, facts: ModelInfo) -> int:
+    """Samples per class or prompt (default: 400 points or 4 images)."""
     if n is None:
         n = 400 if len(facts.sample_shape) == 1 else 4
     if n < 1:
         raise UserError(f"--per-class/--n must be ≥ 1, got {n}")
-    return classes, n
+    return n
+
+
+def figure_rows(args, facts: ModelInfo) -> tuple[list[int], list[str], int]:
+    """(the figure's rows: class ids, or prompt indices; the names of ids; samples per row),
+    checked; nothing allocated."""
+    if facts.conditioning != "text":
+        if args.prompt or args.negative_prompt:
+            raise UserError(f"--prompt: {args.ckpt} is a class-conditional model; choose classes "
+                            "with --classes")
+        classes, n = sample_classes(facts, args.classes, args.n)
+        return classes, list(facts.class_names) or [f"class {k}" for k in
+                                                    range(facts.num_classes)], n
+    prompts, _ = prompt_flags(args)
+    names = [p if len(p) <= 24 else p[:23] + "…" for p in prompts]  # the figure's row labels
+    return list(range(len(prompts))), names, per_class(args.n, facts)
+
+
+def prompt_flags(args) -> tuple[list[str], list[str]]:
+    """(the --prompt values, a --negative-prompt for each), checked."""
+    if args.classes is not None:
+        raise UserError(f"--classes: {args.ckpt} is conditioned on prompts; give --prompt")
+    prompts, negatives = args.prompt or [], args.negative_prompt or [""]
+    if not prompts:
+        raise UserError(f"{args.ckpt} is conditioned on prompts: give at least one --prompt")
+    if len(negatives) not in (1, len(prompts)):
+        raise UserError(f"--negative-prompt: give one for all prompts or one per --prompt "
+                        f"({len(prompts)}), got {len(negatives)}")
+    return prompts, negatives * len(prompts) if len(negatives) == 1 else negatives
+
+
+def conditions(args, facts: ModelInfo, labels: torch.Tensor) -> dict:
+    """What the Sampler is given for every panel's rows (`labels`: the figure's row of each
+    sample): class labels, or prompts and negative prompts."""
+    rows = labels.repeat(len(args.w))
+    if facts.conditioning != "text":
+        return {"labels": rows}
+    prompts, negatives = prompt_flags(args)
+    return {"labels": None, "prompts": [prompts[k] for k in rows.tolist()],
+            "negative_prompts": [negatives[k] for k in rows.tolist()]}
 
 
 def check_output_flags(args) -> None:
@@ -236,18 +293,20 @@ def run(args) -> int:
     apply_to_torch()  # one thread per available core, or CFGENGINE_THREADS / OMP_NUM_THREADS
     rule = guidance_rule(args)
     model = load(args.ckpt, trust_code=args.trust_code, schedule=args.schedule)
+    distributed.agree_on("the model", lambda: provenance.derivation(model))  # under torchrun
     facts = model_info(model)
-    classes, n = sample_classes(facts, args.classes, args.n)
+    blocks, names, n = figure_rows(args, facts)
     engine = Sampler(model, device=distributed.local_device(args.device), backend=args.backend,
                      precision=args.precision)
-    rows = len(classes) * n * len(args.w)
+    rows = len(blocks) * n * len(args.w)
     batch = plan_batch(rows, facts.sample_shape, args.steps, args.batch, engine.device,
                        n_flag="--per-class/--n")  # before anything of `rows` size is allocated
-    labels = torch.tensor(classes).repeat_interleave(n)  # one block of n rows per class
+    labels = torch.tensor(blocks).repeat_interleave(n)  # one block of n rows per class or prompt
+    cond = conditions(args, facts, labels)
     ids = sample_ids(args.first_id, rows)
     w = torch.tensor(args.w).repeat_interleave(len(labels))  # one batch covers every panel
     start = time.perf_counter()
-    x = distributed.sample_rows(engine, labels.repeat(len(args.w)), w, steps=args.steps,
+    x = distributed.sample_rows(engine, cond.pop("labels"), w, **cond, steps=args.steps,
                                 sampler=args.sampler, v=args.v, eta=args.eta, grid=args.grid,
                                 logsnr_range=args.logsnr_range, guidance=rule,
                                 clip="auto" if args.threshold is None else args.threshold,
@@ -259,7 +318,7 @@ def run(args) -> int:
     if x is None:
         return 0  # not rank 0: it writes
     decode = engine.info.decode  # latent models: the PNG and --npz hold images
-    write_outputs(args, engine.info, (decode(x) if decode else x).cpu(), labels)
+    write_outputs(args, names, (decode(x) if decode else x).cpu(), labels)
     runtime = engine.model.runtime  # what ran: auto may have run eager torch
     print(f"{len(x)} samples, {args.steps} steps, {seconds:.2f} s, {len(x) / seconds:.1f} "
           f"samples/s, backend {runtime}, device {engine.device}, precision {engine.precision}"
@@ -267,9 +326,8 @@ def run(args) -> int:
     return 0
 
 
-def write_outputs(args, facts: ModelInfo, x: torch.Tensor, labels: torch.Tensor) -> None:
-    """The PNG grid and the optional npz, both or neither."""
-    names = facts.class_names or [f"class {k}" for k in range(facts.num_classes)]
+def write_outputs(args, names: list[str], x: torch.Tensor, labels: torch.Tensor) -> None:
+    """The PNG grid (a row per class or prompt, named) and the optional npz, both or neither."""
     chunks = x.split(len(labels))
     with atomic_paths(args.out, args.npz) as (png, npz):  # both appear, or neither
         if npz is not None:

@@ -40,7 +40,9 @@ class Service:
         if self.scheduler is None:
             model = load(self._model) if isinstance(self._model, str) else self._model
             engine = Engine(model, device=self._device, backend=self._backend)
-            self.limits = Limits(engine.num_classes, self.settings["max_rows"], **self._bounds)
+            self.limits = Limits(engine.num_classes, self.settings["max_rows"], **self._bounds,
+                                 guidance_embedded=engine.info.guidance_embedded,
+                                 conditioning=engine.info.conditioning)
             self.scheduler = Scheduler(engine, metrics=self.metrics, **self.settings)
             self.scheduler.start()
         return self.scheduler
@@ -82,7 +84,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/samples", response_class=Response,
               responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def samples(body: SampleRequest, request: Request):
-        """Samples for `labels`: npy float32 [N, *S] equal to `cfgengine.sample` offline."""
+        """Samples for `labels` (or `prompt`, with `negative_prompt`, for a prompt model): npy
+        float32 [N, *S] equal to `cfgengine.sample` offline."""
         scheduler = service.ready()
         job = check_request(body, service.limits)
         if job.format == "png" and png_problem(scheduler.engine.sample_shape):
@@ -99,7 +102,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         scheduler = service.ready()
         engine = scheduler.engine
         body = {"status": "draining" if scheduler.draining else "ok",
-                "num_classes": engine.num_classes, "sample_shape": list(engine.sample_shape),
+                "num_classes": engine.num_classes, "conditioning": engine.info.conditioning,
+                "sample_shape": list(engine.sample_shape),
                 "device": str(engine.device), "backend": engine.backend, **service.settings}
         return JSONResponse(body, status_code=503 if scheduler.draining else 200)
 

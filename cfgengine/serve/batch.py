@@ -6,7 +6,10 @@ Each row carries its own index into one concatenated coefficient table (its requ
 offset + its step), w, seed and sample id (its request's own 0..N−1). The network gets the
 conditional rows of every row plus null rows only for the rows guided at this step, so a w = 0
 row costs one row and a guided row two. The step runs once per run of rows that share a seed and
-a guidance rule (the kernel takes one seed and one rule per call); the noise is drawn explicitly
+a guidance rule (the kernel takes one seed and one rule per call); rows outside their rule's
+interval step with w = 0, and between CFG(refresh=k)'s refresh steps with w and the Δ each row
+keeps. A guidance-distilled net gets w per row instead and no null rows (a row costs one row).
+The noise is drawn explicitly
 at each row's own key (seed, sample id, t + 1), because the kernel would key in-kernel noise by
 the concatenated-table index instead of the request's t.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from cfgengine import rng
+from cfgengine.conditioning import cat_rows, encode_rows
 from cfgengine.guidance import doubled_batch, null_labels
 from cfgengine.kernels import RowState, guided_step
 from cfgengine.backends import check_rows, prepare
@@ -40,10 +44,15 @@ class Engine:
         self.info, self.device, self.backend = prepared.info, prepared.device, prepared.backend
         self.num_classes, self.sample_shape = self.info.num_classes, self.info.sample_shape
 
-    def eps(self, z, logsnr, labels, null_rows):
+    def eps(self, z, logsnr, labels, null_rows, w, null=None):
         """(ε_c [B], ε_u [B]) from ONE network call on B + G rows (G = len(null_rows)); rows not
-        guided get ε_u = ε_c, so their guided ε̃ is ε_c exactly."""
-        null = null_labels(null_rows, self.info.null_label)
+        guided get ε_u = ε_c, so their guided ε̃ is ε_c exactly. `null`: every row's null branch
+        (prompt models: its encoded negative prompt), else the null label. A guidance-embedded
+        net answers ε̃_w for every row from B rows, given `w` (0 where a row is not guided)."""
+        if self.info.guidance_embedded:
+            eps = check_rows(self.model.net(z, logsnr, labels, w), z.shape[0], self.info.name)
+            return eps, eps
+        null = null_labels(null_rows, self.info.null_label) if null is None else null[null_rows]
         batch = doubled_batch(z, logsnr, labels, null, rows=null_rows)
         eps = check_rows(self.model.net(*batch), batch[0].shape[0], self.info.name)
         eps_c = eps[: z.shape[0]]
@@ -119,10 +128,18 @@ class Member:
     t: int = 0
     z: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)  # per-row state the step keeps (x̂_prev, APG m)
+    cond: object = None  # its rows' conditions on the device: class ids or prompt rows
+    null: object = None  # prompt models: its rows' null branches (negative prompts)
 
     def guided_now(self) -> bool:
-        """Whether this request's null rows run at its current step (its plan: the interval)."""
-        return self.job.guided and self.tables.plan.doubled[self.t]
+        """Whether this request's w applies at its current step (its plan: the interval)."""
+        return self.job.guided and self.tables.plan.guided[self.t]
+
+    def doubled_now(self) -> bool:
+        """Whether this request's null rows run at its current step (its plan: the interval,
+        the refresh steps; never for a guidance-embedded net)."""
+        return self.guided_now() and self.tables.plan.doubled[self.t] \
+            and not self.job.embedded
 
     @property
     def done(self) -> bool:
@@ -131,13 +148,15 @@ class Member:
 
 @dataclass(frozen=True)
 class Run:
-    """Consecutive rows [start, stop) stepped by one `guided_step` call."""
+    """Consecutive rows [start, stop) stepped by one `guided_step` call: `guided`, w applies
+    (else w = 0); `doubled`, their null rows ran."""
 
     start: int
     stop: int
     seed: int
     rule: object
     guided: bool
+    doubled: bool
     noisy: bool
 
 
@@ -155,15 +174,22 @@ class RunningBatch:
 
     @property
     def rows(self) -> int:
-        return sum(len(m.job.labels) for m in self.members)
+        return sum(m.job.rows for m in self.members)
 
     def admit(self, job: Job) -> Member:
-        """A member for `job` at t = 0 with z_0 ~ N(0, I) keyed (seed, sample id, 0)."""
-        ids = torch.arange(len(job.labels), device=self.engine.device)
+        """A member for `job` at t = 0 with z_0 ~ N(0, I) keyed (seed, sample id, 0); a prompt
+        job's prompts are encoded here, once."""
+        device = self.engine.device
+        ids = torch.arange(job.rows, device=device)
         z = rng.randn_like_rows(job.seed, ids, 0, self.engine.sample_shape)
         tables = self.bank.get(job.combo, job.rule)
+        if job.prompts is None:
+            cond, null = job.labels.to(device), None
+        else:
+            cond, null = (encode_rows(self.engine.info, texts, device) for texts in job.prompts)
         return Member(job, tables, z=z, extra={name: torch.zeros_like(z)
-                                               for name in tables.plan.state})
+                                               for name in tables.plan.state},
+                      cond=cond, null=null)
 
     def compose(self, members: list[Member]) -> None:
         """Lay out `members` (rows grouped by seed and rule, so each group is one slice) and
@@ -176,13 +202,14 @@ class RunningBatch:
         self.table, self.logsnr, offsets = self.bank.concat([(j.combo, j.rule) for j in jobs])
         self.z = torch.cat([m.z for m in self.members])
         self.z_next = torch.empty_like(self.z)
-        self.labels = torch.cat([j.labels for j in jobs]).to(device)
+        self.labels = cat_rows([m.cond for m in self.members])
+        self.null = None if self.members[0].null is None else \
+            cat_rows([m.null for m in self.members])
         self.w = torch.cat([j.w for j in jobs]).to(device)
-        self.sample_ids = torch.cat([torch.arange(len(j.labels)) for j in jobs]).to(device)
-        self.t = torch.cat([torch.full((len(j.labels),), m.t) for j, m in
+        self.sample_ids = torch.cat([torch.arange(j.rows) for j in jobs]).to(device)
+        self.t = torch.cat([torch.full((j.rows,), m.t) for j, m in
                             zip(jobs, self.members)]).to(device)
-        offset = torch.cat([torch.full((len(j.labels),), offsets[(j.combo, j.rule)])
-                            for j in jobs])
+        offset = torch.cat([torch.full((j.rows,), offsets[(j.combo, j.rule)]) for j in jobs])
         self.index = self.t + offset.to(device)  # row → row of the concatenated table
         names = set().union(*(m.extra for m in self.members))
         self.extra = {name: torch.cat([m.extra.get(name, torch.zeros_like(m.z))
@@ -193,18 +220,18 @@ class RunningBatch:
         """Give each current member its own copy of its rows before the layout changes."""
         start = 0
         for m in self.members:
-            stop = start + len(m.job.labels)
+            stop = start + m.job.rows
             m.z = self.z[start:stop].clone()
             m.extra = {name: t[start:stop].clone() for name, t in self.extra.items()}
             start = stop
 
     def step(self) -> list[Member]:
         """One network call on B + G rows, one fused step per run; returns finished members."""
-        runs, null_rows = self._runs()
+        runs, null_rows, w = self._runs()
         logsnr = self.logsnr.index_select(0, self.index)
-        eps_c, eps_u = self.engine.eps(self.z, logsnr, self.labels, null_rows)
+        eps_c, eps_u = self.engine.eps(self.z, logsnr, self.labels, null_rows, w, self.null)
         for run in runs:
-            self._step_run(run, eps_c, eps_u)
+            self._step_run(run, eps_c, eps_u, w)
         self.z, self.z_next = self.z_next, self.z
         self.t += 1
         self.index += 1
@@ -212,16 +239,16 @@ class RunningBatch:
             m.t += 1
         return [m for m in self.members if m.done]
 
-    def _step_run(self, run: Run, eps_c, eps_u) -> None:
+    def _step_run(self, run: Run, eps_c, eps_u, w) -> None:
         rows = slice(run.start, run.stop)
-        eps2 = torch.cat([eps_c[rows], eps_u[rows]]) if run.guided else eps_c[rows]
+        eps2 = torch.cat([eps_c[rows], eps_u[rows]]) if run.doubled else eps_c[rows]
         ids = self.sample_ids[rows]
         if run.noisy:
             noise = rng.randn_like_rows(run.seed, ids, self.t[rows] + 1, self.engine.sample_shape)
         else:
             noise = self._zeros(run.stop - run.start)
         state = RowState(**self.extra).rows(rows)
-        guided_step(eps2, self.z[rows], self.w[rows], self.table, self.index[rows],
+        guided_step(eps2, self.z[rows], w[rows], self.table, self.index[rows],
                     rule=run.rule, clip=self.engine.info.clip, state=state, noise=noise,
                     out=self.z_next[rows])
 
@@ -231,9 +258,10 @@ class RunningBatch:
         return self._zero_noise[:count]
 
     def _runs(self):
-        """The runs of this step and the rows that need a null row, rebuilt only when a member's
-        guided/noisy state changes (a guidance interval boundary, the last step)."""
-        state = [(m.guided_now(), m.tables.noisy[m.t]) for m in self.members]
+        """The runs of this step, the rows that need a null row and each row's w at this step (0
+        where not guided), rebuilt only when a member's guided/doubled/noisy state changes (a
+        guidance interval boundary, a refresh step, the last step)."""
+        state = [(m.guided_now(), m.doubled_now(), m.tables.noisy[m.t]) for m in self.members]
         if state != self._runs_key:
             self._runs_key = state
             self._cached = self._build_runs(state)
@@ -241,24 +269,27 @@ class RunningBatch:
 
     def _build_runs(self, state):
         runs, null_rows, start = [], [], 0
-        for m, (guided, noisy) in zip(self.members, state):
-            stop = start + len(m.job.labels)
-            if guided:  # null rows only for the rows with w ≠ 0
+        guided_rows = torch.zeros(self.rows, dtype=torch.bool)
+        for m, (guided, doubled, noisy) in zip(self.members, state):
+            stop = start + m.job.rows
+            guided_rows[start:stop] = guided
+            if doubled:  # null rows only for the rows with w ≠ 0
                 null_rows.extend(start + i for i in m.job.guided_rows)
-            key = (m.job.seed, m.job.rule, guided)
-            if runs and (runs[-1].seed, runs[-1].rule, runs[-1].guided) == key:
+            key = (m.job.seed, m.job.rule, guided, doubled)
+            if runs and (runs[-1].seed, runs[-1].rule, runs[-1].guided, runs[-1].doubled) == key:
                 last = runs.pop()
-                runs.append(Run(last.start, stop, last.seed, last.rule, guided, last.noisy or noisy))
+                runs.append(replace(last, stop=stop, noisy=last.noisy or noisy))
             else:
-                runs.append(Run(start, stop, m.job.seed, m.job.rule, guided, noisy))
+                runs.append(Run(start, stop, m.job.seed, m.job.rule, guided, doubled, noisy))
             start = stop
-        return runs, torch.tensor(null_rows, dtype=torch.int64, device=self.engine.device)
+        w = torch.where(guided_rows.to(self.w.device), self.w, 0.0)
+        return runs, torch.tensor(null_rows, dtype=torch.int64, device=self.engine.device), w
 
     def rows_of(self, member: Member) -> torch.Tensor:
         """The member's current z (after its last step: its x̂)."""
         start = 0
         for m in self.members:
             if m is member:
-                return self.z[start:start + len(m.job.labels)]
-            start += len(m.job.labels)
+                return self.z[start:start + m.job.rows]
+            start += m.job.rows
         raise KeyError("not a member of the running batch")

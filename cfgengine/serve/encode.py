@@ -25,14 +25,15 @@ def png_problem(sample_shape) -> str | None:
     return None
 
 
-def encode(x_hat: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, fmt: str) -> bytes:
+def encode(x_hat: torch.Tensor, labels: torch.Tensor | None, w: torch.Tensor, fmt: str) -> bytes:
     """The response body for samples `x_hat` [N, *S] in format `fmt`."""
     buffer = io.BytesIO()
     if fmt == "npy":
         np.save(buffer, x_hat.numpy().astype(np.float32))
     elif fmt == "npz":
         arr = to_uint8_images(x_hat) if x_hat.dim() == 4 else x_hat.numpy()
-        np.savez(buffer, arr_0=arr, labels=labels.numpy(), w=w.numpy())
+        labelled = {} if labels is None else {"labels": labels.numpy()}  # prompt models: none
+        np.savez(buffer, arr_0=arr, w=w.numpy(), **labelled)
     else:
         from PIL import Image
 

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cfgengine import guidance, schedule
+from cfgengine.conditioning import check_prompts
 from cfgengine.tables import SAMPLERS, check_sampler_args
 
 FORMATS = ("npy", "npz", "png")
@@ -51,8 +52,13 @@ class SampleRequest(BaseModel):
     (diffusers' guidance_scale = 1 + w). `deadline_s` counts from arrival (default: the server's)."""
 
     model_config = ConfigDict(extra="forbid")
-    labels: list[Any] = Field(description="class ids in [0, K)", examples=[[0, 3]])
-    w: Any = Field(0.3, description="guidance weight: a number, or one per label")
+    labels: list[Any] | None = Field(None, description="class ids in [0, K) (class models)",
+                                     examples=[[0, 3]])
+    prompt: list[str] | str | None = Field(None, description="prompts, one sample each (models "
+                                           "conditioned on prompts)")
+    negative_prompt: list[str] | str | None = Field(
+        None, description="each prompt's null branch (default \"\"), or one for all")
+    w: Any = Field(0.3, description="guidance weight: a number, or one per sample")
     steps: Any = 256
     sampler: str = "ancestral"
     v: Any = 0.3
@@ -67,6 +73,8 @@ class SampleRequest(BaseModel):
     @field_validator("labels", mode="before")
     @classmethod
     def _label_list(cls, value):
+        if value is None:
+            return value
         if not isinstance(value, list) or any(not is_integer(x) for x in value):
             raise ValueError("labels must be a list of integer class ids")
         return value
@@ -127,13 +135,15 @@ class Limits:
     max_rows: int
     max_steps: int = 1000
     deadline_s: float = 600.0
+    guidance_embedded: bool = False  # the model answers ε̃_w itself: a row costs one row
+    conditioning: str = "class"  # the model's (ModelInfo.conditioning): labels or prompts
 
 
 @dataclass(eq=False)
 class Job:
     """One validated request: what to sample, and how to answer it (set by the HTTP side)."""
 
-    labels: torch.Tensor  # int64 [N]
+    labels: torch.Tensor | None  # int64 [N] (class models)
     w: torch.Tensor  # float32 [N]
     combo: Combo
     seed: int
@@ -142,11 +152,19 @@ class Job:
     deadline: float  # time.monotonic() after which the request is answered 504
     cancelled: bool = False
     on_done: Any = None  # callable(outcome): a Tensor [N, *S] or a RequestError
+    embedded: bool = False  # a guidance-distilled model: no null rows
+    prompts: tuple[list[str], list[str]] | None = None  # (prompts, negative prompts) [N] each
+
+    @property
+    def rows(self) -> int:
+        return len(self.w)
 
     @property
     def cost(self) -> int:
-        """Rows against --max-rows: two per guided row (conditional + null), one per w = 0 row."""
-        return len(self.labels) + len(self.guided_rows)
+        """Rows against --max-rows: two per guided row (conditional + null), one per w = 0 row;
+        one per row of a guidance-distilled model (and CFG(refresh) still counts its refresh
+        steps' two)."""
+        return self.rows + (0 if self.embedded else len(self.guided_rows))
 
     @property
     def guided(self) -> bool:
@@ -164,20 +182,42 @@ class Job:
 
 def check_request(body: SampleRequest, limits: Limits) -> Job:
     """The Job for a schema-valid body, or RequestError(422) naming the first bad field."""
-    labels = _check_labels(body.labels, limits)
-    w = _check_w(body.w, len(labels))
+    labels, prompts = _check_condition(body, limits)
+    w = _check_w(body.w, len(labels), "labels") if labels is not None \
+        else _check_w(body.w, len(prompts[0]), "prompts")
     combo = _check_combo(body, limits)
     if not 0 <= body.seed < 2**63:
         raise RequestError(422, f"seed must be in [0, 2^63), got {body.seed}")
     deadline_s = limits.deadline_s if body.deadline_s is None else float(body.deadline_s)
     if not 0 < deadline_s <= limits.deadline_s:
         raise RequestError(422, f"deadline_s must be in (0, {limits.deadline_s:g}]")
-    job = Job(labels, w, combo, body.seed, _check_rule(body.guidance), body.format,
-              deadline=time.monotonic() + deadline_s)
+    job = Job(labels, w, combo, body.seed, _check_rule(body.guidance, limits), body.format,
+              deadline=time.monotonic() + deadline_s, embedded=limits.guidance_embedded,
+              prompts=prompts)
     if job.cost > limits.max_rows:
-        raise RequestError(422, f"this request needs {job.cost} rows (guided rows count twice); "
+        twice = "" if job.embedded else " (guided rows count twice)"
+        raise RequestError(422, f"this request needs {job.cost} rows{twice}; "
                                 f"the server's --max-rows is {limits.max_rows}")
     return job
+
+
+def _check_condition(body: SampleRequest, limits: Limits):
+    """(labels, None) for a class model, (None, (prompts, negative prompts)) for a prompt model."""
+    if limits.conditioning != "text":
+        if body.prompt is not None or body.negative_prompt is not None:
+            raise RequestError(422, "this model is class-conditional: send labels, not prompt")
+        if body.labels is None:
+            raise RequestError(422, "labels is required: the class ids to sample")
+        return _check_labels(body.labels, limits), None
+    if body.labels is not None:
+        raise RequestError(422, "this model is conditioned on prompts: send prompt, not labels")
+    if body.prompt is None:
+        raise RequestError(422, "prompt is required: the prompts to sample")
+    try:
+        return None, check_prompts(body.prompt, body.negative_prompt,
+                                   names=("prompt", "negative_prompt"))
+    except ValueError as err:
+        raise RequestError(422, str(err)) from None
 
 
 def _check_labels(labels: list[int], limits: Limits) -> torch.Tensor:
@@ -189,9 +229,9 @@ def _check_labels(labels: list[int], limits: Limits) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.int64)
 
 
-def _check_w(w, count: int) -> torch.Tensor:
+def _check_w(w, count: int, what: str) -> torch.Tensor:
     if isinstance(w, list) and len(w) != count:
-        raise RequestError(422, f"w has {len(w)} values for {count} labels")
+        raise RequestError(422, f"w has {len(w)} values for {count} {what}")
     return torch.tensor(w, dtype=torch.float32).expand(count).clone()
 
 
@@ -211,8 +251,9 @@ def _check_combo(body: SampleRequest, limits: Limits) -> Combo:
     return Combo(body.steps, body.sampler, float(body.v), eta, body.grid)
 
 
-def _check_rule(spec: GuidanceSpec | None):
-    """The guidance rule object named by `spec` (None: the kernel's default, eq. 6)."""
+def _check_rule(spec: GuidanceSpec | None, limits: Limits):
+    """The guidance rule object named by `spec` (None: the kernel's default, eq. 6); a
+    guidance-distilled model takes plain CFG only."""
     if spec is None or (spec.rule == "cfg" and not spec.model_extra):
         return None
     if spec.rule not in RULES:
@@ -222,6 +263,9 @@ def _check_rule(spec: GuidanceSpec | None):
     if isinstance(params.get("interval"), list):
         params["interval"] = tuple(params["interval"])
     try:
-        return RULES[spec.rule](**params)
+        rule = RULES[spec.rule](**params)
+        if limits.guidance_embedded:
+            guidance.check_embedded_rule(rule)
+        return rule
     except (TypeError, ValueError) as err:
         raise RequestError(422, f"guidance {spec.rule}: {err}") from None

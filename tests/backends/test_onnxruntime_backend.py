@@ -61,6 +61,9 @@ def test_explicit_backend_and_cli_choice(net):
 
     engine = cfgengine.Sampler(net, backend="onnxruntime")
     assert rel(engine.sample(LABELS, w=W, steps=STEPS, seed=4), eager(net)) < 1e-4
+    refresh = cfgengine.CFG(refresh=2)  # B-row steps between the 2B-row ones
+    assert rel(engine.sample(LABELS, w=W, steps=STEPS, seed=4, guidance=refresh),
+               eager(net, guidance=refresh)) < 1e-4
     assert build_parser().parse_args(["sample", "--backend", "onnxruntime"]).backend == \
         "onnxruntime"
     with pytest.raises(ValueError, match="bf16"):

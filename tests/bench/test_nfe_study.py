@@ -63,3 +63,32 @@ def test_quick_study_writes_results_plot_and_findings(tmp_path):
     for cell in result["cells"]:
         assert cell["rows"] <= 2 * cell["nfe"] and {"fid", "precision", "recall"} <= set(cell)
     assert "## C." in (out / "results.md").read_text()
+
+
+def test_every_sampler_is_in_part_a_and_counted_from_its_step_plan():
+    from cfgengine.samplers import SAMPLERS
+
+    study = nfe.STUDIES["shapes-samplers"]
+    assert set(study.samplers) == set(SAMPLERS)
+    found = {(a.sampler, a.grid): [] for a in nfe.arms(study)}
+    for arm in nfe.arms(study):
+        found[(arm.sampler, arm.grid)].append((arm.steps, nfe.evaluations(arm)))
+    # Heun and DPM++ 2S a: 2 evaluations per step, 1 on the last (σ = 0) step
+    assert found[("heun", "karras")] == [(4, (7, 14)), (8, (15, 30)), (16, (31, 62))]
+    assert found[("dpmpp_2s_ancestral", "cosine")] == found[("heun", "cosine")]
+    assert found[("unipc", "cosine")] == [(8, (8, 16)), (16, (16, 32)), (32, (32, 64))]
+
+
+def test_a_stored_run_is_reused_and_checked(tmp_path):
+    study = nfe.replace(nfe.STUDIES["quick"], out=str(tmp_path / "first"), rules=(),
+                        convention_steps=(), samplers=("heun",), grids=("cosine",))
+    first = nfe.run_study(study, log=lambda m: None)
+    again = nfe.replace(study, out=str(tmp_path / "again"),
+                        reuse=str(tmp_path / "first" / study.data / "results.json"))
+    result = nfe.run_study(again, log=lambda m: None)
+    assert all(c.get("reused") for c in result["cells"])
+    assert [c["fid"] for c in result["cells"]] == [c["fid"] for c in first["cells"]]
+    check = result["reuse_check"]
+    assert check["resampled_fid"]["value"] == pytest.approx(check["stored_fid"]["value"])
+    assert nfe.stored_cells(nfe.replace(again, n=study.n + 1)) == {}
+    assert "Reused cells" in (tmp_path / "again" / study.data / "results.md").read_text()

@@ -76,6 +76,7 @@ def test_guided_sampler_runs_b_rows_outside_the_interval(backend, monkeypatch):
     dict(w=torch.tensor([0.0, 0.3, 1.0, 4.0, 0.3]), seed=5),
     dict(w=2.0, seed=9, sampler="ddim"),
     dict(w=1.0, seed=3, sampler="dpmpp_2m", guidance=cfgengine.CFG(interval=(-4.0, 4.0))),
+    dict(w=torch.tensor([0.0, 0.3, 1.0, 4.0, 0.3]), seed=7, guidance=cfgengine.CFG(refresh=3)),
 ])
 def test_full_sample_matches_the_torch_model(backend, tiny_unet, settings, rel_err,
                                              sample_tolerance):

@@ -48,9 +48,11 @@ def test_report_fails_on_spills_and_scalar_fp32_access(spills, load, needs, ok):
 
 def test_all_cases_cover_every_option_and_names_are_unique():
     names = [c.name for c in aot.cases("all")]
-    assert len(names) == len(set(names)) == 108 + 54 + 6
+    # plain options, rules (rescale, zero_star, apg, refresh) × modes × thresholds × dtypes,
+    # refresh's unguided Δ-reading step × modes × dtypes, dpmpp
+    assert len(names) == len(set(names)) == 108 + 72 + 9 + 6
     for word in ("fp32", "bf16", "fp16", "unguided", "noise-given", "rows", "0d", "out2", "x_hat",
-                 "rescale", "zero_star", "apg", "clip=dynamic", "dpmpp"):
+                 "rescale", "zero_star", "apg", "clip=dynamic", "dpmpp", "refresh"):
         assert any(word in n for n in names), word
 
 

@@ -1,0 +1,249 @@
+"""The study of quality per second with fewer network rows per guided image: the doubled batch
+(plain CFG, 2 rows per guided step), CFG(refresh=k) (2 rows on every k-th step, 1 between) and a
+guidance-distilled student (1 row per step), each at several w and step counts — one command.
+
+    python -m cfgengine.bench.studies.fewer quick                 # minutes: the pipeline only
+    python -m cfgengine.bench.studies.fewer shapes [--student CKPT]   # hours on a 2-core CPU
+
+Every arm is sampled and timed in the same process, one after the other, at the study's batch
+size (images/s: samples over the wall time of `cfgengine.sample`, the metrics excluded), and
+scored with `cfgengine eval`'s metrics (classifier features, class-stratified bootstrap intervals).
+A method "matches" the doubled batch at (w, T) when its FID interval overlaps the doubled batch's;
+its speed is the ratio of its images/s to the doubled batch's at the same (w, T). The result file
+also states what the intervals resolve: the typical FID interval width, and whether the study
+separates T_min from T_max steps and w = 0 from the smallest w > 0 (disjoint intervals).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfgengine.bench.studies import nfe
+from cfgengine.metrics import Interval, compare
+
+
+@dataclass(frozen=True)
+class FewerStudyConfig:
+    """One dataset's study: the teacher (as the NFE study loads it), the student, the axes."""
+
+    data: str
+    model: str  # "default", "train" or "tiny-random" (bench/studies/nfe.py's load_model)
+    n: int  # class-balanced samples per (arm, w) cell
+    student: str | None = None  # a guidance-distilled model for cfgengine.load; None: left out
+    w: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 4.0)
+    steps: tuple[int, ...] = (16, 64)
+    refresh: tuple[int, ...] = (2, 3, 4)
+    sampler: str = "ancestral"
+    batch_size: int = 64  # B ≥ 8: the regime where the net, not the step, is the cost
+    rounds: int = 200
+    seed: int = 0
+    out: str = "bench/results/fewer-study"
+    notes: tuple[str, ...] = field(default=())
+
+
+STUDIES: dict[str, FewerStudyConfig] = {
+    "shapes": FewerStudyConfig(data="shapes", model="default", n=500,
+                               student="default-distilled"),
+    "digits": FewerStudyConfig(data="digits", model="train", n=1000),
+    # what a loaded 2-core CPU affords (~10 min): the full shapes study is hours
+    "shapes-partial": FewerStudyConfig(data="shapes", model="default", n=200,
+                                       student="default-distilled", w=(0.0, 0.3, 1.0, 2.0),
+                                       steps=(4, 16), out="bench/results/fewer-study-partial",
+                                       notes=("partial: 200 samples per cell, w ≤ 2, T ∈ {4, 16}"
+                                              " — sized for a 2-core CPU shared with other jobs",)),
+    "quick": FewerStudyConfig(data="digits", model="tiny-random", n=24, w=(0.0, 1.0),
+                              steps=(4,), refresh=(2,), batch_size=16, rounds=20,
+                              out="fewer-study-quick"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of sampling a guided image: the teacher under a rule, or the student."""
+
+    name: str
+    refresh: int = 1
+    student: bool = False
+
+    def rule(self):
+        from cfgengine import CFG
+
+        return CFG(refresh=self.refresh)
+
+
+def methods(study: FewerStudyConfig, has_student: bool) -> list[Method]:
+    found = [Method("doubled")] + [Method(f"refresh-{k}", refresh=k) for k in study.refresh]
+    return found + ([Method("student", student=True)] if has_student else [])
+
+
+def rows_per_sample(method: Method, steps: int) -> int:
+    """Rows the network forwards per sample (w ≠ 0): 2 per refresh step, else 1."""
+    if method.student:
+        return steps
+    return steps + len(range(0, steps, method.refresh))
+
+
+def load_student(study: FewerStudyConfig, notes: list[str]):
+    """The student, or None with the reason appended to `notes`."""
+    import cfgengine
+    from cfgengine.model import info
+
+    if study.student is None:
+        notes.append("no student given: the distilled arm is left out")
+        return None
+    try:
+        student = cfgengine.load(study.student)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        notes.append(f"student {study.student} not loadable ({err}): the distilled arm is left out")
+        return None
+    if not info(student).guidance_embedded:
+        raise ValueError(f"{study.student} is not guidance-distilled (guidance_embedded false)")
+    return student
+
+
+def run_arm(engine, method: Method, steps: int, study: FewerStudyConfig, scorer) -> list[dict]:
+    """Sample every w of one (method, T) in one timed pass (after an untimed warm-up batch: an
+    export or session the backend makes on first use is not the method's cost), then score each
+    w. `engine` is the model's `cfgengine.Sampler`."""
+    from cfgengine import evaluate
+    from cfgengine.figures import to_uint8_images
+
+    labels = evaluate.cell_labels(study.n, engine.info.num_classes).repeat(len(study.w))
+    w = torch.tensor(study.w).repeat_interleave(study.n)
+    settings = dict(steps=steps, sampler=study.sampler, seed=study.seed,
+                    guidance=None if method.student else method.rule())
+    warm = slice(0, min(study.batch_size, labels.numel()))
+    engine.sample(labels[warm], w=torch.full((warm.stop,), max(study.w)), **settings)
+    start = time.perf_counter()
+    x = engine.sample(labels, w=w, batch_size=study.batch_size, **settings)
+    seconds = time.perf_counter() - start
+    config = replace(scorer.eval_config, w=study.w)
+    rows = nfe.score(to_uint8_images(x), labels.numpy(), w.numpy(), scorer, config)
+    base = dict(method=method.name, refresh=method.refresh, steps=steps,
+                rows=rows_per_sample(method, steps), images_per_s=labels.numel() / seconds)
+    return [dict(base, **row) for row in rows]
+
+
+def _fid(cell: dict) -> Interval:
+    return Interval(**cell["fid"])
+
+
+def findings(cells: list[dict], study: FewerStudyConfig) -> list[dict]:
+    """Per (method ≠ doubled, w > 0, T): FID against the doubled batch's and the speed ratio."""
+    found = []
+    for c in cells:
+        if c["method"] == "doubled" or c["w"] == 0:
+            continue
+        ref = nfe.find_cell(cells, method="doubled", w=c["w"], steps=c["steps"])
+        found.append(dict(method=c["method"], w=c["w"], steps=c["steps"],
+                          fid=c["fid"]["value"], fid_doubled=ref["fid"]["value"],
+                          matches=_fid(c).overlaps(_fid(ref)),
+                          fid_vs_doubled=compare(_fid(c), _fid(ref)),
+                          speedup=c["images_per_s"] / ref["images_per_s"]))
+    return found
+
+
+def resolution(cells: list[dict], study: FewerStudyConfig) -> dict:
+    """What the intervals can tell apart: the median FID interval width of the doubled batch,
+    T_min against T_max and w = 0 against the smallest w > 0 (both on the doubled batch)."""
+    doubled = [c for c in cells if c["method"] == "doubled"]
+    widths = [c["fid"]["high"] - c["fid"]["low"] for c in doubled]
+    lo, hi = min(study.steps), max(study.steps)
+    small = min((w for w in study.w if w > 0), default=None)
+    w_ref = small if small is not None else study.w[0]
+    steps_pair = [nfe.find_cell(doubled, steps=t, w=w_ref) for t in (lo, hi)]
+    out = dict(median_fid_interval_width=float(np.median(widths)),
+               steps_separated=f"T={lo} vs T={hi} at w={w_ref:g}: "
+               f"{compare(_fid(steps_pair[0]), _fid(steps_pair[1]))}")
+    if small is not None and 0.0 in study.w:
+        pair = [nfe.find_cell(doubled, steps=hi, w=w) for w in (0.0, small)]
+        out["w_separated"] = (f"w=0 vs w={small:g} at T={hi}: "
+                              f"{compare(_fid(pair[0]), _fid(pair[1]))}")
+    return out
+
+
+def run_study(study: FewerStudyConfig, log=print) -> dict:
+    """Sample, time and score every (method, T); write results.json and results.md."""
+    start = time.perf_counter()
+    teacher, ckpt = nfe.load_model(study)
+    scorer = nfe.make_scorer(teacher, study, ckpt)
+    notes = list(study.notes)
+    student = load_student(study, notes)
+    from cfgengine import Sampler
+
+    engines = {False: Sampler(teacher), True: None if student is None else Sampler(student)}
+    cells = []
+    for method in methods(study, student is not None):
+        for steps in study.steps:
+            cells += run_arm(engines[method.student], method, steps, study, scorer)
+            log(f"{method.name} T={steps}: {cells[-1]['images_per_s']:.1f} images/s")
+    result = dict(study=json.loads(json.dumps(dataclasses.asdict(study))), ckpt=ckpt,
+                  notes=notes, cells=cells, findings=findings(cells, study),
+                  resolution=resolution(cells, study),
+                  device=f"CPU {platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} torch thread(s)",
+                  seconds=time.perf_counter() - start, torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d"))
+    return write(result, study)
+
+
+def markdown(result: dict) -> str:
+    s = result["study"]
+    lines = [f"# Quality per second, fewer rows per guided image: {s['data']}\n",
+             f"{s['n']} samples per cell, batch {s['batch_size']}, {s['sampler']}, seed "
+             f"{s['seed']}; teacher {result['ckpt']}; {result['seconds'] / 60:.1f} min on "
+             f"{result['device']}.", *[f"Note: {n}." for n in result["notes"]], "",
+             f"Resolution: {result['resolution']}", "",
+             "| method | w | T | FID (doubled) | matches | speed × doubled |",
+             "|---|---|---|---|---|---|"]
+    for f in result["findings"]:
+        lines.append(f"| {f['method']} | {f['w']:g} | {f['steps']} | {f['fid']:.3g} "
+                     f"({f['fid_doubled']:.3g}) | {f['matches']} | {f['speedup']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, study: FewerStudyConfig) -> dict:
+    """results.json and results.md in OUT/DATA, together or not at all."""
+    from cfgengine.atomic import atomic_paths
+
+    out = Path(study.out) / study.data
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(out / "results.json", out / "results.md") as paths:
+        Path(paths[0]).write_text(json.dumps(result, indent=1) + "\n")
+        Path(paths[1]).write_text(markdown(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.studies.fewer",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=STUDIES, help="shapes, shapes-partial, digits or quick")
+    parser.add_argument("--student", default=None, help="a guidance-distilled model (default: "
+                        "the study's, e.g. default-distilled for shapes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
+    parser.add_argument("--out", default=None, help="results folder (default: the study's)")
+    args = parser.parse_args(argv)
+    from cfgengine.bench.studies.fid_w import _thread_limits
+
+    study = STUDIES[args.name]
+    study = replace(study, student=args.student or study.student, out=args.out or study.out)
+    with _thread_limits(args.threads):
+        result = run_study(study)
+    for f in result["findings"]:
+        print(f"{f['method']} w={f['w']:g} T={f['steps']}: matches={f['matches']} "
+              f"speed {f['speedup']:.2f}×")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The quality-per-second study (bench/studies/fewer.py): rows per sample of each method, and the
+quick study end to end (tiny model, few samples), with a student that answers the teacher's exact
+guided ε̃_w — it must match the doubled batch, from half the rows."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cfgengine.bench.studies import fewer, nfe
+from cfgengine.guidance import guided_eps
+
+
+def test_rows_per_sample_of_each_method():
+    assert fewer.rows_per_sample(fewer.Method("doubled"), 10) == 20
+    assert fewer.rows_per_sample(fewer.Method("refresh-2", refresh=2), 10) == 15
+    assert fewer.rows_per_sample(fewer.Method("refresh-3", refresh=3), 10) == 14
+    assert fewer.rows_per_sample(fewer.Method("student", student=True), 10) == 10
+
+
+class ExactStudent:
+    """Guidance-embedded: the teacher's own eq. 6 from one call of two passes."""
+
+    guidance_embedded = True
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self.num_classes, self.sample_shape = teacher.num_classes, teacher.sample_shape
+        self.clip = teacher.clip
+
+    def __call__(self, z, logsnr, labels, w):
+        null = torch.full_like(labels, self.num_classes)
+        return guided_eps(self.teacher(z, logsnr, labels), self.teacher(z, logsnr, null), w)
+
+
+def test_quick_study_writes_results_with_findings_and_resolution(tmp_path, monkeypatch):
+    loaded = {}
+    load = nfe.load_model
+
+    def load_once(study):
+        loaded.setdefault("teacher", load(study))
+        return loaded["teacher"]
+    monkeypatch.setattr(nfe, "load_model", load_once)
+    monkeypatch.setattr(fewer, "load_student",
+                        lambda study, notes: ExactStudent(loaded["teacher"][0]))
+    study = fewer.replace(fewer.STUDIES["quick"], out=str(tmp_path))
+    result = fewer.run_study(study, log=lambda m: None)
+    out = tmp_path / study.data
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md"}
+    stored = json.loads((out / "results.json").read_text())
+    assert len(stored["cells"]) == 3 * len(study.steps) * len(study.w)  # doubled, refresh-2, student
+    assert {"median_fid_interval_width", "steps_separated"} <= set(stored["resolution"])
+    student = [f for f in result["findings"] if f["method"] == "student"]
+    assert student and all(abs(f["fid"] - f["fid_doubled"]) < 1e-3 * f["fid_doubled"] + 1e-6
+                           for f in student)
