@@ -9,6 +9,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from cfgengine.model import info
+
 
 def guided_eps(eps_cond: torch.Tensor, eps_null: torch.Tensor,
                w: float | torch.Tensor) -> torch.Tensor:
@@ -48,8 +50,6 @@ class GuidedDenoiser(nn.Module):
     null, from ONE forward of the wrapped net on the doubled batch."""
 
     def __init__(self, denoiser):
-        from cfgengine.model import info  # the contract sits above the math modules
-
         super().__init__()
         self.denoiser = denoiser
         facts = info(denoiser)

@@ -334,7 +334,7 @@ class Extras:
         """Call the callback after the last row of each grid step (two-stage samplers run two)."""
         if self.callback is None:
             return
-        steps = plan.steps or tuple(range(plan.rows))
+        steps = plan.steps  # each row's grid step
         if row + 1 < plan.rows and steps[row + 1] == steps[row]:
             return
         step = call.start + steps[row]

@@ -204,9 +204,8 @@ def check_rows(eps: torch.Tensor, rows: int, name: str) -> torch.Tensor:
 
 def move_model(model, device: torch.device):
     """Put a Denoiser on `device` (in place for nn.Modules, as `module.to` does)."""
-    if isinstance(model, torch.nn.Module) or callable(getattr(model, "to", None)):
-        return model.to(device)
-    return model
+    to = getattr(model, "to", None)
+    return to(device) if callable(to) else model
 
 
 def model_device(model) -> torch.device:

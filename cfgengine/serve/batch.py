@@ -50,7 +50,7 @@ class Engine:
         (prompt models: its encoded negative prompt), else the null label. A guidance-embedded
         net answers ε̃_w for every row from B rows, given `w` (0 where a row is not guided)."""
         if self.info.guidance_embedded:
-            eps = check_rows(self.model.net(z, logsnr, labels, w), z.shape[0], self.info.name)
+            eps = self.model.eps(z, logsnr, labels, False, w=w)  # the Sampler's own call
             return eps, eps
         null = null_labels(null_rows, self.info.null_label) if null is None else null[null_rows]
         batch = doubled_batch(z, logsnr, labels, null, rows=null_rows)
