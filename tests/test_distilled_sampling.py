@@ -68,3 +68,20 @@ def test_the_shipped_student_samples_in_one_pass_per_step():
     assert cfgengine.model.info(model).guidance_embedded
     x = cfgengine.sample(model, torch.tensor([0, 3]), w=torch.tensor([1.0, 4.0]), steps=4)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def test_onnx_runtime_runs_the_student_with_w_as_an_input(tmp_path, monkeypatch):
+    """The session backend exports a distilled net with w as a graph input (auto picks it on
+    CPU, as for the doubled batch), and samples what eager torch samples."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CFGENGINE_CACHE_DIR", str(tmp_path))
+    student = Student()
+    engine = cfgengine.Sampler(student, backend="auto")
+    assert engine.backend == "onnxruntime"
+    engine.model.warm()
+    onnx = engine.sample(LABELS, w=W, steps=6, seed=1)
+    assert engine.model.runtime == "onnxruntime"
+    eager = cfgengine.sample(student, LABELS, w=W, steps=6, seed=1, backend="torch")
+    torch.testing.assert_close(onnx, eager, rtol=1e-4, atol=1e-4)
+    zero = engine.sample(LABELS, w=W * 0, steps=6, seed=1)
+    assert float((onnx - zero)[1:].abs().max()) > 1e-3  # w reached the graph

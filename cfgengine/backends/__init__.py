@@ -48,13 +48,12 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
     if name == "cudagraph" and facts.guidance_embedded:
         raise ValueError("backend cudagraph does not run guidance-distilled models yet; use "
                          "backend torch or compile")
-    # the captured and cached graphs take neither w nor prompt rows yet
-    plain = facts.conditioning == "class" and not facts.guidance_embedded
     if name == "auto":
+        # the captured graph takes no w; neither it nor the cached ONNX graphs take prompt rows yet
+        graphable = module and facts.conditioning == "class"
         if device.type == "cuda":
-            return "cudagraph" if module and plain else "torch"
-        exportable = module and plain
-        return "onnxruntime" if exportable and _onnxruntime_pays(precision) else "torch"
+            return "cudagraph" if graphable and not facts.guidance_embedded else "torch"
+        return "onnxruntime" if graphable and _onnxruntime_pays(precision) else "torch"
     if name == "onnxruntime" and not module:
         raise ValueError("backend onnxruntime exports the model: it needs a torch nn.Module")
     if name == "onnxruntime" and precision == "bf16":

@@ -332,11 +332,14 @@ class OnnxRuntimeDenoiser:
             self._check = check if fresh else provenance.content_check(self.model)
         return self._key
 
-    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor):
-        """ε [N, *S] of N rows as they are (a guided step passes its 2B rows), from one run."""
+    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
+                 *w: torch.Tensor):
+        """ε [N, *S] of N rows as they are (a guided step passes its 2B rows), from one run; a
+        guidance-distilled model also takes w [N] and answers ε̃_w (its graph has w as an input)."""
         backend = self._backend(tuple(z.shape[1:]), z.shape[0])
         self.runtime = "torch" if backend is None else "onnxruntime"
-        return self.model(z, logsnr, labels) if backend is None else backend(z, logsnr, labels)
+        run = self.model if backend is None else backend
+        return run(z, logsnr, labels, *w)
 
     def _backend(self, shape: tuple[int, ...], batch: int):
         if not self._wanted or self._failed or shape != self.sample_shape \
