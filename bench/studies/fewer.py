@@ -3,10 +3,13 @@
 guidance-distilled student (1 row per step), each at several w and step counts — one command.
 
     python -m cfgengine.bench.studies.fewer quick                 # minutes: the pipeline only
-    python -m cfgengine.bench.studies.fewer shapes [--student CKPT]   # hours on a 2-core CPU
+    python -m cfgengine.bench.studies.fewer shapes [--student CKPT]   # ~40 min on one CPU thread
+    python -m cfgengine.bench.studies.fewer digits                # trains and distills if missing
 
 Every arm is sampled and timed in the same process, one after the other, at the study's batch
-size (images/s: samples over the wall time of `cfgengine.sample`, the metrics excluded), and
+size (images/s: samples over the time of `cfgengine.sample`, the metrics excluded: wall time,
+and the process's CPU time, which is what the ratios use — one thread, so on a quiet machine the
+two agree, and on a shared one CPU time is not inflated by other processes' turns), and
 scored with `cfgengine eval`'s metrics (classifier features, class-stratified bootstrap intervals).
 A method "matches" the doubled batch at (w, T) when its FID interval overlaps the doubled batch's;
 its speed is the ratio of its images/s to the doubled batch's at the same (w, T). The result file
@@ -39,9 +42,11 @@ class FewerStudyConfig:
     data: str
     model: str  # "default", "train" or "tiny-random" (bench/studies/nfe.py's load_model)
     n: int  # class-balanced samples per (arm, w) cell
-    student: str | None = None  # a guidance-distilled model for cfgengine.load; None: left out
+    # a guidance-distilled model for cfgengine.load; DISTILL: distilled from the teacher here (once,
+    # cached next to it); None: left out
+    student: str | None = None
     w: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0, 4.0)
-    steps: tuple[int, ...] = (16, 64)
+    steps: tuple[int, ...] = (8, 16, 64)
     refresh: tuple[int, ...] = (2, 3, 4)
     sampler: str = "ancestral"
     batch_size: int = 64  # B ≥ 8: the regime where the net, not the step, is the cost
@@ -53,8 +58,9 @@ class FewerStudyConfig:
 
 STUDIES: dict[str, FewerStudyConfig] = {
     "shapes": FewerStudyConfig(data="shapes", model="default", n=500,
-                               student="default-distilled"),
-    "digits": FewerStudyConfig(data="digits", model="train", n=1000),
+                               student="default-distilled", steps=(8, 16, 32)),
+    "digits": FewerStudyConfig(data="digits", model="train", n=1000, student="distill",
+                               steps=(8, 16, 32)),
     # what a loaded 2-core CPU affords (~10 min): the full shapes study is hours
     "shapes-partial": FewerStudyConfig(data="shapes", model="default", n=200,
                                        student="default-distilled", w=(0.0, 0.3, 1.0, 2.0),
@@ -93,11 +99,35 @@ def rows_per_sample(method: Method, steps: int) -> int:
     return steps + len(range(0, steps, method.refresh))
 
 
-def load_student(study: FewerStudyConfig, notes: list[str]):
-    """The student, or None with the reason appended to `notes`."""
+DISTILL = "distill"
+
+
+def distilled_student(ckpt: str, log=print) -> str:
+    """The guidance-distilled student of the teacher at `ckpt` (a training run's ckpt.pt), made
+    now with the shipped student's settings (scripts/distill_default.sh) unless a finished one is
+    already next to the run."""
+    from cfgengine.distill import DistillConfig, distill
+
+    out = Path(ckpt).parent.with_name(Path(ckpt).parent.name + "-distilled") / "student.safetensors"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        distill(DistillConfig(teacher=str(ckpt), out=str(out), w_max=4.0, steps=2000,
+                              batch_size=32, lr=2e-4, warmup=100, ema_decay=0.995,
+                              ckpt_every=100, seed=0, device="cpu"))
+        log(f"distilled {ckpt} in {time.perf_counter() - start:.0f} s -> {out}")
+    return str(out)
+
+
+def load_student(study: FewerStudyConfig, notes: list[str], ckpt: str | None = None):
+    """The student, or None with the reason appended to `notes` (`ckpt`: the teacher's, which
+    DISTILL distills)."""
     import cfgengine
     from cfgengine.model import info
 
+    if study.student == DISTILL:
+        study = replace(study, student=distilled_student(ckpt))
+        notes.append(f"student: {study.student}, distilled from {ckpt} by this study")
     if study.student is None:
         notes.append("no student given: the distilled arm is left out")
         return None
@@ -123,14 +153,16 @@ def run_arm(engine, method: Method, steps: int, study: FewerStudyConfig, scorer)
     settings = dict(steps=steps, sampler=study.sampler, seed=study.seed,
                     guidance=None if method.student else method.rule())
     warm = slice(0, min(study.batch_size, labels.numel()))
+    engine.model.warm()  # the ONNX Runtime session (export or cache) before the timed pass
     engine.sample(labels[warm], w=torch.full((warm.stop,), max(study.w)), **settings)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     x = engine.sample(labels, w=w, batch_size=study.batch_size, **settings)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     config = replace(scorer.eval_config, w=study.w)
     rows = nfe.score(to_uint8_images(x), labels.numpy(), w.numpy(), scorer, config)
     base = dict(method=method.name, refresh=method.refresh, steps=steps,
-                rows=rows_per_sample(method, steps), images_per_s=labels.numel() / seconds)
+                rows=rows_per_sample(method, steps), images_per_s=labels.numel() / seconds,
+                images_per_cpu_s=labels.numel() / cpu_seconds, runtime=engine.model.runtime)
     return [dict(base, **row) for row in rows]
 
 
@@ -149,7 +181,8 @@ def findings(cells: list[dict], study: FewerStudyConfig) -> list[dict]:
                           fid=c["fid"]["value"], fid_doubled=ref["fid"]["value"],
                           matches=_fid(c).overlaps(_fid(ref)),
                           fid_vs_doubled=compare(_fid(c), _fid(ref)),
-                          speedup=c["images_per_s"] / ref["images_per_s"]))
+                          speedup=c["images_per_cpu_s"] / ref["images_per_cpu_s"],
+                          speedup_wall=c["images_per_s"] / ref["images_per_s"]))
     return found
 
 
@@ -172,13 +205,71 @@ def resolution(cells: list[dict], study: FewerStudyConfig) -> dict:
     return out
 
 
+def pareto(cells: list[dict], w: float) -> list[dict]:
+    """The cells at `w` that no other cell beats on both FID (lower) and images/s (higher)."""
+    at_w = [c for c in cells if c["w"] == w]
+    return sorted((c for c in at_w if not any(
+        o["fid"]["value"] <= c["fid"]["value"] and o["images_per_cpu_s"] >= c["images_per_cpu_s"]
+        and o is not c and (o["fid"]["value"], o["images_per_cpu_s"])
+        != (c["fid"]["value"], c["images_per_cpu_s"]) for o in at_w)),
+        key=lambda c: c["images_per_cpu_s"])
+
+
+def recommend(cells: list[dict], study: FewerStudyConfig) -> list[dict]:
+    """Per w > 0: the fastest (method, T) whose FID interval overlaps the best FID's interval —
+    what the study can honestly call "as good as the best, for less"."""
+    out = []
+    for w in (w for w in study.w if w > 0):
+        at_w = [c for c in cells if c["w"] == w]
+        best = min(at_w, key=lambda c: c["fid"]["value"])
+        pick = max((c for c in at_w if _fid(c).overlaps(_fid(best))),
+                   key=lambda c: c["images_per_cpu_s"])
+        out.append(dict(w=w, method=pick["method"], steps=pick["steps"],
+                        fid=pick["fid"]["value"], best=f"{best['method']} T={best['steps']}",
+                        best_fid=best["fid"]["value"],
+                        speedup_vs_best=pick["images_per_cpu_s"] / best["images_per_cpu_s"]))
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    """FID (95 % interval) against images per CPU-second, one panel per w > 0, one marker per
+    method, T written by each point; the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, cells = result["study"], result["cells"]
+    ws = [w for w in s["w"] if w > 0]
+    names = list(dict.fromkeys(c["method"] for c in cells))
+    fig, axes = plt.subplots(1, len(ws), figsize=(4.2 * len(ws), 3.8), squeeze=False)
+    for ax, w in zip(axes[0], ws):
+        for c in (c for c in cells if c["w"] == w):
+            f, color = c["fid"], f"C{names.index(c['method']) % 10}"
+            ax.errorbar(c["images_per_cpu_s"], f["value"], fmt="o", color=color,
+                        yerr=[[f["value"] - f["low"]], [f["high"] - f["value"]]], ms=4)
+            ax.annotate(str(c["steps"]), (c["images_per_cpu_s"], f["value"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        front = pareto(cells, w)
+        ax.plot([c["images_per_cpu_s"] for c in front], [c["fid"]["value"] for c in front],
+                color="grey", lw=0.8, zorder=0)
+        ax.set(xscale="log", yscale="log", xlabel="images per CPU-second", ylabel="FID",
+               title=f"{s['data']}, w = {w:g}")
+    for i, name in enumerate(names):
+        axes[0][0].plot([], [], "o", color=f"C{i % 10}", label=name)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_study(study: FewerStudyConfig, log=print) -> dict:
     """Sample, time and score every (method, T); write results.json and results.md."""
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     teacher, ckpt = nfe.load_model(study)
     scorer = nfe.make_scorer(teacher, study, ckpt)
     notes = list(study.notes)
-    student = load_student(study, notes)
+    student = load_student(study, notes, ckpt)
     from cfgengine import Sampler
 
     engines = {False: Sampler(teacher), True: None if student is None else Sampler(student)}
@@ -190,6 +281,8 @@ def run_study(study: FewerStudyConfig, log=print) -> dict:
     result = dict(study=json.loads(json.dumps(dataclasses.asdict(study))), ckpt=ckpt,
                   notes=notes, cells=cells, findings=findings(cells, study),
                   resolution=resolution(cells, study),
+                  recommendation=recommend(cells, study),
+                  load_average=dict(start=load_start, end=os.getloadavg()),
                   device=f"CPU {platform.machine()}, {os.cpu_count()} cores, "
                   f"{torch.get_num_threads()} torch thread(s)",
                   seconds=time.perf_counter() - start, torch=torch.__version__,
@@ -204,12 +297,25 @@ def markdown(result: dict) -> str:
              f"{s['seed']}; teacher {result['ckpt']}; {result['seconds'] / 60:.1f} min on "
              f"{result['device']}.", *[f"Note: {n}." for n in result["notes"]], "",
              f"Resolution: {result['resolution']}", "",
+             f"Load average (1, 5, 15 min) at start {_load(result, 'start')}, at end "
+             f"{_load(result, 'end')}; speed ratios are of images per CPU-second (wall in the "
+             "JSON).", "",
              "| method | w | T | FID (doubled) | matches | speed × doubled |",
              "|---|---|---|---|---|---|"]
     for f in result["findings"]:
         lines.append(f"| {f['method']} | {f['w']:g} | {f['steps']} | {f['fid']:.3g} "
                      f"({f['fid_doubled']:.3g}) | {f['matches']} | {f['speedup']:.2f} |")
+    lines += ["", "Recommendation per w (the fastest cell whose FID interval overlaps the best "
+              "cell's):", "", "| w | method | T | FID | best | best FID | speed × best |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["recommendation"]:
+        lines.append(f"| {r['w']:g} | {r['method']} | {r['steps']} | {r['fid']:.3g} | "
+                     f"{r['best']} | {r['best_fid']:.3g} | {r['speedup_vs_best']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _load(result: dict, when: str) -> str:
+    return ", ".join(f"{x:.1f}" for x in result["load_average"][when])
 
 
 def write(result: dict, study: FewerStudyConfig) -> dict:
@@ -218,9 +324,10 @@ def write(result: dict, study: FewerStudyConfig) -> dict:
 
     out = Path(study.out) / study.data
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_paths(out / "results.json", out / "results.md") as paths:
+    with atomic_paths(out / "results.json", out / "results.md", out / "pareto.png") as paths:
         Path(paths[0]).write_text(json.dumps(result, indent=1) + "\n")
         Path(paths[1]).write_text(markdown(result))
+        plot(result, Path(paths[2]))
     return result
 
 

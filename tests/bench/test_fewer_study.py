@@ -42,14 +42,32 @@ def test_quick_study_writes_results_with_findings_and_resolution(tmp_path, monke
         return loaded["teacher"]
     monkeypatch.setattr(nfe, "load_model", load_once)
     monkeypatch.setattr(fewer, "load_student",
-                        lambda study, notes: ExactStudent(loaded["teacher"][0]))
+                        lambda study, notes, ckpt=None: ExactStudent(loaded["teacher"][0]))
     study = fewer.replace(fewer.STUDIES["quick"], out=str(tmp_path))
     result = fewer.run_study(study, log=lambda m: None)
     out = tmp_path / study.data
-    assert {p.name for p in out.iterdir()} == {"results.json", "results.md"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "pareto.png"}
     stored = json.loads((out / "results.json").read_text())
     assert len(stored["cells"]) == 3 * len(study.steps) * len(study.w)  # doubled, refresh-2, student
     assert {"median_fid_interval_width", "steps_separated"} <= set(stored["resolution"])
     student = [f for f in result["findings"] if f["method"] == "student"]
     assert student and all(abs(f["fid"] - f["fid_doubled"]) < 1e-3 * f["fid_doubled"] + 1e-6
                            for f in student)
+
+
+def _cell(method, steps, fid, low, high, speed, w=1.0):
+    return dict(method=method, steps=steps, w=w, images_per_cpu_s=speed,
+                fid=dict(value=fid, low=low, high=high))
+
+
+def test_pareto_front_and_recommendation():
+    cells = [_cell("doubled", 64, 2.0, 1.8, 2.2, 1.0), _cell("doubled", 16, 3.0, 2.7, 3.3, 4.0),
+             _cell("student", 64, 2.1, 1.9, 2.3, 2.0), _cell("refresh-2", 64, 2.5, 2.3, 2.7, 1.3),
+             _cell("student", 16, 2.9, 2.6, 3.2, 8.0), _cell("doubled", 64, 9.0, 8, 10, 1.0, w=0.0)]
+    front = fewer.pareto(cells, 1.0)
+    # refresh-2 is beaten by the student at T=64 (lower FID, faster); doubled T=16 by student T=16
+    assert [(c["method"], c["steps"]) for c in front] == [("doubled", 64), ("student", 64),
+                                                           ("student", 16)]
+    (rec,) = fewer.recommend(cells, fewer.replace(fewer.STUDIES["quick"], w=(0.0, 1.0)))
+    # the fastest cell whose interval overlaps the best (doubled T=64: [1.8, 2.2]) is student T=64
+    assert (rec["method"], rec["steps"], rec["speedup_vs_best"]) == ("student", 64, 2.0)
