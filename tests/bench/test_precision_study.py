@@ -2,6 +2,7 @@
 size, and the verdicts call a disjoint interval resolved and an overlapping one not."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +96,31 @@ def test_the_emulated_arm_samples_through_torch_at_fp32():
     (_, fp32, p32), (name, emulated, p) = precision.variants(net, study)
     assert (name, p, p32) == ("bf16-emulated", "fp32", "fp32") and fp32 is net
     assert isinstance(emulated, precision.Bf16Emulated) and emulated.net is net
+
+
+def test_the_study_runs_on_digits_and_writes_its_files(tmp_path, monkeypatch):
+    """--data digits end to end at a tiny n: the NFE study's digits model (here its quick
+    stand-in, a tiny net trained for 2 steps, so the test does not train the teacher), every
+    arm the CPU runs fast sampled and scored, precision-digits.json/.md written."""
+    from cfgengine.bench.studies import nfe
+
+    monkeypatch.setitem(nfe.STUDIES, "digits", nfe.replace(nfe.STUDIES["quick"],
+                                                            out=str(tmp_path / "model")))
+    study = precision.parse(["--data", "digits", "--n", "20", "--steps", "3", "--rounds", "10",
+                             "--noise", "0.5", "--precisions", "fp32,bf16-emulated,int8",
+                             "--out", str(tmp_path)])
+    result = precision.run(study, log=lambda line: None)
+    assert result["dataset"] == "digits"
+    got = {r["variant"]: r for r in result["variants"]}
+    assert set(got) == {"fp32", "bf16-emulated", "int8", "fp32+noise 0.5"}
+    assert got["bf16-emulated"]["network_precision"] == "bf16 emulated in fp32"
+    for row in got.values():
+        assert row["fid"]["low"] <= row["fid"]["value"] <= row["fid"]["high"]
+    paths = precision.write(result, "python -m cfgengine.bench.studies.precision --data digits")
+    assert [p.name for p in paths] == ["precision-digits.json", "precision-digits.md"]
+    assert "bf16-emulated" in paths[1].read_text()
+
+
+def test_digits_takes_no_shapes_model():
+    with pytest.raises(ValueError, match="--model"):
+        precision.study_model(precision.StudyConfig(data="digits", model="tiny"))
