@@ -274,7 +274,8 @@ def parse(argv: list[str]) -> StudyConfig:
     parser.add_argument("--force", default="", help="precisions to sample even where emulated "
                         "(bf16 without native bf16 ran 14-55x slower than fp32 here)")
     args = parser.parse_args(argv)
-    return StudyConfig(data=args.data, model=args.model, precisions=tuple(args.precisions.split(",")),
+    return StudyConfig(data=args.data, model=args.model,
+                       precisions=tuple(args.precisions.split(",")),
                        noise=tuple(float(x) for x in args.noise.split(",") if x), n=args.n,
                        steps=args.steps, w=args.w, seed=args.seed, rounds=args.rounds,
                        out=args.out, force=tuple(p for p in args.force.split(",") if p))

@@ -39,9 +39,11 @@ def test_verdicts_resolve_only_disjoint_intervals():
 
 def test_command_line_sets_every_field():
     study = precision.parse(["--n", "7", "--precisions", "fp32,int8", "--noise", "0.2",
-                             "--out", "x", "--force", "bf16", "--steps", "4", "--w", "1"])
-    assert study == precision.StudyConfig(precisions=("fp32", "int8"), noise=(0.2,), n=7,
-                                          steps=4, w=1.0, out="x", force=("bf16",))
+                             "--out", "x", "--force", "bf16", "--steps", "4", "--w", "1",
+                             "--data", "digits", "--seed", "3", "--rounds", "9"])
+    assert study == precision.StudyConfig(data="digits", precisions=("fp32", "int8"),
+                                          noise=(0.2,), n=7, steps=4, w=1.0, out="x",
+                                          force=("bf16",), seed=3, rounds=9)
     assert precision.parse([]) == precision.StudyConfig()
 
 
