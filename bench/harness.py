@@ -50,6 +50,10 @@ BASELINES = {
     "baseline2": "diffusers pipeline loop: cat([z]*2), one forward, CFG mix, scheduler.step",
     "baseline3": "baseline2 with the network in torch.compile",
 }
+PEERS = {  # other runtimes on the engine's own loop and step, timed only in processes of their own
+    "openvino": "the engine's loop and step, the network compiled by OpenVINO from the engine's "
+                "cached ONNX graph (fp32, or the int8 QDQ graph) — bench/openvino_peer.py",
+}
 TIMER = {"cuda": "CUDA events around a whole loop (and around T floor forwards) after synchronize",
          "cpu": "wall clock around a whole loop (and around T floor forwards)"}
 
@@ -65,6 +69,7 @@ class SweepConfig:
     backends: tuple[str, ...] = ("torch", "compile")
     precisions: tuple[str, ...] = ("fp32",)
     baselines: tuple[str, ...] = tuple(BASELINES)
+    peers: tuple[str, ...] = ()  # PEERS, at every precision; only with processes > 0
     exported: tuple[str, ...] = ()
     sampler: str = "ancestral"
     w: float = 0.3
@@ -85,7 +90,7 @@ SWEEPS: dict[str, SweepConfig] = {
     # T = 16 keeps the sweep near 10 minutes on a loaded 2-core CPU (B = 32 is 64 rows a forward).
     "cpu": SweepConfig(steps=(16,), batches=(1, 8, 32), backends=("auto",),
                        precisions=("fp32", "bf16", "int8"), baselines=("baseline2", "baseline3"),
-                       repeats=2, threads=1, processes=2),
+                       peers=("openvino",), repeats=2, threads=1, processes=2),
     # the exported runtimes (ONNX Runtime, AOTInductor) against eager torch, no peers
     "exported": SweepConfig(steps=(64,), batches=(16,), backends=("torch",), baselines=(),
                             exported=EXPORTED, repeats=3, threads=2),
@@ -102,10 +107,11 @@ SWEEPS: dict[str, SweepConfig] = {
 }
 
 
-FLAGS = {"model": "--model", "device": "--device", "steps": "--steps", "batches": "--batch",
-         "backends": "--backends", "precisions": "--precisions", "baselines": "--baselines",
-         "exported": "--exported", "sampler": "--sampler", "w": "--w", "repeats": "--repeats",
-         "seed": "--seed", "threads": "--threads", "processes": "--processes"}  # SweepConfig field → `cfgengine bench` flag
+FLAGS = {  # SweepConfig field → `cfgengine bench` flag
+    "model": "--model", "device": "--device", "steps": "--steps", "batches": "--batch",
+    "backends": "--backends", "precisions": "--precisions", "baselines": "--baselines",
+    "peers": "--peers", "exported": "--exported", "sampler": "--sampler", "w": "--w",
+    "repeats": "--repeats", "seed": "--seed", "threads": "--threads", "processes": "--processes"}
 
 
 def check_config(config: SweepConfig) -> SweepConfig:
@@ -116,7 +122,7 @@ def check_config(config: SweepConfig) -> SweepConfig:
             raise ValueError(f"{field} must be one of {', '.join(allowed)}, "
                              f"got {getattr(config, field)!r}")
     subsets = dict(backends=ENGINE_BACKENDS, precisions=tuple(PRECISIONS),
-                   baselines=tuple(BASELINES), exported=EXPORTED)
+                   baselines=tuple(BASELINES), peers=tuple(PEERS), exported=EXPORTED)
     for field, allowed in subsets.items():
         bad = [x for x in getattr(config, field) if x not in allowed]
         if bad:
@@ -230,8 +236,8 @@ def single_runner(name: str, work: Workload, workdir: Path) -> Runner | str:
     config = SweepConfig(device=work.device.type, backends=pick(ENGINE_BACKENDS),
                          exported=pick(EXPORTED), baselines=pick(BASELINES))
     engine, skipped = engine_runners(work, config, workdir)
-    peers, skipped_peers = baseline_runners(work, config.baselines)
-    runners, skipped = engine + peers, skipped + skipped_peers
+    base, skipped_base = baseline_runners(work, config.baselines)
+    runners, skipped = engine + base, skipped + skipped_base
     return runners[0] if runners else skipped[0]["reason"]
 
 
@@ -365,6 +371,8 @@ def _sweep(config: SweepConfig, progress: bool) -> dict:
                     cells += measure_cell(runners, work, steps, config)
                     bar.update()
     bar.close()
+    skipped += [dict(runner=p, reason="a peer runs only in processes of its own (--processes "
+                     "1 or more)") for p in config.peers]
     return dict(env, load_average_after=timing.load_average(),
                 config=dataclasses.asdict(config), model=source, baselines=BASELINES,
                 cells=cells, fits=fits(cells), goals=goals(cells), parity_ddim=checks,
@@ -373,11 +381,11 @@ def _sweep(config: SweepConfig, progress: bool) -> dict:
 
 def _runners(work: Workload, config: SweepConfig, workdir: Path):
     engine, skip_engine = engine_runners(work, config, workdir)
-    peers, skip_peers = baseline_runners(work, config.baselines)
+    base, skip_base = baseline_runners(work, config.baselines)
     if not engine:
         raise ValueError("no engine backend of this sweep can run here: "
                          + "; ".join(s["reason"] for s in skip_engine))
-    return engine + peers, skip_engine + skip_peers
+    return engine + base, skip_engine + skip_base
 
 
 def _warm_up(runners: list[Runner], config: SweepConfig) -> dict[str, float]:

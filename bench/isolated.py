@@ -7,7 +7,8 @@ shared machine falls on all of them alike. Each cell also carries its FLOPs (the
 once per cell with torch.utils.flop_counter on one doubled forward, times T) and GFLOP/s against a
 GEMM roofline measured in a process of its own.
 
-    cfgengine bench --sweep cpu                     # engine fp32/bf16/int8 against baseline2/3
+    cfgengine bench --sweep cpu                     # engine and OpenVINO peer at fp32/bf16/int8
+                                                    # against baseline2/3
     cfgengine bench --sweep cpu --precision int8    # one precision
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cfgengine import cpu
-from cfgengine.bench import harness, timing
+from cfgengine.bench import harness, openvino_peer, timing
 from cfgengine.bench.workload import bench_model, make_workload
 from cfgengine.guidance import GuidedDenoiser
 
@@ -36,9 +37,11 @@ GEMM_SIZE = 1024  # the roofline's square matmul (2·n³ FLOPs per call)
 
 
 def runner_specs(config: harness.SweepConfig) -> list[dict]:
-    """Every runner of the sweep: the engine at each precision, then the baselines at fp32 (the
-    peers run the network as a diffusers user does; lower precision is the engine's offer)."""
-    engine = [dict(runner=b, precision=p) for p in config.precisions for b in config.backends]
+    """Every runner of the sweep: the engine and the peers (harness.PEERS) at each precision,
+    then the baselines at fp32 (they run the network as a diffusers user does; lower precision is
+    the engine's offer)."""
+    engine = [dict(runner=b, precision=p) for p in config.precisions
+              for b in (*config.backends, *config.peers)]
     return engine + [dict(runner=b, precision="fp32") for b in config.baselines]
 
 
@@ -90,7 +93,13 @@ def _key(spec: dict) -> tuple[str, str]:
 
 def _name(spec: dict) -> str:
     runner = spec["runner"]
-    return runner if runner in harness.BASELINES else f"cfgengine/{runner}"
+    return runner if runner in (*harness.BASELINES, *harness.PEERS) else f"cfgengine/{runner}"
+
+
+def _role(name: str) -> str:
+    """"baseline", "peer" (another runtime on the engine's loop) or "engine"."""
+    return "baseline" if name in harness.BASELINES else "peer" if name in harness.PEERS \
+        else "engine"
 
 
 def _spawn(spec: dict, config: harness.SweepConfig) -> dict:
@@ -128,17 +137,27 @@ def _cells(specs: list[dict], runs: dict, flops: dict, roofline: dict
                                 reason=bad[0].get("error") or bad[0]["skipped"]))
         else:
             timed[_key(spec)] = done
-    peers = {k[0]: _medians(v) for k, v in timed.items() if k[0] in harness.BASELINES}
+    baselines = {k[0]: _medians(v) for k, v in timed.items() if k[0] in harness.BASELINES}
     rounds = {k[0]: v for k, v in timed.items() if k[0] in harness.BASELINES}
     rows = []
     for (name, precision), done in timed.items():
         for key, m in _medians(done).items():
-            row = _row(name, precision, key, m, peers, flops, roofline, done)
-            if row["role"] == "engine":
-                row["speedup_by_round"] = {p: _by_round(done, peer, key)
-                                           for p, peer in rounds.items()}
+            row = _row(name, precision, key, m, baselines, flops, roofline, done)
+            if row["role"] != "baseline":
+                row["speedup_by_round"] = {b: _by_round(done, base, key)
+                                           for b, base in rounds.items()}
             rows.append(row)
-    return rows, skipped
+    return _against_engine(rows), skipped
+
+
+def _against_engine(rows: list[dict]) -> list[dict]:
+    """Each peer row with `speedup_over_engine`: engine seconds / peer seconds for every engine
+    runner of the same precision, B and T (above 1: the peer's runtime is the faster here)."""
+    cell = lambda r: (r["precision"], r["batch"], r["steps"])
+    for peer in (r for r in rows if r["role"] == "peer"):
+        peer["speedup_over_engine"] = {e["runner"]: e["seconds"] / peer["seconds"] for e in rows
+                                       if e["role"] == "engine" and cell(e) == cell(peer)}
+    return rows
 
 
 def _medians(done: list[dict]) -> dict[tuple[int, int], dict]:
@@ -162,12 +181,11 @@ def _by_round(engine: list[dict], peer: list[dict], key: tuple[int, int]) -> lis
     return [seconds(b) / seconds(e) for e, b in zip(engine, peer)]
 
 
-def _row(name: str, precision: str, key: tuple[int, int], m: dict, peers: dict, flops: dict,
-         roofline: dict, done: list[dict]) -> dict:
+def _row(name: str, precision: str, key: tuple[int, int], m: dict, baselines: dict,
+         flops: dict, roofline: dict, done: list[dict]) -> dict:
     batch, steps = key
     total, floor = m["seconds"], statistics.median(m["floor"])
-    engine = name not in harness.BASELINES
-    row = dict(runner=name, role="engine" if engine else "baseline", precision=precision,
+    row = dict(runner=name, role=_role(name), precision=precision,
                batch=batch, steps=steps, seconds=total, images_per_s=batch / total,
                images_steps_per_s=batch * steps / total, seconds_all=m["all"],
                floor=f"{name} {precision}", t_forward_2B=floor, eta=steps * floor / total,
@@ -175,11 +193,11 @@ def _row(name: str, precision: str, key: tuple[int, int], m: dict, peers: dict, 
                flops=steps * flops[batch], gflops_per_s=steps * flops[batch] / total / 1e9)
     rate = roofline.get("gflops_per_s", {}).get(precision)
     row["roofline_fraction"] = row["gflops_per_s"] / rate if rate else None
-    if engine:
+    if row["role"] != "baseline":  # the engine's step, on the engine's or a peer's network
         t_step = statistics.median(m["step"])
         row |= dict(t_step=t_step, step_share=steps * t_step / total,
-                    speedup={p: peer[key]["seconds"] / total for p, peer in peers.items()
-                             if key in peer})
+                    speedup={b: base[key]["seconds"] / total for b, base in baselines.items()
+                             if key in base})
     return row
 
 
@@ -227,7 +245,9 @@ def child(job: dict) -> dict:
         for batch in config.batches:
             work = make_workload(net, config.device, job["precision"], batch, w=config.w,
                                  seed=config.seed)
-            runner = harness.single_runner(job["runner"], work, Path(workdir))
+            runner = openvino_peer.peer_runner(job["runner"], work) \
+                if job["runner"] in harness.PEERS \
+                else harness.single_runner(job["runner"], work, Path(workdir))
             if isinstance(runner, str):
                 return dict(pid=os.getpid(), skipped=runner)
             cells += [_time_cell(runner, work, steps, config) for steps in config.steps]
@@ -244,7 +264,7 @@ def _time_cell(runner: harness.Runner, work, steps: int, config: harness.SweepCo
              for _ in range(config.repeats)]
     floor = clock(functools.partial(harness._repeat, runner.forward, FLOOR_CALLS)) / FLOOR_CALLS
     t_step = None
-    if runner.role == "engine":
+    if runner.role != "baseline":
         steps_only = harness.step_loop(work, steps, config.sampler)
         steps_only()
         t_step = clock(steps_only) / steps

@@ -49,51 +49,46 @@ def _torch_runner(model, name: str):
 
 
 def _graph(model, name: str):
-    import torch
+    """The engine's own cached graph of the runner's precision (fp32, or int8 for the int8 ones)."""
+    from cfgengine.bench.openvino_peer import engine_graph
 
-    from cfgengine.backends.quantized import Int8Denoiser
-    from cfgengine.backends import onnxruntime as session_cache
-
-    if "int8" in name:
-        return Int8Denoiser(model, torch.device("cpu")).graph()
-    key = session_cache.cache_key(model, "fp32", tuple(model.sample_shape))
-    return session_cache.session(model, "fp32", torch.device("cpu"), key).path
+    return engine_graph(model, "int8" if "int8" in name else "fp32")
 
 
 def _ort_runner(model, name: str):
     from cfgengine.export import onnx as onnx_export
 
-    return onnx_export.load(_graph(model, name), threads=1).denoiser
+    return onnx_export.load(_graph(model, name), threads=1)
 
 
 def _openvino_runner(model, name: str):
-    import openvino as ov
     import torch
 
-    core = ov.Core()
-    graph = core.read_model(str(_graph(model, name)))
-    if name.endswith("nncf"):
-        graph = _nncf(model, core.read_model(str(_graph(model, "fp32"))))
-    hint = "bf16" if name.endswith("bf16") else "f32"
-    compiled = core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": 1,
-                                                 "INFERENCE_PRECISION_HINT": hint,
-                                                 "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
+    from cfgengine.bench.openvino_peer import OpenVinoDenoiser, compile_graph
+
+    precision = "bf16" if name.endswith("bf16") else "int8" if "int8" in name else "fp32"
+    if not name.endswith("nncf"):
+        return OpenVinoDenoiser(_graph(model, name), precision, threads=1)
+    request = compile_graph(_nncf(model, _graph(model, "fp32")), "int8", threads=1) \
+        .create_infer_request()
 
     def run(z, logsnr, labels):
         out = request.infer([z.numpy(), logsnr.numpy(), labels.numpy()])
-        return torch.from_numpy(next(iter(out.values())))
+        return torch.from_numpy(out[0])
     return run
 
 
-def _nncf(model, graph):
+def _nncf(model, fp32_path):
+    """NNCF's own post-training quantization of the fp32 graph (an OpenVINO model)."""
     import nncf
+    import openvino as ov
 
     import cfgengine
     from cfgengine.export.quantize import Calibration, calibration_inputs
 
     calls = calibration_inputs(model, Calibration(), cfgengine.sample)
-    return nncf.quantize(graph, nncf.Dataset(calls, lambda c: list(c)),
+    return nncf.quantize(ov.Core().read_model(str(fp32_path)),
+                         nncf.Dataset(calls, lambda c: list(c)),
                          subset_size=len(calls) * calls[0][0].shape[0])
 
 

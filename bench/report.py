@@ -40,6 +40,7 @@ def markdown(report: dict, figure: str | None = None) -> str:
             f"{r['runner']} {r['precision']} B={r['batch']} T={r['steps']}: " + ", ".join(
                 f"× {p} " + "/".join(f"{x:.2f}" for x in xs)
                 for p, xs in r["speedup_by_round"].items()) for r in rounds)]
+    lines += _peer_lines(report["cells"])
     if report.get("precision_goals"):
         lines += ["", *goal_table(dict(goals={"issue 27": report["precision_goals"]}))]
     if report.get("skipped"):
@@ -50,12 +51,24 @@ def markdown(report: dict, figure: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _peer_lines(cells: list[dict]) -> list[str]:
+    """A peer's speed-up over the engine at the same precision, B and T (above 1: faster)."""
+    peers = [r for r in cells if r.get("speedup_over_engine")]
+    if not peers:
+        return []
+    return ["", "Peers (another runtime on the engine's loop and step) against the engine: "
+            + "; ".join(f"{r['runner']} {r['precision']} B={r['batch']} T={r['steps']}: "
+                        + ", ".join(f"{x:.2f}× {e}" for e, x in r["speedup_over_engine"].items())
+                        for r in peers)]
+
+
 def _header(report: dict) -> str:
     cfg = report["config"]
     return (f"Device **{report['device']}** ({report['device_name']}, {report['cpu_threads']} "
             f"torch threads), load average {report['load_average']} at the start, "
             f"{report.get('load_average_after')} at the end; torch {report['torch']}, "
-            f"diffusers {report['diffusers']}, onnxruntime {report.get('onnxruntime')}; commit `{report['git_commit'][:12]}`, "
+            f"diffusers {report['diffusers']}, onnxruntime {report.get('onnxruntime')}, "
+            f"openvino {report.get('openvino')}; commit `{report['git_commit'][:12]}`, "
             f"{report['date']}. Model: {report['model']}. Sampler {cfg['sampler']}, w = {cfg['w']}"
             f" (guidance_scale {1 + cfg['w']:g}), median of {cfg['repeats']} interleaved rounds."
             + _isolation(report)
@@ -84,7 +97,8 @@ def cell_table(report: dict) -> list[str]:
     rows = [_row(head), _row(["---"] * len(head))]
     for r in report["cells"]:
         speedup = r.get("speedup", {})
-        rows.append(_row([r["runner"], r["precision"], r["batch"], r["steps"],
+        name = f"{r['runner']} (peer)" if r["role"] == "peer" else r["runner"]
+        rows.append(_row([name, r["precision"], r["batch"], r["steps"],
                           f"{r['images_per_s']:.3g}", f"{r['ms_per_step']:.3g}",
                           f"{1e3 * r['t_forward_2B']:.3g}", f"{r['eta']:.2f}",
                           f"{100 * r['step_share']:.2f}" if "step_share" in r else "",
@@ -145,7 +159,7 @@ def plot(report: dict, path: Path) -> None:
 def _panel(ax, rows: list[dict]) -> None:
     for runner in dict.fromkeys(r["runner"] for r in rows):
         mine = [r for r in rows if r["runner"] == runner]
-        style = "-o" if mine[0]["role"] == "engine" else "--s"
+        style = {"engine": "-o", "peer": "-.^"}.get(mine[0]["role"], "--s")
         ax.plot([r["steps"] for r in mine], [r["images_per_s"] for r in mine], style,
                 label=runner, markersize=4)
     ax.set_xscale("log", base=2)

@@ -91,7 +91,7 @@ def environment(device: str, timer: str) -> dict:
     return dict(device=device, device_name=name, cpu_count=os.cpu_count(),
                 cpu_threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=_version("triton"), diffusers=_version("diffusers"),
-                onnxruntime=_version("onnxruntime"),
+                onnxruntime=_version("onnxruntime"), openvino=_version("openvino"),
                 python=platform.python_version(), git_commit=_git_commit(),
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 load_average=load_average(), timer=timer)

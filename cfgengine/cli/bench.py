@@ -14,7 +14,10 @@ ALIASES = {"sampler": "--solver", "precisions": "--precision"}
 FIELD_HELP = {"model": "model file or built-in name", "device": "cpu, cuda, cuda:1 …",
               "steps": "sampling steps T, comma list", "batches": "batch sizes B, comma list",
               "backends": "engine backends, comma list", "precisions": "network precisions, comma list",
-              "baselines": "peers to time, comma list", "exported": "exported formats to time, comma list",
+              "baselines": "baselines to time, comma list",
+              "peers": "other runtimes on the engine's loop (openvino), comma list; "
+                       "only with --processes",
+              "exported": "exported formats to time, comma list",
               "sampler": "the sampling algorithm", "w": "guidance weight w of the paper",
               "repeats": "interleaved rounds per cell", "seed": "noise seed",
               "threads": "CPU threads for torch and ONNX Runtime",

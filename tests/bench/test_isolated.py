@@ -2,13 +2,14 @@
 the documented record — distinct pids, FLOPs from torch's counter, GFLOP/s, a GEMM roofline."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 import torch
 
 from cfgengine.bench import harness, isolated, report
-from cfgengine.bench.workload import bench_model
+from cfgengine.bench.workload import bench_model, make_workload
 
 CONFIG = harness.SweepConfig(model="tiny", steps=(3,), batches=(2,), backends=("torch",),
                              precisions=("fp32",), baselines=("baseline1",), repeats=1,
@@ -88,3 +89,53 @@ def test_precisions_of_one_backend_stay_apart():
     assert got[("cfgengine/auto", "int8")]["roofline_fraction"] is None  # no int8 GEMM measured
     goals = isolated.precision_goals(rows)
     assert goals["faster of bf16/int8 >= 2.5x baseline2 at B = 1"]["worst"] == 4.0
+
+
+PEER_CONFIG = harness.SweepConfig(model="tiny", steps=(3,), batches=(2,), backends=("torch",),
+                                  precisions=("fp32", "fp16"), baselines=(), peers=("openvino",),
+                                  repeats=1, threads=1, processes=1)
+
+
+def test_the_openvino_peer_runs_in_its_own_process_or_is_skipped_with_its_reason():
+    """fp32: the peer samples in a process of its own beside the engine (or, without openvino,
+    is skipped naming it); fp16 is no precision it runs: skipped with that reason."""
+    result = isolated.sweep(PEER_CONFIG, progress=False)
+    reasons = {s["runner"]: s["reason"] for s in result["skipped"]}
+    assert "fp16" in reasons["openvino fp16"]
+    rows = {(r["runner"], r["precision"]): r for r in result["cells"]}
+    engine = rows[("cfgengine/torch", "fp32")]
+    assert set(result["goals"]) == {"cfgengine/torch fp32", "cfgengine/torch fp16"}  # no peer
+    if importlib.util.find_spec("openvino") is None:
+        assert "openvino" in reasons["openvino fp32"] and ("openvino", "fp32") not in rows
+        return
+    peer = rows[("openvino", "fp32")]
+    assert peer["role"] == "peer" and "openvino fp32" not in reasons
+    assert not set(peer["pids"]) & {*engine["pids"], os.getpid()}
+    assert peer["speedup_over_engine"]["cfgengine/torch"] == pytest.approx(
+        engine["seconds"] / peer["seconds"])
+    assert "(peer)" in report.markdown(dict(result, command="x"))
+
+
+def test_the_openvino_peer_samples_what_the_engine_samples():
+    """Same workload, same step, the network on OpenVINO: DDIM η = 0 from the same z_0 gives the
+    engine's fp32 samples to float rounding (the two runtimes' fp32 convolutions differ in
+    summation order only: ~1e-6 relative per forward, grown over 4 steps), while another w —
+    a real change of the sampled function — moves them by far more. The trained default model:
+    a random net's samples clip to ±1 almost everywhere, which would hide any difference."""
+    pytest.importorskip("openvino")
+    from cfgengine.bench import openvino_peer
+
+    net, source = bench_model("default", "cpu")
+    work = make_workload(net, "cpu", "fp32", 2, w=0.3, seed=0)
+    peer = openvino_peer.peer_runner("openvino", work)
+    assert not isinstance(peer, str), peer
+    assert peer.name == "openvino" and peer.role == "peer"
+
+    def engine(w: float) -> torch.Tensor:
+        runner = harness.engine_runner("torch", net, make_workload(net, "cpu", "fp32", 2, w=w,
+                                                                   seed=0), "eager")
+        return runner.run(4, "ddim").double()
+    x = engine(0.3)
+    rel = lambda y: float((y - x).norm() / x.norm())
+    assert rel(peer.run(4, "ddim").double()) < 1e-4
+    assert rel(engine(2.0)) > 1e-2, source
