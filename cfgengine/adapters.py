@@ -9,6 +9,7 @@ maps cfgengine's null label K = num_classes to the model's null class embedding.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -353,13 +354,20 @@ def load_folder(folder: str | Path, *, schedule: str = "consistent") -> Diffuser
     vae = bool(index.get("vae")) and (folder / "vae").is_dir()
     for component in (name, "vae") if vae else (name,):
         _component_config(folder, component)
-    try:
+    with building(folder):
         net = _load_component(folder, index, name, _model_classes())
         if vae:
             vae = _load_component(folder, index, "vae",
                                   {"AutoencoderKL": _diffusers().AutoencoderKL})
         return _adapt(net, training_alphas_cumprod(config), config, vae or None, None,
                       _class_names(index), schedule)
+
+
+@contextlib.contextmanager
+def building(folder: Path):
+    """Any failure while a folder's model is built as one ValueError line naming the folder."""
+    try:
+        yield
     except ValueError as err:
         raise ValueError(err if str(folder) in str(err) else f"{folder}: {err}") from None
     except Exception as err:  # diffusers' and torch's own errors while building: one line
@@ -419,6 +427,8 @@ def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.M
 def component_class(folder: Path, index: dict, name: str, classes: dict) -> type:
     """The class model_index.json names for component `name`, one of `classes` ({name: class});
     ValueError in one line for another class or a missing folder."""
+    if not names(index, name):
+        raise ValueError(f"{folder}: model_index.json names no {name}")
     entry = index[name]
     class_name = entry[-1] if isinstance(entry, list) else str(entry)
     if class_name not in classes:
@@ -427,6 +437,21 @@ def component_class(folder: Path, index: dict, name: str, classes: dict) -> type
     if not (folder / name).is_dir():
         raise ValueError(f"{folder}: model_index.json names {name}, but there is no {name}/")
     return classes[class_name]
+
+
+def names(index: dict, name: str) -> bool:
+    """Whether model_index.json names component `name` (a folder saved without an optional
+    component lists it as [null, null])."""
+    entry = index.get(name)
+    return bool(entry[-1] if isinstance(entry, list) and entry else entry)
+
+
+def vae_decoder(folder: Path, index: dict) -> LatentDecoder | None:
+    """The folder's AutoencoderKL as a LatentDecoder; None for a folder without one."""
+    if not (names(index, "vae") and (folder / "vae").is_dir()):
+        return None
+    return LatentDecoder(_load_component(folder, index, "vae",
+                                         {"AutoencoderKL": _diffusers().AutoencoderKL}))
 
 
 def _check_loading(component: Path, loading: dict) -> None:
