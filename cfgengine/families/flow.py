@@ -52,6 +52,10 @@ class _Family(nn.Module):
     def logsnr_grid(self, steps: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from samples x: through the given decoder (a latent model's VAE), else x."""
+        return x if self._decode is None else self._decode(x)
+
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
