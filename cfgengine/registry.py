@@ -52,9 +52,9 @@ def load(model: str | Path, *, trust_code: bool = False, schedule: str = "consis
     """A built-in name (`default`, `default-distilled`, `gmm`), a model file, a diffusers pipeline
     folder or a Hugging Face hub id (`org/name`, cfgengine/hub.py) → what `cfgengine.sample` runs:
     a UNet in eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx /
-    .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json, a TextDenoiser or an SD3Denoiser (which
-    take prompts) for a Stable Diffusion or SD3 folder (`schedule`: "consistent" or "pipeline",
-    adapters.TimestepSchedule).
+    .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json, a TextDenoiser or an
+    SD3Denoiser (which take prompts) for a Stable Diffusion or SD3 folder (`schedule`:
+    "consistent" or "pipeline", adapters.TimestepSchedule).
     `.pt2` and `.plan` files are code: they load only if trusted (`cfgengine.trust`) or with
     `trust_code=True`."""
     name = str(model)

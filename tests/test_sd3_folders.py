@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers")
 
 import cfgengine  # noqa: E402
 from cfgengine import rng  # noqa: E402
-from cfgengine.cli import main  # noqa: E402
 from cfgengine.families import tiny  # noqa: E402
 from cfgengine.families.sd3 import SD3Denoiser  # noqa: E402
+from tests.test_text_folders import cli_writes_decoded_images  # noqa: E402
 
 STEPS = 5
 PROMPTS = ["a cat", "dog", "a cat", "two dogs"]
@@ -78,7 +78,7 @@ def engine_latents(model, prompts, negatives, w, seed: int, **options) -> torch.
                             sampler="ddim", eta=0.0, steps=STEPS, seed=seed, **options)
 
 
-# --- the folder as a model -------------------------------------------------------------------------
+# --- the folder as a model ------------------------------------------------------------------------
 
 def test_folder_is_a_flow_model_conditioned_on_prompts(sd3_model, pipe):
     facts = sd3_model.info
@@ -104,7 +104,7 @@ def test_default_grid_is_the_schedulers_sigmas(sd3_model, pipe, settings):
     np.testing.assert_allclose(torch.sigmoid(-grid / 2), scheduler.sigmas[:-1], rtol=1e-6)
 
 
-# --- sampling against StableDiffusion3Pipeline -------------------------------------------------------
+# --- sampling against StableDiffusion3Pipeline ----------------------------------------------------
 
 @pytest.mark.parametrize("negatives", [None, NEGATIVES])
 def test_prompts_sample_what_the_pipeline_samples(sd3_model, pipe, negatives):
@@ -179,21 +179,10 @@ def test_decode_is_the_pipelines_vae_with_scaling_and_shift(sd3_model, pipe):
     assert rel_err(sd3_model.decode(x) / 2 + 0.5, ref) < 1e-4
 
 
-# --- the command line --------------------------------------------------------------------------------
+# --- the command line -----------------------------------------------------------------------------
 
 def test_cli_writes_decoded_images_of_the_prompts(sd3_folder, sd3_model, tmp_path):
-    png, npz = tmp_path / "s.png", tmp_path / "s.npz"
-    args = ["sample", "--ckpt", str(sd3_folder), "--sampler", "ddim", "--steps", str(STEPS),
-            "--prompt", "a cat", "--prompt", "dog", "--negative-prompt", "blurry", "--n", "2",
-            "--w", "0,2", "--out", str(png), "--npz", str(npz)]
-    assert main(args) == 0 and png.is_file()
-    arr = np.load(npz)["arr_0"]
-    assert arr.shape == (8, 8, 8, 3) and arr.dtype == np.uint8
-    # rows: panel w = 2, prompt "dog", its second sample (noise key 7)
-    x = cfgengine.sample(sd3_model, prompts=["dog"], negative_prompts=["blurry"], w=2.0,
-                         sampler="ddim", steps=STEPS, sample_ids=torch.tensor([7]))
-    image = ((sd3_model.decode(x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
-    assert np.abs(arr[7].astype(float) - image.numpy()).max() <= 1
+    cli_writes_decoded_images(sd3_folder, sd3_model, tmp_path)
 
 
 def test_tiny_command_writes_a_folder_once(tmp_path, capsys):
@@ -205,7 +194,7 @@ def test_tiny_command_writes_a_folder_once(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no half-written folder beside
 
 
-# --- folders cfgengine cannot read: one line ---------------------------------------------------------
+# --- folders cfgengine cannot read: one line ------------------------------------------------------
 
 def edited(folder, tmp_path, path: str, **fields):
     """A copy of `folder` with `fields` set in its JSON file `path` (None: the field removed)."""

@@ -178,18 +178,24 @@ def test_export_refuses_a_prompt_model_in_one_line(sd_folder, tmp_path, capsys):
 
 # --- the command line ---------------------------------------------------------------------------------
 
-def test_cli_writes_decoded_images_of_the_prompts(sd_folder, sd_model, pipe, tmp_path):
+def test_cli_writes_decoded_images_of_the_prompts(sd_folder, sd_model, tmp_path):
+    cli_writes_decoded_images(sd_folder, sd_model, tmp_path)
+
+
+def cli_writes_decoded_images(folder, model, tmp_path) -> None:
+    """`cfgengine sample` of a prompt folder writes a figure and the decoded images of each
+    panel, prompt and sample, as cfgengine.sample and model.decode make them."""
     png, npz = tmp_path / "s.png", tmp_path / "s.npz"
-    args = ["sample", "--ckpt", str(sd_folder), "--sampler", "ddim", "--steps", str(STEPS),
+    args = ["sample", "--ckpt", str(folder), "--sampler", "ddim", "--steps", str(STEPS),
             "--prompt", "a cat", "--prompt", "dog", "--negative-prompt", "blurry", "--n", "2",
             "--w", "0,2", "--out", str(png), "--npz", str(npz)]
     assert main(args) == 0 and png.is_file()
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (8, 8, 8, 3) and arr.dtype == np.uint8
     # rows: panel w = 2, prompt "dog", its second sample (noise key 7)
-    x = cfgengine.sample(sd_model, prompts=["dog"], negative_prompts=["blurry"], w=2.0,
+    x = cfgengine.sample(model, prompts=["dog"], negative_prompts=["blurry"], w=2.0,
                          sampler="ddim", steps=STEPS, sample_ids=torch.tensor([7]))
-    image = ((sd_model.decode(x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+    image = ((model.decode(x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
     assert np.abs(arr[7].astype(float) - image.numpy()).max() <= 1
 
 
