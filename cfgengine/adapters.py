@@ -9,6 +9,7 @@ maps cfgengine's null label K = num_classes to the model's null class embedding.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -316,16 +317,16 @@ def from_diffusers(model: nn.Module, scheduler, vae: nn.Module | None = None, *,
                          "DDPM-family scheduler (the model's training schedule)")
     config = dict(scheduler.config)
     check_config(f"{type(scheduler).__name__} config", config)
-    return _adapt(model, alphas_cumprod, config, vae, null_label, class_names, schedule)
+    return _adapt(model, alphas_cumprod, config, None if vae is None else LatentDecoder(vae),
+                  null_label, class_names, schedule)
 
 
-def _adapt(net, alphas_cumprod, config: dict, vae, null_label, class_names,
-           schedule: str = "consistent") -> DiffusersDenoiser:
+def _adapt(net, alphas_cumprod, config: dict, decoder: LatentDecoder | None, null_label,
+           class_names, schedule: str = "consistent") -> DiffusersDenoiser:
     kind = _net_kind(net)
     clip = None
-    if vae is None and config.get("clip_sample", False):  # latents are never clipped
+    if decoder is None and config.get("clip_sample", False):  # latents are never clipped
         clip = float(config.get("clip_sample_range", 1.0))
-    decoder = None if vae is None else LatentDecoder(vae)
     return DiffusersDenoiser(net, alphas_cumprod, class_embeddings=class_embeddings(net, kind),
                              sample_shape=sample_shape(net),
                              prediction_type=config.get("prediction_type") or "epsilon",
@@ -350,16 +351,19 @@ def load_folder(folder: str | Path, *, schedule: str = "consistent") -> Diffuser
     index = _read_json(folder / "model_index.json")
     name = _model_component(folder, index)
     config = _scheduler_config(folder, index)
-    vae = bool(index.get("vae")) and (folder / "vae").is_dir()
-    for component in (name, "vae") if vae else (name,):
+    for component in (name, "vae"):  # every config before anything is built
         _component_config(folder, component)
-    try:
+    with building(folder):
         net = _load_component(folder, index, name, _model_classes())
-        if vae:
-            vae = _load_component(folder, index, "vae",
-                                  {"AutoencoderKL": _diffusers().AutoencoderKL})
-        return _adapt(net, training_alphas_cumprod(config), config, vae or None, None,
-                      _class_names(index), schedule)
+        return _adapt(net, training_alphas_cumprod(config), config, vae_decoder(folder, index),
+                      None, _class_names(index), schedule)
+
+
+@contextlib.contextmanager
+def building(folder: Path):
+    """Any failure while a folder's model is built as one ValueError line naming the folder."""
+    try:
+        yield
     except ValueError as err:
         raise ValueError(err if str(folder) in str(err) else f"{folder}: {err}") from None
     except Exception as err:  # diffusers' and torch's own errors while building: one line
@@ -419,6 +423,8 @@ def _load_component(folder: Path, index: dict, name: str, classes: dict) -> nn.M
 def component_class(folder: Path, index: dict, name: str, classes: dict) -> type:
     """The class model_index.json names for component `name`, one of `classes` ({name: class});
     ValueError in one line for another class or a missing folder."""
+    if not names(index, name):
+        raise ValueError(f"{folder}: model_index.json names no {name}")
     entry = index[name]
     class_name = entry[-1] if isinstance(entry, list) else str(entry)
     if class_name not in classes:
@@ -427,6 +433,22 @@ def component_class(folder: Path, index: dict, name: str, classes: dict) -> type
     if not (folder / name).is_dir():
         raise ValueError(f"{folder}: model_index.json names {name}, but there is no {name}/")
     return classes[class_name]
+
+
+def names(index: dict, name: str) -> bool:
+    """Whether model_index.json names component `name` (a folder saved without an optional
+    component lists it as [null, null])."""
+    entry = index.get(name)
+    return bool(entry[-1] if isinstance(entry, list) and entry else entry)
+
+
+def vae_decoder(folder: Path, index: dict) -> LatentDecoder | None:
+    """The folder's AutoencoderKL as a LatentDecoder; None for a folder without one."""
+    if not (names(index, "vae") and (folder / "vae").is_dir()):
+        return None
+    _component_config(folder, "vae")
+    return LatentDecoder(_load_component(folder, index, "vae",
+                                         {"AutoencoderKL": _diffusers().AutoencoderKL}))
 
 
 def _check_loading(component: Path, loading: dict) -> None:

@@ -3,8 +3,8 @@ builds from, checked before anything is built (cfgengine/adapters.py): types and
 edited or hostile config ends in one line naming the file and the field — never an allocation of
 40000² channels or 3·10⁸ timesteps, nor a traceback from inside diffusers.
 
-The bounds are generous for the UNet2DModel / DiT / AutoencoderKL families cfgengine drives
-(their published configs stay an order of magnitude inside them); null means diffusers' default.
+The bounds are generous for the UNet2DModel / DiT / SD3 / AutoencoderKL families cfgengine drives
+(their published configs stay inside them); null means diffusers' default.
 """
 from __future__ import annotations
 
@@ -86,6 +86,15 @@ RULES = {  # field → (check, its arguments); any component's config.json or sc
     "clip_sample": (_flag,),
     "clip_sample_range": (_number, 0.0, math.inf),
     "rescale_betas_zero_snr": (_flag,),
+    # SD3: the transformer's text widths and position table, the flow scheduler's shift
+    "joint_attention_dim": (_integer, 1, MAX_CHANNELS),
+    "caption_projection_dim": (_integer, 1, MAX_CHANNELS),
+    "pooled_projection_dim": (_integer, 1, MAX_CHANNELS),
+    "pos_embed_max_size": (_integer, 1, MAX_SIZE),
+    "shift": (_number, 0.0, math.inf),
+    "base_shift": (_number, -math.inf, math.inf),
+    "max_shift": (_number, -math.inf, math.inf),
+    "use_dynamic_shifting": (_flag,),
 }
 
 

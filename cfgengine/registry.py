@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cfgengine import adapters, hub, toy
-from cfgengine.families import text
+from cfgengine.families import sd3, text
 from cfgengine.checkpoint import (ASSETS, EMA_FORMAT, build_unet, read_checkpoint,
                                   read_safetensors, require_keys)
 from cfgengine.unet import UNet
@@ -52,9 +52,9 @@ def load(model: str | Path, *, trust_code: bool = False, schedule: str = "consis
     """A built-in name (`default`, `default-distilled`, `gmm`), a model file, a diffusers pipeline
     folder or a Hugging Face hub id (`org/name`, cfgengine/hub.py) → what `cfgengine.sample` runs:
     a UNet in eval mode with EMA weights for .pt / .safetensors, a backend for exported .onnx /
-    .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json, a TextDenoiser (which
-    takes prompts) for a Stable Diffusion folder (`schedule`: "consistent" or "pipeline",
-    adapters.TimestepSchedule).
+    .pt2 / .plan, a DiffusersDenoiser for a folder with model_index.json, a TextDenoiser or an
+    SD3Denoiser (which take prompts) for a Stable Diffusion or SD3 folder (`schedule`:
+    "consistent" or "pipeline", adapters.TimestepSchedule).
     `.pt2` and `.plan` files are code: they load only if trusted (`cfgengine.trust`) or with
     `trust_code=True`."""
     name = str(model)
@@ -66,6 +66,8 @@ def load(model: str | Path, *, trust_code: bool = False, schedule: str = "consis
     if not path.exists():
         raise FileNotFoundError(f"{name}: no such file, and not a built-in model "
                                 f"({', '.join(BUILTINS)})")
+    if sd3.is_sd3_folder(path):
+        return sd3.load_folder(path, schedule=schedule)
     if text.is_text_folder(path):
         return text.load_folder(path, schedule=schedule)
     if adapters.is_pipeline_folder(path):

@@ -15,6 +15,7 @@ import cfgengine  # noqa: E402
 from cfgengine import rng  # noqa: E402
 from cfgengine.adapters import DiffusersDenoiser, from_diffusers  # noqa: E402
 from cfgengine.cli import main  # noqa: E402
+from cfgengine.families.tiny import tiny_vae  # noqa: E402  (8×8 RGB ↔ 4×4×4 latents)
 
 STEPS = 10  # divides num_train_timesteps: diffusers' DDIM then steps between its own timesteps
 CLASSES = 4
@@ -35,15 +36,6 @@ def tiny_dit() -> torch.nn.Module:
     return diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
         sample_size=4, patch_size=2, num_embeds_ada_norm=3, norm_num_groups=4).eval()
-
-
-def tiny_vae() -> torch.nn.Module:
-    """8×8 RGB ↔ 4×4×4 latents."""
-    torch.manual_seed(2)
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=4, sample_size=8, scaling_factor=0.5).eval()
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,10 @@
 """Prompt models (cfgengine/families/text.py, cfgengine/conditioning.py) against the real
-diffusers StableDiffusionPipeline on a tiny random-weight folder this file builds (a CLIP tokenizer
-from a small byte-level vocabulary it writes): same latents, DDIM η = 0 on the pipeline's own
-timesteps, `output_type="latent"`."""
+diffusers StableDiffusionPipeline on tiny random-weight folders built by cfgengine.families.tiny (a
+CLIP tokenizer from a small byte-level vocabulary it writes): same latents, DDIM η = 0 on the
+pipeline's own timesteps, `output_type="latent"`."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
@@ -19,73 +18,16 @@ from cfgengine import rng  # noqa: E402
 from cfgengine.adapters import logsnr_of_alphas_cumprod  # noqa: E402
 from cfgengine.cli import main  # noqa: E402
 from cfgengine.families.text import TextDenoiser  # noqa: E402
-from tests.test_adapters import tiny_vae  # noqa: E402  (8×8 RGB ↔ 4×4×4 latents)
+from cfgengine.families.tiny import build_sd_folder  # noqa: E402
 
 STEPS = 5  # the scheduler's "trailing" timesteps 999, 799, …, 199, then ᾱ = 1
-MAX_LENGTH = 12
-MERGES = (("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"))
 PROMPTS = ["a cat", "dog", "a cat", "two dogs"]
 NEGATIVES = ["blurry", "", "dog", "cat"]
 
 
-def byte_symbols() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (GPT-2's table: printable bytes keep their
-    character, the others move to 256 + k)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return [chr(b) for b in keep] + [chr(256 + k) for k in range(len(moved))]
-
-
-def tiny_tokenizer(folder) -> transformers.CLIPTokenizer:
-    folder.mkdir(parents=True)
-    symbols = byte_symbols()
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in MERGES),
-              "<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n"
-                                                                  for a, b in MERGES))
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                      model_max_length=MAX_LENGTH)
-
-
-def tiny_text_encoder(vocab: int, eos: int) -> torch.nn.Module:
-    torch.manual_seed(3)
-    config = transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-        num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, bos_token_id=vocab - 2,
-        eos_token_id=eos, pad_token_id=eos)
-    return transformers.CLIPTextModel(config).eval()
-
-
-def tiny_unet() -> torch.nn.Module:
-    torch.manual_seed(4)
-    return diffusers.UNet2DConditionModel(
-        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-        cross_attention_dim=16, attention_head_dim=4).eval()
-
-
-def build_folder(folder, **schedule):
-    """A StableDiffusionPipeline folder of tiny random nets, saved by the pipeline itself;
-    `schedule`: DDIMScheduler settings over trailing spacing ending at ᾱ = 1."""
-    tokenizer = tiny_tokenizer(folder.parent / f"{folder.name}-vocab")
-    scheduler = diffusers.DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, clip_sample=False, **{"set_alpha_to_one": True, "steps_offset": 1,
-                                              "timestep_spacing": "trailing", **schedule})
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer), tokenizer.eos_token_id),
-        tokenizer=tokenizer, unet=tiny_unet(), scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("text") / "sd-pipe")
+    return build_sd_folder(tmp_path_factory.mktemp("text") / "sd-pipe")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +102,7 @@ def test_prompts_sample_what_the_pipeline_samples(sd_model, pipe, negatives):
     # Stable Diffusion's own scheduler settings, sampled on the model's default grid
     dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)])
 def test_folder_samples_what_its_pipeline_samples(tmp_path, schedule):
-    folder = build_folder(tmp_path / "sd", **schedule)
+    folder = build_sd_folder(tmp_path / "sd", **schedule)
     model = cfgengine.load(folder)
     own = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     own.set_progress_bar_config(disable=True)
@@ -236,18 +178,24 @@ def test_export_refuses_a_prompt_model_in_one_line(sd_folder, tmp_path, capsys):
 
 # --- the command line ---------------------------------------------------------------------------------
 
-def test_cli_writes_decoded_images_of_the_prompts(sd_folder, sd_model, pipe, tmp_path):
+def test_cli_writes_decoded_images_of_the_prompts(sd_folder, sd_model, tmp_path):
+    cli_writes_decoded_images(sd_folder, sd_model, tmp_path)
+
+
+def cli_writes_decoded_images(folder, model, tmp_path) -> None:
+    """`cfgengine sample` of a prompt folder writes a figure and the decoded images of each
+    panel, prompt and sample, as cfgengine.sample and model.decode make them."""
     png, npz = tmp_path / "s.png", tmp_path / "s.npz"
-    args = ["sample", "--ckpt", str(sd_folder), "--sampler", "ddim", "--steps", str(STEPS),
+    args = ["sample", "--ckpt", str(folder), "--sampler", "ddim", "--steps", str(STEPS),
             "--prompt", "a cat", "--prompt", "dog", "--negative-prompt", "blurry", "--n", "2",
             "--w", "0,2", "--out", str(png), "--npz", str(npz)]
     assert main(args) == 0 and png.is_file()
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (8, 8, 8, 3) and arr.dtype == np.uint8
     # rows: panel w = 2, prompt "dog", its second sample (noise key 7)
-    x = cfgengine.sample(sd_model, prompts=["dog"], negative_prompts=["blurry"], w=2.0,
+    x = cfgengine.sample(model, prompts=["dog"], negative_prompts=["blurry"], w=2.0,
                          sampler="ddim", steps=STEPS, sample_ids=torch.tensor([7]))
-    image = ((sd_model.decode(x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+    image = ((model.decode(x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
     assert np.abs(arr[7].astype(float) - image.numpy()).max() <= 1
 
 

@@ -52,6 +52,10 @@ class _Family(nn.Module):
     def logsnr_grid(self, steps: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from samples x: through the given decoder (a latent model's VAE), else x."""
+        return x if self._decode is None else self._decode(x)
+
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(name=type(self.net).__name__, num_classes=self.num_classes,
@@ -66,12 +70,14 @@ class FlowMatching(_Family):
     t = 1 (λ = −∞) and is warped by `shift` as t ↦ shift·t/(1 + (shift − 1)·t); the last step
     lands on x̂. Unwarped it is t_i = 1 − i/T, or with `num_train_timesteps` N the grid diffusers'
     FlowMatchEulerDiscreteScheduler(shift=…) runs: T points from 1 to shift-warped 1/N, evenly
-    spaced. `cond` is what the engine passes: class ids with `num_classes` the null label, or a
-    TextCondition."""
+    spaced — or, `dynamic_shift` (its use_dynamic_shifting, where `shift` = e^μ is chosen for the
+    resolution and warps only the inference grid), from 1 to 1/N. `cond` is what the engine
+    passes: class ids with `num_classes` the null label, or a TextCondition."""
 
     def __init__(self, net: Callable, *, num_classes: int, sample_shape: tuple[int, ...],
                  shift: float = 1.0, time_scale: float = 1.0,
-                 num_train_timesteps: int | None = None, **facts):
+                 num_train_timesteps: int | None = None, dynamic_shift: bool = False,
+                 **facts):
         if not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a positive number, got {shift!r}")
         if num_train_timesteps is not None and not (isinstance(num_train_timesteps, int)
@@ -82,6 +88,7 @@ class FlowMatching(_Family):
                          logsnr_range=(-20.0, 20.0), **facts)
         self.shift, self.time_scale = float(shift), float(time_scale)
         self.num_train_timesteps = num_train_timesteps
+        self.dynamic_shift = bool(dynamic_shift)
 
     def forward(self, z: torch.Tensor, logsnr: torch.Tensor, cond) -> torch.Tensor:
         alpha, sigma = (_rows(c, z) for c in alpha_sigma(logsnr.float()))
@@ -100,7 +107,9 @@ class FlowMatching(_Family):
         if self.num_train_timesteps is None:
             t = 1.0 - torch.arange(steps, dtype=torch.float64) / steps
         else:
-            lowest = self.shifted(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64))
+            lowest = torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64)
+            if not self.dynamic_shift:  # diffusers' training sigmas are shifted already
+                lowest = self.shifted(lowest)
             t = torch.linspace(1.0, float(lowest), steps, dtype=torch.float64)
         t = self.shifted(t)
         return 2.0 * (torch.log1p(-t) - torch.log(t))

@@ -30,8 +30,7 @@ class PromptEncoder:
         self.text_encoder = text_encoder.eval().requires_grad_(False)
 
     def __call__(self, prompts: list[str], device: torch.device | str = "cpu") -> TextCondition:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        tokens = tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
         encoder = self.text_encoder.to(device)
         # the pipeline passes the mask to the encoder only when its config asks for it
         mask = tokens.attention_mask.to(device) \
@@ -98,25 +97,31 @@ def load_folder(folder: str | Path, *, schedule: str = "consistent") -> TextDeno
     with _quiet(transformers):
         text_encoder = adapters._load_component(folder, index, "text_encoder",
                                                 {"CLIPTextModel": transformers.CLIPTextModel})
-    vae = None
-    if index.get("vae") and (folder / "vae").is_dir():
-        vae = adapters._load_component(folder, index, "vae",
-                                       {"AutoencoderKL": diffusers.AutoencoderKL})
     config = adapters._scheduler_config(folder, index)
     return TextDenoiser(net, adapters.training_alphas_cumprod(config),
-                        PromptEncoder(_tokenizer(folder, index), text_encoder),
+                        PromptEncoder(load_tokenizer(folder, index), text_encoder),
                         sample_shape=adapters.sample_shape(net),
                         prediction_type=config.get("prediction_type") or "epsilon",
-                        decoder=None if vae is None else adapters.LatentDecoder(vae),
+                        decoder=adapters.vae_decoder(folder, index),
                         schedule=adapters.TimestepSchedule.from_config(config, schedule))
 
 
-def _tokenizer(folder: Path, index: dict):
-    transformers = _transformers()
-    classes = {"CLIPTokenizer": transformers.CLIPTokenizer,
-               "CLIPTokenizerFast": transformers.CLIPTokenizerFast}
-    return adapters.component_class(folder, index, "tokenizer", classes).from_pretrained(
-        folder / "tokenizer")
+def tokenize(tokenizer, prompts: list[str], max_length: int):
+    """Token ids (and mask) of the prompts as the pipelines tokenize: padded to `max_length`,
+    truncated."""
+    return tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                     return_tensors="pt")
+
+
+def clip_tokenizers(transformers) -> dict:
+    return {"CLIPTokenizer": transformers.CLIPTokenizer,
+            "CLIPTokenizerFast": transformers.CLIPTokenizerFast}
+
+
+def load_tokenizer(folder: Path, index: dict, name: str = "tokenizer", classes=None):
+    """The tokenizer component `name` (a CLIP tokenizer unless other `classes` are given)."""
+    classes = classes or clip_tokenizers(_transformers())
+    return adapters.component_class(folder, index, name, classes).from_pretrained(folder / name)
 
 
 @contextlib.contextmanager
