@@ -41,7 +41,8 @@ class Backend:
                               sample_shape=meta.sample_shape, clip=meta.clip,
                               logsnr_range=meta.logsnr_range, class_names=meta.class_names,
                               guidance_embedded=meta.guidance_embedded,
-                              conditioning=meta.conditioning, backend=self.backend_name, precision=meta.precision,
+                              conditioning=meta.conditioning, backend=self.backend_name,
+                              precision=meta.precision,
                               config=dataclasses.asdict(meta))  # its digest: the vote's
         self.num_classes, self.sample_shape = meta.num_classes, meta.sample_shape
 

@@ -20,7 +20,8 @@ from cfgengine.export import metadata  # noqa: E402
 from cfgengine.export.program import input_names, trace  # noqa: E402
 from cfgengine.guidance import doubled_batch  # noqa: E402
 from cfgengine.model import TextCondition  # noqa: E402
-from tests.test_text_folders import NEGATIVES, PROMPTS, build_folder  # noqa: E402
+from tests.test_text_folders import NEGATIVES, PROMPTS  # noqa: E402
+from tests.test_text_folders import sd_folder, sd_model  # noqa: E402, F401  (module fixtures)
 
 MAX_BATCH = 40  # 80 rows: the doubled batch crosses the 64 rows where diffusers' upsampler branches
 W = torch.tensor([0.0, 1.0, 3.0, 6.5])
@@ -29,16 +30,6 @@ STEPS = 5
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return build_folder(tmp_path_factory.mktemp("text-export") / "sd-pipe")
-
-
-@pytest.fixture(scope="module")
-def sd_model(sd_folder):
-    return cfgengine.load(sd_folder)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +100,7 @@ def test_edited_text_metadata_is_refused(traced, edit, message):
         metadata.parse(json.dumps(stored), "sd.onnx")
 
 
-# --- ONNX ---------------------------------------------------------------------------------------
+# --- ONNX --------------------------------------------------------------------------------------
 
 def test_onnx_file_is_a_prompt_model_without_an_encoder(onnx_model):
     facts = onnx_model.info
@@ -147,6 +138,14 @@ def test_exported_prompt_model_mistakes_fail_in_one_line(onnx_model, sd_model):
         cfgengine.sample(cfgengine.load("gmm"), prompts=rows, steps=2)
 
 
+def test_serving_an_exported_prompt_model_is_refused_in_one_line(onnx_model):
+    pytest.importorskip("fastapi")
+    from cfgengine.serve.batch import Engine
+
+    with pytest.raises(ValueError, match="without a prompt encoder .*serve its source folder"):
+        Engine(onnx_model)
+
+
 def test_int8_export_refuses_a_prompt_model_in_one_line(sd_folder, tmp_path, capsys):
     out = tmp_path / "sd.onnx"
     assert main(["export", str(sd_folder), "--format", "onnx", "--precision", "int8", "-o",
@@ -156,7 +155,7 @@ def test_int8_export_refuses_a_prompt_model_in_one_line(sd_folder, tmp_path, cap
     assert len(err.splitlines()) == 1 and not out.exists()
 
 
-# --- AOTInductor (one test: compiling is slow) ------------------------------------------------------
+# --- AOTInductor (one test: compiling is slow) -------------------------------------------------
 
 def test_aoti_package_matches_eager_and_samples_what_the_model_samples(traced, sd_model,
                                                                        tmp_path):
