@@ -19,7 +19,7 @@ from cfgengine.cli import main  # noqa: E402
 from cfgengine.export import metadata  # noqa: E402
 from cfgengine.export.program import input_names, trace  # noqa: E402
 from cfgengine.guidance import doubled_batch  # noqa: E402
-from cfgengine.model import TextCondition  # noqa: E402
+from cfgengine.model import ModelInfo, TextCondition  # noqa: E402
 from tests.test_text_folders import NEGATIVES, PROMPTS  # noqa: E402
 from tests.test_text_folders import sd_folder, sd_model  # noqa: E402, F401  (module fixtures)
 
@@ -153,6 +153,60 @@ def test_int8_export_refuses_a_prompt_model_in_one_line(sd_folder, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "precision int8 does not take prompt-conditioned models" in err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+# --- pooled embeddings and masks (SD3-style conditions) -----------------------------------------
+
+class PooledTextNet(torch.nn.Module):
+    """A tiny prompt model whose forward reads all three fields: the masked mean of the token
+    embeddings and the pooled embedding shift z before a conv. Its encoder gives 6 tokens of 8
+    features, a pooled vector of 5 and a mask covering len(prompt) + 1 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens, self.pooled = torch.nn.Linear(8, 3), torch.nn.Linear(5, 3)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, z, logsnr, cond):
+        mask = cond.mask.to(z.dtype)[..., None]
+        mean = (cond.embeddings * mask).sum(1) / mask.sum(1)
+        shift = self.tokens(mean) + self.pooled(cond.pooled)
+        return self.conv(z + shift[:, :, None, None]) * torch.sigmoid(logsnr)[:, None, None, None]
+
+    def encode(self, prompts: list[str]) -> TextCondition:
+        rows = [torch.Generator().manual_seed(sum(map(ord, p))) for p in prompts]
+        lengths = torch.tensor([min(len(p) + 1, 6) for p in prompts])
+        return TextCondition(torch.stack([torch.randn(6, 8, generator=g) for g in rows]),
+                             torch.stack([torch.randn(5, generator=g) for g in rows]),
+                             (torch.arange(6) < lengths[:, None]).long())
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(name="PooledTextNet", num_classes=0, sample_shape=(3, 4, 4),
+                         conditioning="text", encode=self.encode)
+
+
+@pytest.mark.usefixtures("private_onnx_cache")  # the session backend's graphs: never ~/.cache
+def test_pooled_and_mask_are_graph_inputs_of_onnx_and_the_session_backend(tmp_path):
+    pytest.importorskip("onnxruntime")
+    net = PooledTextNet().eval()
+    traced = trace(net, max_batch=4, source="pooled")
+    assert traced.meta.text_inputs == (("encoder_hidden_states", (6, 8)), ("pooled", (5,)),
+                                       ("mask", (6,)))
+    assert input_names(traced.meta) == ("z", "logsnr", "encoder_hidden_states", "pooled", "mask")
+    from cfgengine.export import onnx as onnx_export
+
+    exported = export.load(onnx_export.export_program(traced, tmp_path / "pooled.onnx"))
+    grid = dict(w=W, steps=4, sampler="ddim", seed=3)
+    rows = dict(prompts=net.encode(PROMPTS), negative_prompts=net.encode(NEGATIVES))
+    with torch.no_grad():
+        ref = cfgengine.sample(net, prompts=PROMPTS, negative_prompts=NEGATIVES, **grid,
+                               backend="torch")
+    assert rel_err(cfgengine.sample(exported, **rows, **grid), ref) < 1e-4
+    engine = cfgengine.Sampler(net, backend="onnxruntime")
+    out = engine.sample(prompts=PROMPTS, negative_prompts=NEGATIVES, **grid)
+    assert engine.model.runtime == "onnxruntime" and rel_err(out, ref) < 1e-4
 
 
 # --- AOTInductor (one test: compiling is slow) -------------------------------------------------
