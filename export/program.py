@@ -2,7 +2,7 @@
 rows in = rows out, captured by `torch.export` with a symbolic batch of up to 2·max_batch rows, so
 the loaded artifact runs the doubled batch (cond + null, docs/design.md) and, outside the guidance
 interval or at w = 0, just B rows. A guidance-distilled net is traced as ε̃_w(z, λ, labels, w):
-w is a last input of one value per row.
+w is the last input, one value per row.
 
 A prompt model (conditioning "text") takes its TextCondition as graph inputs in place of labels:
 `encoder_hidden_states` [N, L, D], then `pooled` [N, P] and `mask` [N, L] (int64) where the
@@ -114,7 +114,8 @@ def text_inputs(cond: TextCondition) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 def text_tensors(cond: TextCondition) -> tuple[torch.Tensor, ...]:
     """A TextCondition's tensors in graph-input order (see `text_inputs`)."""
-    return tuple(t for t in cond.fields() if t is not None)
+    return tuple(getattr(cond, field) for field in TEXT_INPUTS.values()
+                 if getattr(cond, field) is not None)
 
 
 def model_text_inputs(model) -> tuple[tuple[str, tuple[int, ...]], ...]:
