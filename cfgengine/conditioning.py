@@ -1,6 +1,10 @@
 """The rows a sampling call conditions on, for prompt models (`ModelInfo.conditioning == "text"`):
 each row's prompt and its null branch — the row's negative prompt, "" by default — encoded once
-per call by the model's `encode` (each distinct string once) into `TextCondition` rows."""
+per call by the model's `encode` (each distinct string once) into `TextCondition` rows.
+
+A model without an encoder (an exported prompt model: the file holds the denoiser only) takes
+rows already encoded: `prompts` and `negative_prompts` as TextConditions of N rows each, made by
+the source model's `info.encode` (any prompt model takes them so)."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +16,9 @@ def check_conditioning(facts: ModelInfo, labels, prompts, negative_prompts) -> N
     """One line when the call conditions the model the wrong way: labels for a prompt model,
     prompts for a class model, negative prompts without prompts."""
     text = facts.conditioning == "text"
+    if not text and isinstance(prompts, TextCondition):
+        raise ValueError(f"{facts.name} is a class-conditional model: pass labels, not prompt "
+                         "rows")
     if text and labels is not None:
         raise ValueError(f"{facts.name} is conditioned on prompts: pass prompts=[...], not labels")
     if not text and (prompts is not None or negative_prompts is not None):
@@ -31,6 +38,8 @@ def prompt_rows(facts: ModelInfo, prompts, negative_prompts, n: int | None,
         return None, encode_rows(facts, [""] * n, device), n
     if n is not None:
         raise ValueError("n is only for unconditional sampling (prompts=None)")
+    if isinstance(prompts, TextCondition):
+        return encoded_rows(facts, prompts, negative_prompts, device)
     prompts, negatives = check_prompts(prompts, negative_prompts)
     return encode_rows(facts, prompts, device), encode_rows(facts, negatives, device), \
         len(prompts)
@@ -52,8 +61,31 @@ def check_prompts(prompts, negative_prompts, names=("prompts", "negative_prompts
     return prompts, negatives
 
 
+def encoded_rows(facts: ModelInfo, prompts: TextCondition, negatives, device: torch.device
+                 ) -> tuple[TextCondition, TextCondition, int]:
+    """(cond, null, N) of prompt rows the caller encoded; the null rows are `negatives` (a
+    TextCondition of as many rows), or the empty prompt's encoded by the model's encoder."""
+    count = len(prompts)
+    if count == 0:
+        raise ValueError("prompts is empty: nothing to sample")
+    if negatives is None:
+        negatives = encode_rows(facts, [""] * count, device)
+    if not isinstance(negatives, TextCondition):
+        raise ValueError("prompts given as encoded rows (a TextCondition) take negative_prompts "
+                         "as encoded rows too")
+    if len(negatives) != count or _row_shapes(negatives) != _row_shapes(prompts):
+        raise ValueError(f"negative_prompts rows {_row_shapes(negatives)} × {len(negatives)} do "
+                         f"not match the prompt rows {_row_shapes(prompts)} × {count} (one "
+                         "encoded negative prompt per prompt)")
+    return prompts.to(device), negatives.to(device), count
+
+
 def encode_rows(facts: ModelInfo, texts: list[str], device: torch.device) -> TextCondition:
     """The TextCondition of `texts`, row i for texts[i]: each distinct string encoded once."""
+    if facts.encode is None:
+        raise ValueError(f"{facts.name} has no prompt encoder (an exported prompt model): pass "
+                         "prompts and negative_prompts as TextCondition rows encoded by the "
+                         "source model (cfgengine.load(folder).info.encode)")
     distinct = list(dict.fromkeys(texts))
     encoded = facts.encode(distinct)
     if len(encoded) != len(distinct):
@@ -70,6 +102,11 @@ def cat_rows(parts: list):
         return torch.cat(parts)
     fields = zip(*(part.fields() for part in parts))
     return TextCondition(*(None if column[0] is None else torch.cat(column) for column in fields))
+
+
+def _row_shapes(rows: TextCondition) -> list:
+    """Each field's per-row shape (None where absent)."""
+    return [None if t is None else list(t.shape[1:]) for t in rows.fields()]
 
 
 def _check_texts(name: str, texts) -> list[str]:

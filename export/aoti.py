@@ -14,7 +14,7 @@ import torch
 
 from cfgengine.export import metadata
 from cfgengine.export.artifact import Backend
-from cfgengine.export.program import Traced, trace
+from cfgengine.export.program import Traced, example_condition, trace
 from cfgengine import trust
 from cfgengine.atomic import atomic_path
 
@@ -95,19 +95,25 @@ def _label_table_rows(copy: Path, built_for: str) -> int | None:
 
 
 def probe(backend: "AotiBackend") -> None:
-    """One call at the smallest batch with the largest class id and the recorded sample shape:
-    metadata that does not fit the compiled graph (num_classes, sample_shape) fails here in
-    one line instead of mid-sampling in C++."""
+    """One call at the smallest batch with the largest class id (a prompt model: its recorded
+    text inputs) and the recorded sample shape: metadata that does not fit the compiled graph
+    (num_classes, sample_shape, text_inputs) fails here in one line instead of mid-sampling in
+    C++."""
     meta = backend.meta
     batch = meta.min_batch
     z = torch.zeros((batch, *meta.sample_shape), device=backend.device)
-    labels = torch.full((batch,), meta.num_classes - 1, device=backend.device)
+    if meta.conditioning == "text":
+        cond, facts = example_condition(meta, batch).to(backend.device), "text inputs " \
+            + ", ".join(f"{name} {list(shape)}" for name, shape in meta.text_inputs)
+    else:
+        cond = torch.full((batch,), meta.num_classes - 1, device=backend.device)
+        facts = f"num_classes {meta.num_classes}"
     w = (torch.zeros(batch, device=backend.device),) if meta.guidance_embedded else ()
     try:
-        backend(z, torch.zeros(batch, device=backend.device), labels, *w)
+        backend(z, torch.zeros(batch, device=backend.device), cond, *w)
     except ValueError as err:
         raise ValueError(f"{backend.path}: metadata does not fit the compiled package "
-                         f"(num_classes {meta.num_classes}, sample shape {meta.sample_shape}): "
+                         f"({facts}, sample shape {meta.sample_shape}): "
                          f"{str(err).split(': ', 1)[-1]}") from err
 
 
@@ -128,6 +134,5 @@ class AotiBackend(Backend):
         super().__init__(meta, path, device)
         self.compiled = compiled
 
-    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
-            *w: torch.Tensor) -> torch.Tensor:
-        return self.compiled(z, logsnr, labels, *w)  # (rows, *S)
+    def run(self, z: torch.Tensor, logsnr: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.compiled(z, logsnr, *inputs)  # (rows, *S)

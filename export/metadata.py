@@ -6,7 +6,10 @@ Version 2 artifacts hold the plain denoiser (rows in = rows out, batch up to 2·
 loaded backend makes the doubled batch itself and can also run B rows (docs/design.md). Version 1
 files held the doubled-batch graph only and are refused with a "re-export" message. A
 guidance-distilled model (`guidance_embedded`) is exported with w as a fourth input, one value per
-row; files written before that field existed read as False."""
+row; files written before that field existed read as False. A prompt model (`conditioning`
+"text", num_classes 0) records its graph's text inputs and their per-row shapes (`text_inputs`:
+{"encoder_hidden_states": [L, D], and "pooled": [P] / "mask": [L] where it takes them); class
+models write neither field, so their files read as before."""
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +30,10 @@ VERSION = 2
 KEY = "cfgengine"  # the metadata key under which the JSON is stored in every format
 PROGRAM = "denoiser"  # what the graph computes: ε for each row (not the doubled batch)
 DIGEST_KEY = "cfgengine-digest"  # ONNX: `digest(json, graph bytes)` beside the JSON
-OPTIONAL = {"guidance_embedded"}  # fields added within VERSION 2: absent means the default
-
+OPTIONAL = {"guidance_embedded", "conditioning", "text_inputs"}  # added within VERSION 2:
+# absent means the default; the text fields are written for prompt models only
+TEXT_FIELDS = ("conditioning", "text_inputs")
+TEXT_RANKS = {"encoder_hidden_states": 2, "pooled": 1, "mask": 1}  # per-row dims of each input
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,20 @@ class ExportMeta:
     class_names: tuple[str, ...] = ()
     logsnr_range: tuple[float, float] = LOGSNR_RANGE
     guidance_embedded: bool = False
+    conditioning: str = "class"  # "class": labels in; "text": text_inputs in
+    text_inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (graph input, per-row shape)
     program: str = PROGRAM
     format: str = FORMAT
     version: int = VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        stored = asdict(self)
+        if self.conditioning == "class":  # files of class models read by older readers too
+            for name in TEXT_FIELDS:
+                stored.pop(name)
+        else:
+            stored["text_inputs"] = dict(stored["text_inputs"])
+        return json.dumps(stored, sort_keys=True)
 
 
 def parse(text: str | None, path: str | Path) -> ExportMeta:
@@ -84,9 +97,39 @@ def _from_dict(stored: dict, path: str | Path) -> ExportMeta:
                       class_names=tuple(stored["class_names"]), logsnr_range=logsnr_range)
     except TypeError:
         raise ValueError(f"{path}: metadata sample_shape / class_names are not lists") from None
+    if "text_inputs" in stored:
+        stored["text_inputs"] = _text_inputs(stored["text_inputs"], path)
     meta = ExportMeta(**stored)
     check_values(meta, path)
     return meta
+
+
+def _text_inputs(stored, path: str | Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The stored {input: per-row shape} as ExportMeta holds it, in graph-input order."""
+    if not isinstance(stored, dict) or not set(stored) <= set(TEXT_RANKS) \
+            or not all(isinstance(s, list) for s in stored.values()):
+        raise ValueError(f"{path}: metadata text_inputs is not a map of "
+                         f"{', '.join(TEXT_RANKS)} to shapes (edited?); re-export the model")
+    return tuple((name, tuple(stored[name])) for name in TEXT_RANKS if name in stored)
+
+
+def check_text_inputs(meta: ExportMeta, bad) -> None:
+    """`bad(what)` unless the text fields fit the conditioning: none for a class model; for a
+    prompt model num_classes 0, encoder_hidden_states [L, D] and pooled [P] / mask [L]."""
+    if meta.conditioning not in ("class", "text"):
+        bad(f"conditioning {meta.conditioning!r} is neither class nor text")
+    if meta.conditioning == "class":
+        if meta.text_inputs:
+            bad("text_inputs on a class-conditional model")
+        return
+    shapes = dict(meta.text_inputs)
+    if meta.num_classes != 0 or "encoder_hidden_states" not in shapes:
+        bad("of a prompt model needs num_classes 0 and encoder_hidden_states")
+    for name, shape in shapes.items():
+        if len(shape) != TEXT_RANKS[name] or not all(_is_int(d) and d > 0 for d in shape):
+            bad(f"text input {name} has shape {list(shape)!r}, not {TEXT_RANKS[name]} sizes")
+    if "mask" in shapes and shapes["mask"][0] != shapes["encoder_hidden_states"][0]:
+        bad("text input mask does not have one entry per token")
 
 
 def check_values(meta: ExportMeta, path: str | Path) -> None:
@@ -94,7 +137,8 @@ def check_values(meta: ExportMeta, path: str | Path) -> None:
     def bad(what: str):
         raise ValueError(f"{path}: metadata {what} (edited?); re-export the model")
 
-    if not _is_int(meta.num_classes) or meta.num_classes < 1:
+    check_text_inputs(meta, bad)
+    if meta.conditioning == "class" and (not _is_int(meta.num_classes) or meta.num_classes < 1):
         bad(f"num_classes {meta.num_classes!r} is not a positive integer")
     if not meta.sample_shape or not all(_is_int(d) and d > 0 for d in meta.sample_shape):
         bad(f"sample_shape {meta.sample_shape!r} is not a list of positive integers")
@@ -152,19 +196,27 @@ def check_exportable(model, source: str | None = None) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{name} is not a torch nn.Module denoiser; only torch models "
                          "(e.g. a UNet checkpoint) can be exported")
-    if info(model).conditioning != "class":  # info: ValueError naming what a denoiser lacks
-        raise ValueError(f"{name} is conditioned on prompts; exports take class labels only "
-                         "(sample it with backend torch or compile)")
+    info(model)  # ValueError naming what a denoiser lacks
+
+
+def check_class_conditional(conditioning: str, what: str) -> None:
+    """ValueError (one line) where `what` (a format, a precision) takes class labels only."""
+    if conditioning != "class":
+        raise ValueError(f"{what} does not take prompt-conditioned models yet; export to onnx "
+                         "or aoti at fp32, fp16 or bf16")
 
 
 def describe(model: torch.nn.Module, precision: str, max_batch: int, source: str | None,
-             min_batch: int = 1) -> ExportMeta:
-    """The metadata of `model` exported at `precision` for batches min_batch..max_batch."""
+             min_batch: int = 1, text_inputs: tuple = ()) -> ExportMeta:
+    """The metadata of `model` exported at `precision` for batches min_batch..max_batch (a
+    prompt model's `text_inputs`: program.model_text_inputs)."""
     facts = info(model)
-    return ExportMeta(num_classes=facts.num_classes, sample_shape=facts.sample_shape,
+    text = facts.conditioning == "text"  # a prompt model has no class ids
+    return ExportMeta(num_classes=0 if text else facts.num_classes, sample_shape=facts.sample_shape,
                       clip=facts.clip, precision=precision,
                       min_batch=min_batch, max_batch=max_batch,
                       source=str(source or type(model).__name__),
                       source_sha256=weights_sha256(model), class_names=facts.class_names,
                       logsnr_range=check_logsnr_range(facts.logsnr_range),
-                      guidance_embedded=facts.guidance_embedded)
+                      guidance_embedded=facts.guidance_embedded,
+                      conditioning=facts.conditioning, text_inputs=tuple(text_inputs))

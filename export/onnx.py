@@ -181,9 +181,8 @@ class OnnxBackend(Backend):
         self.session = session
         self.providers = session.get_providers()
 
-    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
-            *w: torch.Tensor) -> torch.Tensor:
-        inputs = dict(zip(input_names(self.meta), (z, logsnr, labels, *w)))
+    def run(self, z: torch.Tensor, logsnr: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = dict(zip(input_names(self.meta), (z, logsnr, *inputs)))
         if self.device.type == "cuda":
             return self._run_bound(inputs, z.shape[0])
         feeds = {name: t.numpy() for name, t in inputs.items()}  # zero-copy views of CPU tensors

@@ -146,11 +146,13 @@ def export_int8(model: torch.nn.Module, path: str | Path, *, max_batch: int = 64
     import tempfile
 
     from cfgengine.export import onnx as onnx_export
+    from cfgengine.export.metadata import check_class_conditional
+    from cfgengine.model import info
 
+    check_class_conditional(info(model).conditioning, "precision int8")
     if sample is None:
         raise ValueError("an int8 export calibrates on the model's own sampling: pass "
                          "sample=cfgengine.sample")
-
     with tempfile.TemporaryDirectory(prefix="cfgengine-int8-") as tmp:
         fp32 = onnx_export.export(model, Path(tmp) / "fp32.onnx", max_batch=max_batch,
                                   opset=opset or onnx_export.OPSET, source=source)

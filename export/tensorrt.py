@@ -28,6 +28,7 @@ from cfgengine.export.program import (INPUTS, OUTPUT, Traced, check_batch_range,
                                       trace)
 from cfgengine import trust
 from cfgengine.atomic import atomic_path
+from cfgengine.model import info
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16")  # bf16 would need a bf16 ONNX graph, which we do not export
 MAGIC = b"CFGENGINE-TRT\n"
@@ -162,6 +163,7 @@ def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
            device: torch.device | str = "cuda", source: str | None = None,
            cache: Path | None = None) -> Path:
     """Build (or take from the cache) a TensorRT engine of `model`; write a plan."""
+    metadata.check_class_conditional(info(model).conditioning, "TensorRT")
     metadata.export_dtype(precision, SUPPORTED_PRECISIONS, "TensorRT")
     profile = Profile(1, max_batch if opt_batch is None else opt_batch, max_batch)
     _tensorrt(), _cuda(device)  # fail before the slow trace when neither can work
@@ -172,6 +174,7 @@ def export(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32",
 def export_program(traced: Traced, path: str | Path, *, profile: Profile,
                    device: torch.device | str = "cuda", cache: Path | None = None) -> Path:
     """Engine plan at `path` from an already traced program, through the engine cache."""
+    metadata.check_class_conditional(traced.meta.conditioning, "TensorRT")
     trt, device = _tensorrt(), _cuda(device)
     metadata.export_dtype(traced.meta.precision, SUPPORTED_PRECISIONS, "TensorRT")
     onnx_bytes = to_proto(traced).SerializeToString()
@@ -262,10 +265,9 @@ class TensorRTBackend(Backend):
         self.engine = engine
         self.context = engine.create_execution_context()
 
-    def run(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
-            *w: torch.Tensor) -> torch.Tensor:
+    def run(self, z: torch.Tensor, logsnr: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         eps = torch.empty((z.shape[0], *self.sample_shape), device=self.device)  # (rows, *S)
-        for name, t in zip(input_names(self.meta), (z, logsnr, labels, *w)):
+        for name, t in zip(input_names(self.meta), (z, logsnr, *inputs)):
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         self.context.set_tensor_address(OUTPUT, eps.data_ptr())

@@ -110,6 +110,13 @@ json::Value parse_meta(const std::unordered_map<std::string, std::string>& store
   if (program == nullptr || program->kind != json::Value::kString || program->text != kProgram) {
     throw UserError(path + ": the exported program is not the plain denoiser; re-export the model");
   }
+  // Metadata 'conditioning': absent (every class export) means class labels.
+  const json::Value* conditioning = meta.find("conditioning");
+  if (conditioning != nullptr &&
+      (conditioning->kind != json::Value::kString || conditioning->text != "class")) {
+    throw UserError(path + ": a prompt-conditioned model; cfgengine-run samples class-conditional "
+                    "packages only (sample it in Python with encoded prompt rows)");
+  }
   return meta;
 }
 

@@ -39,7 +39,7 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
         return facts.backend
     if device.type == "cpu":
         cpu.check_precision(precision)  # refuses int8 / warns bf16 where the CPU cannot
-    if facts.conditioning != "class":  # the CUDA graph's buffers and exported graphs take labels
+    if facts.conditioning != "class":  # the CUDA graph's buffers and int8 calibration take labels
         _check_prompt_backend(name, precision)
     if precision == "int8":
         from cfgengine.backends import quantized
@@ -49,11 +49,11 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
         raise ValueError("backend cudagraph does not run guidance-distilled models yet; use "
                          "backend torch or compile")
     if name == "auto":
-        # the captured graph takes no w; neither it nor the cached ONNX graphs take prompt rows yet
-        graphable = module and facts.conditioning == "class"
+        # the captured graph takes neither w nor prompt rows; the cached ONNX graphs take both
         if device.type == "cuda":
-            return "cudagraph" if graphable and not facts.guidance_embedded else "torch"
-        return "onnxruntime" if graphable and _onnxruntime_pays(precision) else "torch"
+            capturable = module and facts.conditioning == "class" and not facts.guidance_embedded
+            return "cudagraph" if capturable else "torch"
+        return "onnxruntime" if module and _onnxruntime_pays(precision) else "torch"
     if name == "onnxruntime" and not module:
         raise ValueError("backend onnxruntime exports the model: it needs a torch nn.Module")
     if name == "onnxruntime" and precision == "bf16":
@@ -67,7 +67,7 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
 
 def _check_prompt_backend(name: str, precision: str) -> None:
     """ValueError for the backends and precisions that do not run prompt-conditioned models."""
-    if name in ("cudagraph", "onnxruntime"):
+    if name == "cudagraph":
         raise ValueError(f"backend {name} does not run prompt-conditioned models yet; use "
                          "backend torch or compile")
     if precision == "int8":

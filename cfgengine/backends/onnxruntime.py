@@ -5,7 +5,8 @@ The plain denoiser is exported once per cache key (the loaded backend runs the c
 null rows as one doubled batch, and B rows where a step is guided) — the digest of everything the
 graph is derived from (cfgengine.provenance: the weights' bytes, the model's class, the source of
 every module class in it, its stated config and plain attributes, its conditioning path; here also
-the sample shape, precision, batch range, opset and versions) — to
+the sample shape, a prompt model's text inputs and their per-row shapes, precision, batch range,
+opset and versions) — to
 `$CFGENGINE_CACHE_DIR/onnx/KEY.onnx` (default `~/.cache/cfgengine`, or `$XDG_CACHE_HOME/cfgengine`),
 and its ONNX Runtime session is kept in memory per key for the life of the process. The key is
 re-derived when a tensor was replaced or changed in place (checked on every call) and when the
@@ -38,8 +39,9 @@ from typing import Callable
 import torch
 
 from cfgengine import provenance
+from cfgengine.export.program import text_inputs
 from cfgengine.logs import quiet_logger
-from cfgengine.model import info
+from cfgengine.model import TextCondition, info
 
 MAX_BATCH = 4096  # guided rows per call the cached graph accepts (2·MAX_BATCH network rows)
 AUTO_EXPORT_ROW_STEPS = 4096  # ≈ 2.5× the break-even of a 10 s export at ~4 ms saved per row-step
@@ -70,18 +72,28 @@ def cache_dir() -> Path:
     return Path(root) / "onnx"
 
 
-def cache_key(model: torch.nn.Module, precision: str, sample_shape: tuple[int, ...]) -> str:
-    """SHA-256 over everything the exported graph depends on."""
-    return provenance.digest(derivation(model, precision, sample_shape))
+def cache_key(model: torch.nn.Module, precision: str, sample_shape: tuple[int, ...],
+              text_inputs: tuple = ()) -> str:
+    """SHA-256 over everything the exported graph depends on (`text_inputs`: a prompt model's
+    graph inputs and their per-row shapes, export.program.text_inputs)."""
+    return provenance.digest(derivation(model, precision, sample_shape, text_inputs))
 
 
-def derivation(model: torch.nn.Module, precision: str, sample_shape: tuple[int, ...]) -> dict:
+def derivation(model: torch.nn.Module, precision: str, sample_shape: tuple[int, ...],
+               text_inputs: tuple = ()) -> dict:
     """The model's derivation (cfgengine.provenance) and how the graph is made from it."""
     from cfgengine.export import metadata, onnx as onnx_export
 
-    return dict(provenance.derivation(model), shape=list(sample_shape), precision=precision,
-                batch=[1, MAX_BATCH], opset=onnx_export.OPSET, versions=_versions(),
-                format=metadata.VERSION)
+    parts = dict(provenance.derivation(model), shape=list(sample_shape), precision=precision,
+                 batch=[1, MAX_BATCH], opset=onnx_export.OPSET, versions=_versions(),
+                 format=metadata.VERSION)
+    return with_text_inputs(parts, text_inputs)
+
+
+def with_text_inputs(parts: dict, text_inputs: tuple) -> dict:
+    """`parts` and, for a prompt model's graph, its text inputs (class keys stay as they were)."""
+    return dict(parts, text_inputs=[[name, list(shape)] for name, shape in text_inputs]) \
+        if text_inputs else parts
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,10 +209,11 @@ def cached(key: str, folder: Path | None = None) -> bool:
     return key in _SESSIONS or ((folder or cache_dir()) / f"{key}.onnx").is_file()
 
 
-def _export(model: torch.nn.Module, precision: str, path: Path, key: str) -> Path:
-    """Write the graph of `model` (recording `key`) to `path`: fp32 by the TorchScript tracer (a
-    few seconds), else — or if the tracer fails — by `cfgengine export`'s own dynamo path
-    (several times slower)."""
+def _export(model: torch.nn.Module, precision: str, path: Path, key: str,
+            text_inputs: tuple = ()) -> Path:
+    """Write the graph of `model` (recording `key`; a prompt model with `text_inputs` as inputs)
+    to `path`: fp32 by the TorchScript tracer (a few seconds), else — or if the tracer fails — by
+    `cfgengine export`'s own dynamo path (several times slower)."""
     from cfgengine.export import onnx as onnx_export
     from cfgengine.export.program import trace
 
@@ -210,16 +223,17 @@ def _export(model: torch.nn.Module, precision: str, path: Path, key: str) -> Pat
         path = private_folder() / path.name
     if precision == "fp32":
         try:
-            return _save(_traced_proto(model), path, key)
+            return _save(_traced_proto(model, text_inputs), path, key)
         except Exception:  # noqa: BLE001 — an exporter's failure of any type: try the other one
             pass
     with _quiet_exporter():
         proto = onnx_export.to_proto(trace(model, precision=precision, max_batch=MAX_BATCH,
-                                           source=type(model).__name__))
+                                           source=type(model).__name__,
+                                           text_inputs=text_inputs))
     return _save(proto, path, key)
 
 
-def _traced_proto(model: torch.nn.Module):
+def _traced_proto(model: torch.nn.Module, text_inputs: tuple = ()):
     """The plain denoiser (rows in = rows out, as every export format holds it: the loaded
     backend builds the doubled batch and also runs B rows) through torch.onnx's TorchScript
     tracer, symbolic batch, our metadata and digest, after the full ONNX checker."""
@@ -228,11 +242,12 @@ def _traced_proto(model: torch.nn.Module):
     import onnx
 
     from cfgengine.export import metadata, onnx as onnx_export
-    from cfgengine.export.program import EXAMPLE_BATCH, OUTPUT, cast_for_export, \
-        example_inputs, input_names
+    from cfgengine.export.program import EXAMPLE_BATCH, OUTPUT, example_inputs, graph_module, \
+        input_names
 
-    meta = metadata.describe(model, "fp32", MAX_BATCH, type(model).__name__)
-    net = cast_for_export(model, "fp32").cpu().eval()
+    meta = metadata.describe(model, "fp32", MAX_BATCH, type(model).__name__,
+                             text_inputs=text_inputs)
+    net = graph_module(model, meta, "fp32").cpu().eval()
     buffer, names = io.BytesIO(), input_names(meta)
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(net, example_inputs(meta, EXAMPLE_BATCH, "cpu"), buffer,
@@ -283,16 +298,19 @@ def _quiet_exporter():
 class OnnxRuntimeDenoiser:
     """`model` (rows in, rows out) on a cached ONNX Runtime session, eager `model` where ONNX
     Runtime does not run: calls below the auto threshold, other sample shapes, batches above
-    MAX_BATCH, after a failed export. The sampler gives it the doubled batch of a guided step."""
+    MAX_BATCH, after a failed export. The sampler gives it the doubled batch of a guided step.
+    A prompt model's graph takes the TextCondition's tensors as inputs, shaped as the calls'
+    conditions are (`text_inputs`: None until the first call or `warm`; one graph per shape)."""
 
     def __init__(self, model: torch.nn.Module, precision: str, device: torch.device,
                  auto: bool):
         self.model, self.precision, self.device, self.auto = model, precision, device, auto
         self.info = info(model)
         self.sample_shape = self.info.sample_shape
+        self.text_inputs = None if self.info.conditioning == "text" else ()
         self.runtime = "onnxruntime"  # what ran the last call: onnxruntime or torch
-        self._fingerprint, self._check, self._key, self._weights = None, None, None, None
-        self._failed, self._folder, self._modules = False, None, None
+        self._fingerprint, self._check, self._parts, self._weights = None, None, None, None
+        self._key, self._failed, self._folder, self._modules = None, False, None, None
         self._wanted = not auto
 
     def plan(self, rows: int, steps: int) -> None:
@@ -301,11 +319,18 @@ class OnnxRuntimeDenoiser:
         cached) switches this denoiser to ONNX Runtime."""
         key = self.key(check_content=True)
         if self.auto and not self._failed:
-            self._wanted = rows * steps >= AUTO_EXPORT_ROW_STEPS or cached(key, self.folder())
+            known = self.text_inputs is not None  # a prompt model's graph: after its first call
+            self._wanted = rows * steps >= AUTO_EXPORT_ROW_STEPS \
+                or known and cached(key, self.folder())
 
     def warm(self) -> None:
-        """Export (or load) the session now, whatever the size of the next call."""
+        """Export (or load) the session now, whatever the size of the next call (a prompt
+        model's graph for its encoder's text inputs)."""
+        from cfgengine.export.program import model_text_inputs
+
         self._wanted = True
+        if self.text_inputs is None:
+            self._use_text_inputs(model_text_inputs(self.model))
         self.key(check_content=True)
         self._backend(self.sample_shape, 1)
 
@@ -320,26 +345,35 @@ class OnnxRuntimeDenoiser:
         changed in place (every call), or — with `check_content` — when the tensors' bytes, the
         settings or the module tree changed where torch's version counters cannot see
         (`p.data.mul_`, a submodule swapped)."""
-        fresh = check_content or self._key is None
+        fresh = check_content or self._parts is None
         if fresh:
             self._modules = list(self.model.modules())
         fingerprint = provenance.fingerprint(self._modules)
         check = provenance.content_check(self.model) if fresh else self._check
         if fingerprint != self._fingerprint or check != self._check:
-            parts = derivation(self.model, self.precision, self.sample_shape)
-            self._key, self._weights = provenance.digest(parts), parts["weights"]
+            self._parts = derivation(self.model, self.precision, self.sample_shape)
+            self._key, self._weights = None, self._parts["weights"]
             self._fingerprint = fingerprint
             self._check = check if fresh else provenance.content_check(self.model)
+        if self._key is None:
+            self._key = provenance.digest(with_text_inputs(self._parts, self.text_inputs or ()))
         return self._key
 
-    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, labels: torch.Tensor,
-                 *w: torch.Tensor):
-        """ε [N, *S] of N rows as they are (a guided step passes its 2B rows), from one run; a
-        guidance-distilled model also takes w [N] and answers ε̃_w (its graph has w as an input)."""
+    def __call__(self, z: torch.Tensor, logsnr: torch.Tensor, cond, *w: torch.Tensor):
+        """ε [N, *S] of N rows as they are (a guided step passes its 2B rows; `cond`: class ids
+        or a TextCondition), from one run; a guidance-distilled model also takes w [N] and
+        answers ε̃_w (its graph has w as an input)."""
+        if isinstance(cond, TextCondition):
+            self._use_text_inputs(text_inputs(cond))
         backend = self._backend(tuple(z.shape[1:]), z.shape[0])
         self.runtime = "torch" if backend is None else "onnxruntime"
         run = self.model if backend is None else backend
-        return run(z, logsnr, labels, *w)
+        return run(z, logsnr, cond, *w)
+
+    def _use_text_inputs(self, shapes: tuple) -> None:
+        """The graph takes these text inputs from now on (another key where they change)."""
+        if shapes != self.text_inputs:
+            self.text_inputs, self._key = shapes, None
 
     def _backend(self, shape: tuple[int, ...], batch: int):
         if not self._wanted or self._failed or shape != self.sample_shape \
@@ -357,7 +391,7 @@ class OnnxRuntimeDenoiser:
 
     def _write(self, path: Path, key: str) -> Path:
         """Make this denoiser's graph at `path`, recording `key` (where it lands: see _export)."""
-        return _export(self.model, self.precision, path, key)
+        return _export(self.model, self.precision, path, key, self.text_inputs)
 
     def _fall_back(self, err: Exception) -> None:
         why = f"ONNX Runtime backend unavailable ({_first_line(err, 500)})"

@@ -38,6 +38,9 @@ class Engine:
 
     def __init__(self, model, *, device=None, backend=None):
         prepared = prepare(model, device=device, backend=backend)
+        if prepared.info.conditioning == "text" and prepared.info.encode is None:
+            raise ValueError(f"{prepared.info.name} is a prompt model without a prompt encoder "
+                             "(an exported file): serve its source folder, which encodes prompts")
         if prepared.backend == "cudagraph":  # a captured graph has a fixed batch; serving's changes
             prepared = replace(prepared, backend="torch")
         self.model = prepared

@@ -153,6 +153,9 @@ BAD_REQUESTS = {
         _stale_package(tmp / "m.pt2", sample_shape=None), "--labels", "1"],
     "bad logsnr range": lambda pkg, tmp: [
         _stale_package(tmp / "m.pt2", logsnr_range=[3, -3]), "--labels", "1"],
+    "prompt model": lambda pkg, tmp: [_stale_package(
+        tmp / "m.pt2", num_classes=0, conditioning="text",
+        text_inputs={"encoder_hidden_states": [12, 16]}), "--labels", "0"],
     "label out of range": lambda pkg, tmp: [pkg, "--labels", "1,9"],
     "null label": lambda pkg, tmp: [pkg, "--labels", "8"],
     "negative label": lambda pkg, tmp: [pkg, "--labels", "-1"],
@@ -182,6 +185,7 @@ SAYS = {  # what each case's line must name
     "no cfgengine metadata": "no cfgengine metadata", "metadata not JSON": "not valid JSON",
     "format version 1": "version 1, this runner reads version 2; re-export",
     "no sample shape": "'sample_shape'", "bad logsnr range": "'logsnr_range'",
+    "prompt model": "a prompt-conditioned model; cfgengine-run samples class-conditional",
     "label out of range": "label 9 is out of range [0, 8)",
     "null label": "label 8 is out of range [0, 8)", "negative label": "--labels must be >= 0",
     "no labels": "--labels is required", "bad sampler": "--sampler must be one of",
