@@ -25,10 +25,16 @@ from cfgengine.precision import PRECISIONS, autocast_dtype
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "cudagraph")
 
 
+# one ONNX protobuf holds under 2 GiB and the cached graphs carry no external data: a bigger net
+# (a real Stable Diffusion UNet or SD3 transformer in fp32) stays on torch under auto
+ONNX_WEIGHT_LIMIT = 2 * 1024**3 - 128 * 1024**2
+
+
 def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torch.device,
-                  precision: str = "fp32") -> str:
-    """The backend that will run a model (`facts`; `module`: a torch nn.Module) on `device` at
-    `precision`; ValueError when it cannot."""
+                  precision: str = "fp32", weight_bytes: int = 0) -> str:
+    """The backend that will run a model (`facts`; `module`: a torch nn.Module of
+    `weight_bytes` parameter and buffer bytes) on `device` at `precision`; ValueError when it
+    cannot."""
     name = name or "auto"
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -53,9 +59,14 @@ def check_backend(name: str | None, facts: ModelInfo, module: bool, device: torc
         if device.type == "cuda":
             capturable = module and facts.conditioning == "class" and not facts.guidance_embedded
             return "cudagraph" if capturable else "torch"
-        return "onnxruntime" if module and _onnxruntime_pays(precision) else "torch"
+        fits = weight_bytes < ONNX_WEIGHT_LIMIT
+        return "onnxruntime" if module and fits and _onnxruntime_pays(precision) else "torch"
     if name == "onnxruntime" and not module:
         raise ValueError("backend onnxruntime exports the model: it needs a torch nn.Module")
+    if name == "onnxruntime" and weight_bytes >= ONNX_WEIGHT_LIMIT:
+        raise ValueError(f"backend onnxruntime caches one ONNX file per model, under 2 GiB; "
+                         f"this one has {weight_bytes / 1024**3:.1f} GiB of weights: use backend "
+                         "torch or compile")
     if name == "onnxruntime" and precision == "bf16":
         raise ValueError("backend onnxruntime has no bf16 kernels; use --precision fp32 or fp16")
     if name == "cudagraph" and device.type != "cuda":
@@ -165,7 +176,8 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     module = isinstance(model, torch.nn.Module)
     device = check_device(device, model)
     precision = check_precision(precision, facts)
-    name = check_backend(backend, facts, module, device, precision)
+    name = check_backend(backend, facts, module, device, precision,
+                         weight_bytes=_weight_bytes(model) if module else 0)
     model = move_model(model, device)
     runs_own_precision = facts.exported or name == "onnxruntime"
     dtype = None if runs_own_precision else autocast_dtype(precision)
@@ -183,6 +195,12 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     else:
         net = model
     return Prepared(facts, net, name, device, precision, dtype)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers an export would hold (shared tensors once)."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def onnxruntime_denoiser():

@@ -79,6 +79,20 @@ def test_auto_is_eager_without_onnxruntime_or_at_bf16(net, monkeypatch):
     assert torch.equal(engine.sample(LABELS, w=W, steps=STEPS, seed=4), eager(net))
 
 
+def test_a_net_over_the_onnx_file_limit_stays_on_torch(net, monkeypatch):
+    """One ONNX file holds under 2 GiB (no external data is written): a bigger net — a real
+    SD UNet in fp32 — runs eager under auto, and an explicit onnxruntime is one line."""
+    import cfgengine.backends as backends
+
+    size = sum(p.numel() * p.element_size() for p in (*net.parameters(), *net.buffers()))
+    monkeypatch.setattr(backends, "ONNX_WEIGHT_LIMIT", size)  # this net is "too big" now
+    assert cfgengine.Sampler(net).backend == "torch"
+    with pytest.raises(ValueError, match="under 2 GiB.*backend torch or compile"):
+        cfgengine.Sampler(net, backend="onnxruntime")
+    monkeypatch.setattr(backends, "ONNX_WEIGHT_LIMIT", size + 1)
+    assert cfgengine.Sampler(net).backend == "onnxruntime"
+
+
 def test_failed_export_falls_back_with_one_warning_line(net, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("exporter exploded\nwith a long traceback-like tail")
