@@ -57,8 +57,12 @@ class FewerStudyConfig:
 
 
 STUDIES: dict[str, FewerStudyConfig] = {
-    "shapes": FewerStudyConfig(data="shapes", model="default", n=500,
-                               student="default-distilled", steps=(8, 16, 32)),
+    "shapes": FewerStudyConfig(data="shapes", model="default", n=1000,
+                               student="default-distilled", steps=(4, 8, 16)),
+    # the first full run: more T, half the samples (intervals ~1.4× wider)
+    "shapes-n500": FewerStudyConfig(data="shapes", model="default", n=500,
+                                    student="default-distilled", steps=(8, 16, 32),
+                                    out="bench/results/fewer-study-n500"),
     "digits": FewerStudyConfig(data="digits", model="train", n=1000, student="distill",
                                steps=(8, 16, 32)),
     # what a loaded 2-core CPU affords (~10 min): the full shapes study is hours
@@ -187,15 +191,22 @@ def findings(cells: list[dict], study: FewerStudyConfig) -> list[dict]:
 
 
 def resolution(cells: list[dict], study: FewerStudyConfig) -> dict:
-    """What the intervals can tell apart: the median FID interval width of the doubled batch,
-    T_min against T_max and w = 0 against the smallest w > 0 (both on the doubled batch)."""
+    """What the intervals can tell apart, from the doubled batch's own cells: the median FID
+    interval width; the smallest FID difference between two of them whose intervals are disjoint
+    and the largest whose intervals still overlap (differences in between may or may not
+    resolve); T_min against T_max and w = 0 against the smallest w > 0."""
     doubled = [c for c in cells if c["method"] == "doubled"]
     widths = [c["fid"]["high"] - c["fid"]["low"] for c in doubled]
+    pairs = [(abs(a["fid"]["value"] - b["fid"]["value"]), _fid(a).overlaps(_fid(b)), a, b)
+             for i, a in enumerate(doubled) for b in doubled[i + 1:]]
+    resolved = min((p for p in pairs if not p[1]), key=lambda p: p[0], default=None)
+    unresolved = max((p for p in pairs if p[1]), key=lambda p: p[0], default=None)
     lo, hi = min(study.steps), max(study.steps)
     small = min((w for w in study.w if w > 0), default=None)
     w_ref = small if small is not None else study.w[0]
     steps_pair = [nfe.find_cell(doubled, steps=t, w=w_ref) for t in (lo, hi)]
     out = dict(median_fid_interval_width=float(np.median(widths)),
+               smallest_resolved=_pair(resolved), largest_unresolved=_pair(unresolved),
                steps_separated=f"T={lo} vs T={hi} at w={w_ref:g}: "
                f"{compare(_fid(steps_pair[0]), _fid(steps_pair[1]))}")
     if small is not None and 0.0 in study.w:
@@ -203,6 +214,15 @@ def resolution(cells: list[dict], study: FewerStudyConfig) -> dict:
         out["w_separated"] = (f"w=0 vs w={small:g} at T={hi}: "
                               f"{compare(_fid(pair[0]), _fid(pair[1]))}")
     return out
+
+
+def _pair(found) -> str | None:
+    """'ΔFID: (w, T) FID vs (w, T) FID' of a (difference, overlaps, cell, cell) pair."""
+    if found is None:
+        return None
+    diff, _, a, b = found
+    return (f"{diff:.3g}: w={a['w']:g} T={a['steps']} ({a['fid']['value']:.3g}) vs "
+            f"w={b['w']:g} T={b['steps']} ({b['fid']['value']:.3g})")
 
 
 def pareto(cells: list[dict], w: float) -> list[dict]:
@@ -296,7 +316,9 @@ def markdown(result: dict) -> str:
              f"{s['n']} samples per cell, batch {s['batch_size']}, {s['sampler']}, seed "
              f"{s['seed']}; teacher {result['ckpt']}; {result['seconds'] / 60:.1f} min on "
              f"{result['device']}.", *[f"Note: {n}." for n in result["notes"]], "",
-             f"Resolution: {result['resolution']}", "",
+             "What the intervals resolve (the doubled batch's own cells):", "",
+             *[f"- {k.replace('_', ' ')}: {v:.3g}" if isinstance(v, float)
+               else f"- {k.replace('_', ' ')}: {v}" for k, v in result["resolution"].items()], "",
              f"Load average (1, 5, 15 min) at start {_load(result, 'start')}, at end "
              f"{_load(result, 'end')}; speed ratios are of images per CPU-second (wall in the "
              "JSON).", "",
@@ -331,15 +353,35 @@ def write(result: dict, study: FewerStudyConfig) -> dict:
     return result
 
 
+def report(path: str | Path) -> dict:
+    """Findings, resolution, recommendation, the tables and the plot of a stored results.json,
+    re-derived from its cells (nothing is sampled or timed again), written beside it."""
+    result = json.loads(Path(path).read_text())
+    study = replace(FewerStudyConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in result["study"].items()}),
+                    out=str(Path(path).parent.parent))
+    result.update(findings=findings(result["cells"], study),
+                  resolution=resolution(result["cells"], study),
+                  recommendation=recommend(result["cells"], study))
+    return write(result, study)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfgengine.bench.studies.fewer",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=STUDIES, help="shapes, shapes-partial, digits or quick")
+    parser.add_argument("name", choices=[*STUDIES, "report"],
+                        help="shapes, shapes-partial, digits or quick; report re-derives the "
+                        "tables and plot of --out's results.json from its stored cells")
     parser.add_argument("--student", default=None, help="a guidance-distilled model (default: "
                         "the study's, e.g. default-distilled for shapes)")
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
     parser.add_argument("--out", default=None, help="results folder (default: the study's)")
     args = parser.parse_args(argv)
+    if args.name == "report":
+        if args.out is None:
+            parser.error("report needs --out PATH/results.json")
+        report(args.out)
+        return 0
     from cfgengine.bench.studies.fid_w import _thread_limits
 
     study = STUDIES[args.name]

@@ -50,6 +50,8 @@ def test_quick_study_writes_results_with_findings_and_resolution(tmp_path, monke
     stored = json.loads((out / "results.json").read_text())
     assert len(stored["cells"]) == 3 * len(study.steps) * len(study.w)  # doubled, refresh-2, student
     assert {"median_fid_interval_width", "steps_separated"} <= set(stored["resolution"])
+    again = fewer.report(out / "results.json")  # re-derived from the stored cells alone
+    assert again["findings"] == json.loads(json.dumps(result["findings"]))
     student = [f for f in result["findings"] if f["method"] == "student"]
     assert student and all(abs(f["fid"] - f["fid_doubled"]) < 1e-3 * f["fid_doubled"] + 1e-6
                            for f in student)
@@ -71,3 +73,13 @@ def test_pareto_front_and_recommendation():
     (rec,) = fewer.recommend(cells, fewer.replace(fewer.STUDIES["quick"], w=(0.0, 1.0)))
     # the fastest cell whose interval overlaps the best (doubled T=64: [1.8, 2.2]) is student T=64
     assert (rec["method"], rec["steps"], rec["speedup_vs_best"]) == ("student", 64, 2.0)
+
+
+def test_resolution_names_the_smallest_resolved_and_largest_unresolved_difference():
+    cells = [_cell("doubled", 8, 2.0, 1.8, 2.2, 1.0), _cell("doubled", 16, 2.3, 2.1, 2.5, 1.0),
+             _cell("doubled", 32, 3.0, 2.8, 3.2, 1.0), _cell("student", 8, 9.0, 8.0, 10.0, 2.0)]
+    study = fewer.replace(fewer.STUDIES["quick"], w=(1.0,), steps=(8, 16, 32))
+    found = fewer.resolution(cells, study)
+    assert found["smallest_resolved"].startswith("0.7: w=1 T=16")  # 2.3 vs 3.0, disjoint
+    assert found["largest_unresolved"].startswith("0.3: w=1 T=8")  # 2.0 vs 2.3, overlapping
+    assert found["steps_separated"] == "T=8 vs T=32 at w=1: lower"
