@@ -108,15 +108,17 @@ DISTILL = "distill"
 
 def distilled_student(ckpt: str, log=print) -> str:
     """The guidance-distilled student of the teacher at `ckpt` (a training run's ckpt.pt), made
-    now with the shipped student's settings (scripts/distill_default.sh) unless a finished one is
-    already next to the run."""
+    now unless a finished one is already next to the run: the shipped student's settings
+    (scripts/distill_default.sh) at 8000 steps — the tiny digits teacher is cheap (~20 min on a
+    CPU thread), and at 2000 its student was still outside the teacher's intervals at most w
+    (bench/results/fewer-study-student2000)."""
     from cfgengine.distill import DistillConfig, distill
 
     out = Path(ckpt).parent.with_name(Path(ckpt).parent.name + "-distilled") / "student.safetensors"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        distill(DistillConfig(teacher=str(ckpt), out=str(out), w_max=4.0, steps=2000,
+        distill(DistillConfig(teacher=str(ckpt), out=str(out), w_max=4.0, steps=8000,
                               batch_size=32, lr=2e-4, warmup=100, ema_decay=0.995,
                               ckpt_every=100, seed=0, device="cpu"))
         log(f"distilled {ckpt} in {time.perf_counter() - start:.0f} s -> {out}")
@@ -131,7 +133,8 @@ def load_student(study: FewerStudyConfig, notes: list[str], ckpt: str | None = N
 
     if study.student == DISTILL:
         study = replace(study, student=distilled_student(ckpt))
-        notes.append(f"student: {study.student}, distilled from {ckpt} by this study")
+        notes.append(f"student: {study.student}, the guidance-distilled student of {ckpt} "
+                     "(8000 steps; distilled by the study where missing)")
     if study.student is None:
         notes.append("no student given: the distilled arm is left out")
         return None
