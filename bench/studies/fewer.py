@@ -106,19 +106,26 @@ def rows_per_sample(method: Method, steps: int) -> int:
 DISTILL = "distill"
 
 
+DISTILL_STEPS = 8000
+
+
 def distilled_student(ckpt: str, log=print) -> str:
     """The guidance-distilled student of the teacher at `ckpt` (a training run's ckpt.pt), made
-    now unless a finished one is already next to the run: the shipped student's settings
-    (scripts/distill_default.sh) at 8000 steps — the tiny digits teacher is cheap (~20 min on a
-    CPU thread), and at 2000 its student was still outside the teacher's intervals at most w
-    (bench/results/fewer-study-student2000)."""
+    now unless a finished one is already next to the run, in a folder named by its step count: the
+    shipped student's settings (scripts/distill_default.sh) at DISTILL_STEPS — the tiny digits
+    teacher is cheap (~20 min on a CPU thread), and at 2000 its student was still outside the
+    teacher's intervals at most w (bench/results/fewer-study-student2000)."""
     from cfgengine.distill import DistillConfig, distill
 
-    out = Path(ckpt).parent.with_name(Path(ckpt).parent.name + "-distilled") / "student.safetensors"
+    if not Path(ckpt).is_file():
+        raise ValueError(f"--student {DISTILL} distills a trained teacher checkpoint; the "
+                         f"teacher here is {ckpt!r}: pass --student CKPT instead")
+    run = Path(ckpt).parent
+    out = run.with_name(f"{run.name}-distilled-{DISTILL_STEPS}") / "student.safetensors"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        distill(DistillConfig(teacher=str(ckpt), out=str(out), w_max=4.0, steps=8000,
+        distill(DistillConfig(teacher=str(ckpt), out=str(out), w_max=4.0, steps=DISTILL_STEPS,
                               batch_size=32, lr=2e-4, warmup=100, ema_decay=0.995,
                               ckpt_every=100, seed=0, device="cpu"))
         log(f"distilled {ckpt} in {time.perf_counter() - start:.0f} s -> {out}")
@@ -134,7 +141,7 @@ def load_student(study: FewerStudyConfig, notes: list[str], ckpt: str | None = N
     if study.student == DISTILL:
         study = replace(study, student=distilled_student(ckpt))
         notes.append(f"student: {study.student}, the guidance-distilled student of {ckpt} "
-                     "(8000 steps; distilled by the study where missing)")
+                     f"({DISTILL_STEPS} steps; distilled by the study where missing)")
     if study.student is None:
         notes.append("no student given: the distilled arm is left out")
         return None
@@ -349,10 +356,12 @@ def write(result: dict, study: FewerStudyConfig) -> dict:
 
     out = Path(study.out) / study.data
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_paths(out / "results.json", out / "results.md", out / "pareto.png") as paths:
+    with atomic_paths(out / "results.json", out / "results.md") as paths:
         Path(paths[0]).write_text(json.dumps(result, indent=1) + "\n")
         Path(paths[1]).write_text(markdown(result))
-        plot(result, Path(paths[2]))
+    if any(w > 0 for w in study.w):  # the measurements are safe on disk before plotting
+        with atomic_paths(out / "pareto.png") as (path,):
+            plot(result, Path(path))
     return result
 
 
@@ -390,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     study = STUDIES[args.name]
     study = replace(study, student=args.student or study.student, out=args.out or study.out)
     with _thread_limits(args.threads):
-        result = run_study(study)
+        try:
+            result = run_study(study)
+        except ValueError as err:  # a bad --student, a model that cannot load: one line
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
     for f in result["findings"]:
         print(f"{f['method']} w={f['w']:g} T={f['steps']}: matches={f['matches']} "
               f"speed {f['speedup']:.2f}×")

@@ -177,7 +177,7 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     device = check_device(device, model)
     precision = check_precision(precision, facts)
     name = check_backend(backend, facts, module, device, precision,
-                         weight_bytes=_weight_bytes(model) if module else 0)
+                         weight_bytes=_weight_bytes(model, precision) if module else 0)
     model = move_model(model, device)
     runs_own_precision = facts.exported or name == "onnxruntime"
     dtype = None if runs_own_precision else autocast_dtype(precision)
@@ -197,10 +197,11 @@ def prepare(model, *, device=None, backend: str | None = None, precision: str | 
     return Prepared(facts, net, name, device, precision, dtype)
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers an export would hold (shared tensors once)."""
+def _weight_bytes(model: torch.nn.Module, precision: str) -> int:
+    """Bytes of the parameters and buffers an export at `precision` would hold (shared tensors
+    once; the export casts them: 2 bytes at fp16/bf16, else 4 — int8 quantizes an fp32 graph)."""
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() for t in tensors.values()) * (2 if precision in ("fp16", "bf16") else 4)
 
 
 def onnxruntime_denoiser():

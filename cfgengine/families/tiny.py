@@ -132,6 +132,9 @@ def _save(pipe, path: Path, index: dict | None = None) -> None:
         if index:
             written = json.loads((work / "model_index.json").read_text())
             (work / "model_index.json").write_text(json.dumps({**written, **index}, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work, 0o777 & ~umask)  # mkdtemp's 0700 would hide the folder from others
         os.replace(work, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)

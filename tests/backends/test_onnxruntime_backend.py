@@ -84,7 +84,7 @@ def test_a_net_over_the_onnx_file_limit_stays_on_torch(net, monkeypatch):
     SD UNet in fp32 — runs eager under auto, and an explicit onnxruntime is one line."""
     import cfgengine.backends as backends
 
-    size = sum(p.numel() * p.element_size() for p in (*net.parameters(), *net.buffers()))
+    size = 4 * sum(p.numel() for p in (*net.parameters(), *net.buffers()))  # fp32 bytes
     monkeypatch.setattr(backends, "ONNX_WEIGHT_LIMIT", size)  # this net is "too big" now
     assert cfgengine.Sampler(net).backend == "torch"
     with pytest.raises(ValueError, match="under 2 GiB.*backend torch or compile"):

@@ -83,3 +83,17 @@ def test_resolution_names_the_smallest_resolved_and_largest_unresolved_differenc
     assert found["smallest_resolved"].startswith("0.7: w=1 T=16")  # 2.3 vs 3.0, disjoint
     assert found["largest_unresolved"].startswith("0.3: w=1 T=8")  # 2.0 vs 2.3, overlapping
     assert found["steps_separated"] == "T=8 vs T=32 at w=1: lower"
+
+
+def test_distilling_needs_a_teacher_checkpoint_and_names_the_student_by_its_steps(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="distills a trained teacher checkpoint"):
+        fewer.distilled_student("default")
+    run = tmp_path / "digits-tiny-p0.2"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"")
+    made = tmp_path / f"digits-tiny-p0.2-distilled-{fewer.DISTILL_STEPS}" / "student.safetensors"
+    made.parent.mkdir()
+    made.write_bytes(b"")  # a finished student of these settings is reused, not distilled again
+    assert fewer.distilled_student(str(run / "ckpt.pt")) == str(made)
