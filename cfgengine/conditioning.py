@@ -73,9 +73,9 @@ def encoded_rows(facts: ModelInfo, prompts: TextCondition, negatives, device: to
     if not isinstance(negatives, TextCondition):
         raise ValueError("prompts given as encoded rows (a TextCondition) take negative_prompts "
                          "as encoded rows too")
-    if len(negatives) != count or _row_shapes(negatives) != _row_shapes(prompts):
-        raise ValueError(f"negative_prompts rows {_row_shapes(negatives)} × {len(negatives)} do "
-                         f"not match the prompt rows {_row_shapes(prompts)} × {count} (one "
+    if len(negatives) != count or negatives.row_shapes() != prompts.row_shapes():
+        raise ValueError(f"negative_prompts rows {negatives.row_shapes()} × {len(negatives)} do "
+                         f"not match the prompt rows {prompts.row_shapes()} × {count} (one "
                          "encoded negative prompt per prompt)")
     return prompts.to(device), negatives.to(device), count
 
@@ -102,11 +102,6 @@ def cat_rows(parts: list):
         return torch.cat(parts)
     fields = zip(*(part.fields() for part in parts))
     return TextCondition(*(None if column[0] is None else torch.cat(column) for column in fields))
-
-
-def _row_shapes(rows: TextCondition) -> list:
-    """Each field's per-row shape (None where absent)."""
-    return [None if t is None else list(t.shape[1:]) for t in rows.fields()]
 
 
 def _check_texts(name: str, texts) -> list[str]:

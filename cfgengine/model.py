@@ -55,6 +55,10 @@ class TextCondition:
     def fields(self) -> tuple:
         return (self.embeddings, self.pooled, self.mask)
 
+    def row_shapes(self) -> tuple:
+        """Each field's per-row shape, in `fields` order (None where absent)."""
+        return tuple(None if t is None else tuple(t.shape[1:]) for t in self.fields())
+
     def to(self, device) -> "TextCondition":
         return TextCondition(*(None if t is None else t.to(device) for t in self.fields()))
 

@@ -22,7 +22,7 @@ from cfgengine.precision import PRECISIONS
 
 INPUTS = ("z", "logsnr", "labels")
 W_INPUT = "w"  # the last input of a guidance-embedded net
-# a TextCondition's fields as graph inputs, in this order (those the model's condition has)
+# a TextCondition's fields as graph inputs, in its `fields` order (those the condition has)
 TEXT_INPUTS = {"encoder_hidden_states": "embeddings", "pooled": "pooled", "mask": "mask"}
 MASK_DTYPE = torch.int64  # a tokenizer's attention mask: 0/1 per token
 OUTPUT = "eps"
@@ -108,8 +108,8 @@ def input_names(meta: ExportMeta) -> tuple[str, ...]:
 
 def text_inputs(cond: TextCondition) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The graph inputs a TextCondition fills, each with its per-row shape."""
-    return tuple((name, tuple(getattr(cond, field).shape[1:]))
-                 for name, field in TEXT_INPUTS.items() if getattr(cond, field) is not None)
+    return tuple((name, shape) for name, shape in zip(TEXT_INPUTS, cond.row_shapes())
+                 if shape is not None)
 
 
 def text_tensors(cond: TextCondition) -> tuple[torch.Tensor, ...]:

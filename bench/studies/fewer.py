@@ -240,7 +240,7 @@ def pareto(cells: list[dict], w: float) -> list[dict]:
     at_w = [c for c in cells if c["w"] == w]
     return sorted((c for c in at_w if not any(
         o["fid"]["value"] <= c["fid"]["value"] and o["images_per_cpu_s"] >= c["images_per_cpu_s"]
-        and o is not c and (o["fid"]["value"], o["images_per_cpu_s"])
+        and (o["fid"]["value"], o["images_per_cpu_s"])
         != (c["fid"]["value"], c["images_per_cpu_s"]) for o in at_w)),
         key=lambda c: c["images_per_cpu_s"])
 

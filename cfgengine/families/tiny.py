@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 MAX_LENGTH = 12  # the CLIP tokenizers' model_max_length
-T5_LENGTH = 8  # the tiny T5's max_sequence_length (the pipeline's default is 256)
 MERGES = (("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"))
 T5_PIECES = ("▁a", "▁cat", "▁dog", "s", "▁two", "▁blurry")
 
